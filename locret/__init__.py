@@ -1,0 +1,1 @@
+"""Locret: trained retaining heads that keep a long prompt's KV cache within a fixed budget."""

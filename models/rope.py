@@ -1,0 +1,90 @@
+"""Rotary position embeddings in Hugging Face's rotate-half layout, with the scaling variants
+`default`, `linear`, `llama3` (Llama 3.1+) and `longrope` (Phi-3)."""
+import math
+
+import torch
+from torch import nn
+
+from .config import RopeConfig
+
+
+def default_inv_freq(theta: float, dim: int) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def llama3_inv_freq(rope: RopeConfig, dim: int) -> torch.Tensor:
+    """Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate in between."""
+    inv_freq = default_inv_freq(rope.theta, dim)
+    old_len = rope.original_max_position_embeddings
+    low_freq_wavelen, high_freq_wavelen = old_len / rope.low_freq_factor, old_len / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def longrope_inv_freq(rope: RopeConfig, dim: int, ext_factors: list[float]) -> torch.Tensor:
+    shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    return 1.0 / (torch.tensor(ext_factors, dtype=torch.float32) * rope.theta**shape)
+
+
+def longrope_attention_factor(rope: RopeConfig) -> float:
+    if rope.attention_factor is not None:
+        return rope.attention_factor
+    if rope.factor <= 1.0:
+        return 1.0
+    return math.sqrt(1 + math.log(rope.factor) / math.log(rope.original_max_position_embeddings))
+
+
+def inverse_frequencies(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(inv_freq within the original context, inv_freq beyond it, cos/sin scaling)."""
+    if rope.rope_type == "default":
+        inv_freq = default_inv_freq(rope.theta, dim)
+        return inv_freq, inv_freq, 1.0
+    if rope.rope_type == "linear":
+        inv_freq = default_inv_freq(rope.theta, dim) / rope.factor
+        return inv_freq, inv_freq, 1.0
+    if rope.rope_type == "llama3":
+        inv_freq = llama3_inv_freq(rope, dim)
+        return inv_freq, inv_freq, 1.0
+    if rope.rope_type == "longrope":
+        short = longrope_inv_freq(rope, dim, rope.short_factor)
+        long = longrope_inv_freq(rope, dim, rope.long_factor)
+        return short, long, longrope_attention_factor(rope)
+    raise ValueError(f"unsupported rope type {rope.rope_type!r} (supported: default, linear, llama3, longrope)")
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, rope: RopeConfig, head_dim: int):
+        super().__init__()
+        self.dim = int(head_dim * rope.partial_rotary_factor)
+        # Longrope switches to the long factors when a call reaches past the original context, as transformers does.
+        self.switch_length = rope.original_max_position_embeddings if rope.rope_type == "longrope" else None
+        short, long, self.scaling = inverse_frequencies(rope, self.dim)
+        self.register_buffer("inv_freq", short, persistent=False)
+        self.register_buffer("long_inv_freq", long, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] (int) -> cos, sin [T, dim] in float32."""
+        inv_freq = self.inv_freq
+        if self.switch_length is not None:
+            inv_freq = torch.where(positions.max() + 1 > self.switch_length, self.long_inv_freq, self.inv_freq)
+        freqs = positions[:, None].float() * inv_freq[None, :]  # [T, dim/2]
+        angles = torch.cat((freqs, freqs), dim=-1)  # [T, dim]
+        return angles.cos() * self.scaling, angles.sin() * self.scaling
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] features of x [..., T, head_dim] by cos, sin [T, dim]."""
+    dim = cos.shape[-1]
+    if dim == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :dim], x[..., dim:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)

@@ -1,0 +1,86 @@
+"""generate.py and the generation loop on a tiny random model."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import generate as cli
+from locret.generation import Sampling, generate, sample
+from locret.loading import load_model, stop_token_ids
+from locret.tokenizer import Tokenizer
+
+
+def naive_greedy(model, prompt, n):
+    """Reference: argmax of a full forward over everything so far, no cache."""
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
+    return tokens[len(prompt):]
+
+
+def test_greedy_generation_equals_uncached_argmax(tiny_chat_model):
+    model = load_model(tiny_chat_model)
+    prompt = list(range(3, 40))
+    out, stats = generate(model, prompt, max_new_tokens=12)
+    assert out == naive_greedy(model, prompt, 12)
+    assert stats.prompt_tokens == 37 and stats.new_tokens == 12
+    assert stats.pool_bytes == 2 * 2 * 2 * (37 + 12) * 16 * 4  # k+v, layers, kv heads, capacity, head_dim, fp32
+
+
+def test_generation_stops_at_stop_token(tiny_chat_model):
+    model = load_model(tiny_chat_model)
+    prompt = list(range(3, 20))
+    free = naive_greedy(model, prompt, 6)
+    out, _ = generate(model, prompt, max_new_tokens=6, stop_ids={free[2]})
+    assert out == free[:free.index(free[2]) + 1]
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy():
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    draws = lambda seed: [sample(logits, Sampling(1.0, seed=seed), g) for g in [torch.Generator().manual_seed(seed)] for _ in range(20)]
+    assert draws(3) == draws(3) and draws(3) != draws(4)
+    g = torch.Generator().manual_seed(0)
+    assert sample(logits, Sampling(temperature=1.0, top_k=1), g) == int(logits.argmax())
+    assert sample(logits, Sampling(temperature=1.0, top_p=1e-6), g) == int(logits.argmax())
+
+
+def test_top_p_keeps_smallest_prefix_reaching_p():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    g = torch.Generator().manual_seed(0)
+    seen = {sample(logits, Sampling(temperature=1.0, top_p=0.7), g) for _ in range(300)}
+    assert seen == {0, 1}
+
+
+def test_cli_streams_answer_and_stats(tiny_chat_model, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("what is the capital of france ?")
+    cli.main(cli.parse_args(["--ckpt", str(tiny_chat_model), "--prompt", str(tmp_path / "p.txt"),
+                             "--max-new-tokens", "8", "--dtype", "float32"]))
+    out, err = capsys.readouterr()
+    tok = Tokenizer(tiny_chat_model)
+    model = load_model(tiny_chat_model)
+    prompt = tok.encode(tok.render_chat([{"role": "user", "content": "what is the capital of france ?"}]),
+                        add_special_tokens=False)
+    expected = naive_greedy(model, prompt, 8)
+    stops = stop_token_ids(tiny_chat_model, tok)
+    if any(t in stops for t in expected):
+        expected = expected[:min(expected.index(t) for t in stops if t in expected)]
+    assert out == tok.decode(expected) + "\n"
+    assert f"prompt tokens {len(prompt)}" in err and "tok/s" in err and "peak memory" in err
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"   \n", "is empty"),
+    (b"\xff\xfe bad", "is not UTF-8 text"),
+])
+def test_cli_bad_prompt_is_one_line_error(tiny_chat_model, tmp_path, content, message):
+    (tmp_path / "p.txt").write_bytes(content)
+    run = subprocess.run([sys.executable, "generate.py", "--ckpt", str(tiny_chat_model), "--prompt",
+                          str(tmp_path / "p.txt")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and run.stderr.count("\n") == 1 and message in run.stderr, run.stderr
+
+
+def test_cli_missing_prompt_file(tiny_chat_model, tmp_path):
+    with pytest.raises(cli.LocretError, match="cannot read prompt .*nope.txt: No such file"):
+        cli.main(cli.parse_args(["--ckpt", str(tiny_chat_model), "--prompt", str(tmp_path / "nope.txt")]))

@@ -1,0 +1,135 @@
+"""Parity of models/ with transformers on tiny random configs: logits equal to 1e-5 in fp32."""
+import json
+
+import pytest
+import torch
+
+from conftest import longrope, tiny_llama_config, tiny_phi3_config, tiny_qwen2_config
+from locret.kv_pool import KVPool
+from locret.loading import load_model
+from models import config_from_hf
+
+CONFIGS = {
+    "llama": lambda: tiny_llama_config(),
+    "llama-tied": lambda: tiny_llama_config(tie_word_embeddings=True),
+    "llama3-scaling": lambda: tiny_llama_config(rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}),
+    "linear-scaling": lambda: tiny_llama_config(rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    "attention-bias": lambda: tiny_llama_config(attention_bias=True),
+    "qwen2-qkv-bias": lambda: tiny_qwen2_config(tie_word_embeddings=False),
+    "phi3": lambda: tiny_phi3_config(),
+    "phi3-longrope": lambda: tiny_phi3_config(**longrope(original_max=32)),
+}
+
+
+def hf_logits(hf, tokens):
+    with torch.no_grad():
+        return hf(tokens).logits
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("length", [20, 48])  # the longrope model switches factors past 32 tokens
+def test_logits_match_transformers(save_hf, name, length):
+    hf, folder = save_hf(CONFIGS[name]())
+    ours = load_model(folder)
+    tokens = torch.randint(0, 128, (2, length), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), hf_logits(hf, tokens), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llama", "phi3", "qwen2-qkv-bias"])
+def test_prefill_then_decode_equals_one_forward(save_hf, name):
+    _, folder = save_hf(CONFIGS[name]())
+    model = load_model(folder)
+    tokens = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))
+    pool = KVPool(model.config, capacity=24, batch=2)
+    with torch.no_grad():
+        full = model(tokens)
+        steps = [model(tokens[:, :16], torch.arange(16), pool)]
+        pool.advance(16)
+        for t in range(16, 24):
+            steps.append(model(tokens[:, t:t + 1], torch.tensor([t]), pool))
+            pool.advance(1)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_prefill_in_chunks_equals_one_forward(save_hf):
+    _, folder = save_hf(CONFIGS["llama"]())
+    model = load_model(folder)
+    tokens = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(3))
+    pool = KVPool(model.config, capacity=30)
+    with torch.no_grad():
+        chunks = []
+        for start in range(0, 30, 8):
+            chunk = tokens[:, start:start + 8]
+            chunks.append(model(chunk, torch.arange(start, start + chunk.shape[1]), pool))
+            pool.advance(chunk.shape[1])
+        torch.testing.assert_close(torch.cat(chunks, dim=1), model(tokens), atol=1e-5, rtol=0)
+
+
+def classic_config(cfg: dict) -> dict:
+    """Rewrite transformers' newer `rope_parameters` into the hub's classic rope_theta + rope_scaling keys."""
+    params = dict(cfg.pop("rope_parameters"))
+    cfg["rope_theta"] = params.pop("rope_theta")
+    params.pop("partial_rotary_factor", None)
+    if cfg["model_type"] == "phi3":
+        cfg["original_max_position_embeddings"] = params.pop("original_max_position_embeddings", 4096)
+    rope_type = params.pop("rope_type")
+    cfg["rope_scaling"] = None if rope_type == "default" else {"type": rope_type, **params}
+    return cfg
+
+
+@pytest.mark.parametrize("name", ["llama3-scaling", "phi3-longrope", "llama"])
+def test_classic_and_new_rope_config_styles_agree(save_hf, name):
+    hf, folder = save_hf(CONFIGS[name]())
+    new_style = json.loads((folder / "config.json").read_text())
+    assert "rope_parameters" in new_style
+    classic = classic_config(dict(new_style))
+    assert config_from_hf(classic) == config_from_hf(new_style)
+    (folder / "config.json").write_text(json.dumps(classic))
+    tokens = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(folder)(tokens), hf_logits(hf, tokens), atol=1e-5, rtol=0)
+
+
+def test_phi3_real_config_reads_longrope():
+    """The hub's Phi-3-mini-128k config.json keys (classic style, values abridged)."""
+    cfg = {"model_type": "phi3", "vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192,
+           "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+           "max_position_embeddings": 131072, "original_max_position_embeddings": 4096, "rope_theta": 10000.0,
+           "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [2.0] * 48}}
+    config = config_from_hf(cfg)
+    assert config.rope.rope_type == "longrope"
+    assert config.rope.original_max_position_embeddings == 4096
+    assert config.rope.factor == 32.0
+    assert config.qkv_size == 9216  # the retaining head's input width in the paper
+
+
+def test_retaining_heads_are_optional_and_score_each_kv_head(save_hf):
+    _, folder = save_hf(CONFIGS["phi3"]())
+    model = load_model(folder)
+    assert model.retaining_heads == [None, None]
+    model.add_retaining_heads(hidden=32)
+    head = model.retaining_heads[0]
+    assert head.fc1.weight.shape == (32, model.config.qkv_size) and head.fc2.weight.shape == (2, 32)
+    assert 0.015 < head.fc1.weight.std().item() < 0.025  # normal(0, 0.02), not the official Phi-3 zero init
+
+    class Recorder:
+        scores = {}
+
+        def update(self, layer, q, k, v, scores):
+            self.scores[layer] = scores
+            return k, v
+
+        def attention_mask(self, n_new):
+            return None
+
+    tokens = torch.randint(0, 128, (1, 10))
+    with torch.no_grad():
+        logits_with_heads = model(tokens, cache=Recorder())
+    assert Recorder.scores[1].shape == (1, 2, 10)  # [batch, kv_heads, tokens]
+    for layer in model.model.layers:
+        layer.self_attn.retaining_head = None
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), logits_with_heads, atol=0, rtol=0)  # heads never change logits
