@@ -26,7 +26,7 @@ def read_prompt(source: str) -> str:
         raise LocretError(f"prompt {source} is not UTF-8 text (byte {e.start})") from None
     if not text.strip():
         raise LocretError(f"prompt {source} is empty")
-    return text
+    return text.rstrip()  # a file's final newline would otherwise end up inside the user turn
 
 
 class Streamer:
@@ -50,8 +50,19 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cpu_has_native_bf16() -> bool:
+    """Without AVX512-BF16 or AMX, bf16 matmuls on CPU are emulated and several times slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def default_dtype(device: str) -> str:
-    return "bfloat16" if device == "cpu" or torch.cuda.is_bf16_supported() else "float16"
+    if device == "cpu":
+        return "bfloat16" if cpu_has_native_bf16() else "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
 
 def main(args: argparse.Namespace) -> None:
@@ -66,7 +77,7 @@ def main(args: argparse.Namespace) -> None:
     stop_ids = stop_token_ids(folder, tokenizer)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     _, stats = generate(model, prompt, args.max_new_tokens, stop_ids, sampling, Streamer(tokenizer, stop_ids))
-    print()
+    print(flush=True)
     print(f"prompt tokens {stats.prompt_tokens} | prefill {stats.prompt_tokens / stats.prefill_seconds:.1f} tok/s | "
           f"decode {stats.new_tokens} tokens, {stats.new_tokens / max(stats.decode_seconds, 1e-9):.1f} tok/s | "
           f"KV pool {stats.pool_bytes / 2**20:.1f} MiB | peak memory {stats.peak_memory_bytes / 2**30:.2f} GiB",
@@ -85,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bfloat16 where supported")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bfloat16 on GPUs and CPUs with native bf16, else float32 (float16 on old GPUs)")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
