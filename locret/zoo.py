@@ -18,6 +18,7 @@ class ZooEntry:
     name: str
     hub_id: str
     settings: LocretSettings
+    heads: str | None = None  # retaining-heads checkpoint shipped for this backbone
 
 
 PHI3_OFFICIAL = LocretSettings(budget=6000, chunk=3072, stabilizers=2500, n_loc=100)  # paper's Phi-3-mini-128K
@@ -33,6 +34,7 @@ ZOO = {e.name: e for e in [
     ZooEntry("phi-3.5-mini-instruct", "microsoft/Phi-3.5-mini-instruct", PHI3_OFFICIAL),
 ]}
 DEFAULT_MODEL = "smollm2-135m-instruct"
+GENERIC_SETTINGS = LocretSettings(budget=2048, chunk=1024, stabilizers=512, n_loc=100)  # models not in the zoo
 
 
 def download_from_hub(hub_id: str) -> Path:

@@ -66,13 +66,20 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", short, persistent=False)
         self.register_buffer("long_inv_freq", long, persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] (int) -> cos, sin [T, dim] in float32."""
+    def angles(self, positions: torch.Tensor, seq_len: torch.Tensor | int | None = None) -> torch.Tensor:
+        """positions [...] (int, any shape) -> rotation angles [..., dim] in float32.
+
+        `seq_len` (default: max position + 1) picks longrope's short or long factors."""
         inv_freq = self.inv_freq
         if self.switch_length is not None:
-            inv_freq = torch.where(positions.max() + 1 > self.switch_length, self.long_inv_freq, self.inv_freq)
-        freqs = positions[:, None].float() * inv_freq[None, :]  # [T, dim/2]
-        angles = torch.cat((freqs, freqs), dim=-1)  # [T, dim]
+            seq_len = positions.max() + 1 if seq_len is None else seq_len
+            inv_freq = torch.where(torch.as_tensor(seq_len > self.switch_length), self.long_inv_freq, self.inv_freq)
+        freqs = positions[..., None].float() * inv_freq  # [..., dim/2]
+        return torch.cat((freqs, freqs), dim=-1)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> cos, sin [T, dim] in float32, scaled by longrope's attention factor."""
+        angles = self.angles(positions)
         return angles.cos() * self.scaling, angles.sin() * self.scaling
 
 
@@ -82,7 +89,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first cos.shape[-1] features of x [..., T, head_dim] by cos, sin [T, dim]."""
+    """Rotate the first cos.shape[-1] features of x [..., T, head_dim] by cos, sin [..., T, dim]."""
     dim = cos.shape[-1]
     if dim == x.shape[-1]:
         return x * cos + rotate_half(x) * sin

@@ -6,9 +6,12 @@ import pytest
 import torch
 
 import generate as cli
-from locret.generation import Sampling, generate, sample
+from locret.engine import EngineSettings, generate
+from locret.sampling import Sampling, sample
 from locret.loading import load_model, stop_token_ids
 from locret.tokenizer import Tokenizer
+
+FULL = EngineSettings(policy="full", n_loc=0)
 
 
 def naive_greedy(model, prompt, n):
@@ -23,17 +26,18 @@ def naive_greedy(model, prompt, n):
 def test_greedy_generation_equals_uncached_argmax(tiny_chat_model):
     model = load_model(tiny_chat_model)
     prompt = list(range(3, 40))
-    out, stats = generate(model, prompt, max_new_tokens=12)
+    out, stats = generate(model, prompt, FULL, max_new_tokens=12)
     assert out == naive_greedy(model, prompt, 12)
     assert stats.prompt_tokens == 37 and stats.new_tokens == 12
-    assert stats.pool_bytes == 2 * 2 * 2 * (37 + 12) * 16 * 4  # k+v, layers, kv heads, capacity, head_dim, fp32
+    kv = (2 * 2 + 1) * 2 * (37 + 12) * 16 * 4  # (k, v) x layers + scratch, kv heads, capacity, head_dim, fp32
+    assert stats.pool_bytes == kv + 2 * 2 * (37 + 12) * (4 + 8)  # + scores and token indices
 
 
 def test_generation_stops_at_stop_token(tiny_chat_model):
     model = load_model(tiny_chat_model)
     prompt = list(range(3, 20))
     free = naive_greedy(model, prompt, 6)
-    out, _ = generate(model, prompt, max_new_tokens=6, stop_ids={free[2]})
+    out, _ = generate(model, prompt, FULL, max_new_tokens=6, stop_ids={free[2]})
     assert out == free[:free.index(free[2]) + 1]
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import longrope, tiny_llama_config, tiny_phi3_config, tiny_qwen2_config
+from locret.engine import PolicyCache
 from locret.kv_pool import KVPool
 from locret.loading import load_model
 from models import config_from_hf
@@ -44,12 +45,13 @@ def test_prefill_then_decode_equals_one_forward(save_hf, name):
     model = load_model(folder)
     tokens = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))
     pool = KVPool(model.config, capacity=24, batch=2)
+    cache = PolicyCache(pool, policy=None)
     with torch.no_grad():
         full = model(tokens)
-        steps = [model(tokens[:, :16], torch.arange(16), pool)]
+        steps = [model(tokens[:, :16], torch.arange(16), cache)]
         pool.advance(16)
         for t in range(16, 24):
-            steps.append(model(tokens[:, t:t + 1], torch.tensor([t]), pool))
+            steps.append(model(tokens[:, t:t + 1], torch.tensor([t]), cache))
             pool.advance(1)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
@@ -59,11 +61,12 @@ def test_prefill_in_chunks_equals_one_forward(save_hf):
     model = load_model(folder)
     tokens = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(3))
     pool = KVPool(model.config, capacity=30)
+    cache = PolicyCache(pool, policy=None)
     with torch.no_grad():
         chunks = []
         for start in range(0, 30, 8):
             chunk = tokens[:, start:start + 8]
-            chunks.append(model(chunk, torch.arange(start, start + chunk.shape[1]), pool))
+            chunks.append(model(chunk, torch.arange(start, start + chunk.shape[1]), cache))
             pool.advance(chunk.shape[1])
         torch.testing.assert_close(torch.cat(chunks, dim=1), model(tokens), atol=1e-5, rtol=0)
 

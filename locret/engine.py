@@ -1,0 +1,191 @@
+"""Locret's generation: chunked prefill with eviction under a fixed budget, then decoding.
+
+Per chunk (DESIGN.md section 1): run it through the model; in every layer the policy scores the
+chunk's new entries (appending to the kept entries' stored scores); then each layer keeps the
+top-`budget` entries per KV head, the last `stabilizers` protected. The prompt's last `n_loc`
+tokens are prefilled without eviction; decoding does not evict unless asked to.
+
+Keys are stored with RoPE applied at their current position, so attention and decoding never
+re-rotate the cache. In `original` mode positions never change. In `compact` mode (the official
+default) the kept entries are re-indexed 0..n-1 after each eviction: only then is each kept key
+rotated once more, by (new slot - old slot), which costs O(budget) per layer and chunk."""
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from models import CausalLM
+from models.rope import apply_rope
+
+from .errors import LocretError
+from .kv_pool import KVPool
+from .memory import peak_memory_bytes
+from .policies import POLICIES, Chunk, make_policy
+from .sampling import Sampling, sample
+
+
+@dataclass
+class EngineSettings:
+    policy: str = "full"
+    budget: int = 1024  # entries kept per KV head after each chunk (stabilizers included)
+    chunk: int = 512  # prefill chunk length
+    stabilizers: int = 256  # last entries always kept through an eviction (n_s)
+    n_loc: int = 100  # final prompt tokens prefilled without eviction
+    positions: str = "compact"  # compact: kept tokens re-indexed 0..n-1 | original: absolute positions
+    evict_during_decode: bool = False
+    seed: int = 0  # for the random policy
+
+    @property
+    def evicts(self) -> bool:
+        return self.policy != "full"
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int
+    new_tokens: int
+    chunks: int
+    kept_after_prefill: int  # entries per KV head in the pool after prefill
+    prefill_seconds: float
+    decode_seconds: float
+    pool_bytes: int
+    peak_memory_bytes: int
+
+    @property
+    def compression(self) -> float:
+        """Prompt tokens per cache entry kept."""
+        return self.prompt_tokens / self.kept_after_prefill
+
+
+def check_settings(s: EngineSettings, prompt_tokens: int) -> None:
+    """Impossible settings become one clear error before any work starts."""
+    if s.policy not in POLICIES:
+        raise LocretError(f"unknown policy {s.policy!r} (choose from {', '.join(POLICIES)})")
+    if s.positions not in ("compact", "original"):
+        raise LocretError(f"--positions must be compact or original, not {s.positions!r}")
+    if s.chunk < 1:
+        raise LocretError(f"--chunk must be at least 1 (got {s.chunk})")
+    if not 0 <= s.n_loc < prompt_tokens:
+        raise LocretError(f"--n-loc must be in [0, prompt tokens) = [0, {prompt_tokens}) (got {s.n_loc})")
+    if s.evicts and s.stabilizers < 0:
+        raise LocretError(f"--stabilizers must be >= 0 (got {s.stabilizers})")
+    if s.evicts and s.budget <= s.stabilizers:
+        raise LocretError(f"--budget ({s.budget}) must be larger than --stabilizers ({s.stabilizers})")
+
+
+def pool_capacity(s: EngineSettings, prompt_tokens: int, max_new_tokens: int) -> int:
+    """Entries per KV head the pool must hold: a function of the settings, not of the prompt length."""
+    everything = prompt_tokens + max_new_tokens
+    if not s.evicts:
+        return everything
+    if s.evict_during_decode:
+        return min(everything, s.budget + max(s.chunk, s.n_loc + 1))
+    return min(everything, s.budget + max(s.chunk, s.n_loc + max_new_tokens))
+
+
+class PolicyCache:
+    """The cache the model sees: writes into the pool and, while `scoring`, lets the policy score entries."""
+
+    def __init__(self, pool: KVPool, policy):
+        self.pool, self.policy, self.scoring = pool, policy, False
+
+    def update(self, layer, q, k, v, head_scores):
+        k_all, v_all = self.pool.write(layer, k, v)
+        if self.scoring:
+            S, T = k_all.shape[2], k.shape[2]
+            scores = self.pool.scores[layer, :, :, :S]
+            chunk = Chunk(q, k_all, scores[..., :S - T], self.pool.index[layer, :, :, :S], head_scores)
+            scores.copy_(self.policy(chunk))
+        return k_all, v_all
+
+    def attention_mask(self, n_new):
+        return self.pool.attention_mask(n_new)
+
+
+class Engine:
+    """One generation's state: the model, its pool and the policy."""
+
+    def __init__(self, model: CausalLM, settings: EngineSettings, capacity: int):
+        if settings.policy == "locret" and model.retaining_heads[0] is None:
+            raise LocretError("--policy locret needs retaining heads: pass --heads FILE.safetensors")
+        p = model.lm_head.weight
+        self.model, self.settings = model, settings
+        self.pool = KVPool(model.config, capacity, dtype=p.dtype, device=p.device)
+        self.cache = PolicyCache(self.pool, make_policy(settings.policy, settings.seed))
+
+    def forward(self, tokens: list[int], scoring: bool) -> torch.Tensor:
+        """Run `tokens` after everything in the pool; return the last token's logits [V]."""
+        pool, device = self.pool, self.pool.k.device
+        start = pool.length if self.settings.positions == "compact" else pool.seen
+        self.cache.scoring = scoring
+        logits = self.model(torch.tensor([tokens], device=device),
+                            torch.arange(start, start + len(tokens), device=device), self.cache, last_only=True)
+        pool.advance(len(tokens))
+        return logits[0, -1]
+
+    def evict(self) -> None:
+        before = self.pool.length
+        kept = self.pool.evict(self.settings.budget, self.settings.stabilizers)
+        if self.settings.positions == "compact":
+            self.rerotate(kept, seq_len=before)
+
+    def rerotate(self, kept: torch.Tensor, seq_len: int) -> None:
+        """Compact mode: the entry moved from slot kept[j] to slot j; turn its key by j - kept[j]."""
+        rotary, keep = self.model.model.rotary_emb, kept.shape[-1]
+        for layer in range(kept.shape[0]):
+            delta = torch.arange(keep, device=kept.device) - kept[layer]  # [B, KVH, keep]
+            angles = rotary.angles(delta, seq_len)  # [B, KVH, keep, dim]; the frequencies the keys were turned with
+            k = self.pool.k[layer, :, :, :keep]
+            k.copy_(apply_rope(k.float(), angles.cos(), angles.sin()))
+
+    def prefill(self, prompt: list[int], progress: bool = False) -> tuple[torch.Tensor, int]:
+        """Chunks with eviction over all but the last n_loc tokens, then those without. -> (logits, chunks)."""
+        s = self.settings
+        body, tail = prompt[:len(prompt) - s.n_loc], prompt[len(prompt) - s.n_loc:]
+        starts = range(0, len(body), s.chunk)
+        with tqdm(total=len(prompt), desc="prefill", unit="tok", disable=not progress, leave=False) as bar:
+            for start in starts:
+                logits = self.forward(body[start:start + s.chunk], scoring=s.evicts)
+                if s.evicts and self.pool.length > s.budget:
+                    self.evict()
+                bar.update(len(body[start:start + s.chunk]))
+            if tail:
+                logits = self.forward(tail, scoring=s.evicts and s.evict_during_decode)
+                bar.update(len(tail))
+        return logits, len(starts) + bool(tail)
+
+    def decode_step(self, token: int) -> torch.Tensor:
+        s = self.settings
+        if s.evict_during_decode and s.evicts and self.pool.length == self.pool.capacity:
+            self.evict()
+        return self.forward([token], scoring=s.evicts and s.evict_during_decode)
+
+
+@torch.inference_mode()
+def generate(model: CausalLM, prompt: list[int], settings: EngineSettings, max_new_tokens: int,
+             stop_ids: set[int] = frozenset(), sampling: Sampling = Sampling(),
+             on_token: Callable[[int], None] | None = None, progress: bool = False
+             ) -> tuple[list[int], GenerationStats]:
+    """Prefill `prompt` under `settings`, then generate up to `max_new_tokens` (stopping at `stop_ids`)."""
+    check_settings(settings, len(prompt))
+    engine = Engine(model, settings, pool_capacity(settings, len(prompt), max_new_tokens))
+    device = engine.pool.k.device
+    generator = torch.Generator(device).manual_seed(sampling.seed)
+    t0 = time.perf_counter()
+    logits, chunks = engine.prefill(prompt, progress)
+    kept = engine.pool.length
+    t1 = time.perf_counter()
+    out = []
+    while True:
+        out.append(sample(logits, sampling, generator))
+        if on_token:
+            on_token(out[-1])
+        if out[-1] in stop_ids or len(out) == max_new_tokens:
+            break
+        logits = engine.decode_step(out[-1])
+    t2 = time.perf_counter()
+    stats = GenerationStats(len(prompt), len(out), chunks, kept, t1 - t0, t2 - t1,
+                            engine.pool.nbytes, peak_memory_bytes(device))
+    return out, stats

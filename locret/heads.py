@@ -1,0 +1,72 @@
+"""Retaining-head checkpoints: safetensors holding only the heads' weights, with metadata naming the
+backbone they were trained for. Loading heads onto a different backbone is a clear error."""
+import json
+import os
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from models import CausalLM
+
+from .errors import LocretError
+
+SIGNATURE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "vocab_size")
+
+
+def backbone_signature(model: CausalLM) -> dict:
+    """The backbone facts heads depend on: their input width, their count, their outputs."""
+    return {k: getattr(model.config, k) for k in SIGNATURE_KEYS}
+
+
+def head_tensors(model: CausalLM) -> dict:
+    return {k: v for k, v in model.state_dict().items() if ".retaining_head." in k}
+
+
+def save_heads(model: CausalLM, path: str | Path, backbone: str, training: dict | None = None) -> None:
+    """Write the heads atomically (a temporary file renamed into place)."""
+    heads = [h for h in model.retaining_heads if h is not None]
+    if len(heads) != len(model.retaining_heads):
+        raise LocretError("the model has no retaining heads to save")
+    metadata = {"format": "pt", "locret_heads": "1", "backbone": backbone,
+                "backbone_config": json.dumps(backbone_signature(model)),
+                "head_hidden": str(heads[0].fc1.out_features), "training": json.dumps(training or {})}
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.contiguous() for k, v in head_tensors(model).items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_heads(path: Path) -> tuple[dict, dict]:
+    """(tensors, metadata) of a heads file, or one clear error."""
+    if not path.is_file():
+        raise LocretError(f"heads file {path} not found")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise LocretError(f"{path}: unreadable safetensors file ({e})") from None
+
+
+def load_heads(model: CausalLM, path: str | Path) -> dict:
+    """Attach the heads in `path` to `model` (after checking they fit it); return the file's metadata."""
+    path = Path(path)
+    tensors, meta = read_heads(path)
+    if meta.get("locret_heads") != "1":
+        raise LocretError(f"{path}: not a retaining-heads file (no locret_heads metadata)")
+    theirs, ours = json.loads(meta["backbone_config"]), backbone_signature(model)
+    wrong = [k for k in SIGNATURE_KEYS if theirs.get(k) != ours[k]]
+    if wrong:
+        diffs = ", ".join(f"{k} {theirs.get(k)} vs {ours[k]}" for k in wrong)
+        raise LocretError(f"{path}: heads were trained for another backbone ({meta.get('backbone')}: {diffs})")
+    model.add_retaining_heads(int(meta["head_hidden"]))
+    expected = head_tensors(model)
+    if tensors.keys() != expected.keys() or any(tensors[k].shape != v.shape for k, v in expected.items()):
+        raise LocretError(f"{path}: head tensors do not match the {len(model.retaining_heads)}-layer backbone")
+    p = model.lm_head.weight
+    model.load_state_dict({k: v.to(p.device, p.dtype) for k, v in tensors.items()}, strict=False)
+    return meta

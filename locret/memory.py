@@ -1,0 +1,69 @@
+"""Memory: what a generation will need, known before it starts, and what it did use."""
+import resource
+from dataclasses import dataclass, replace
+
+import torch
+
+from models import CausalLM
+
+from .errors import LocretError
+from .kv_pool import KVPool
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated GPU memory on CUDA; peak resident set size of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+@dataclass
+class MemoryEstimate:
+    weights: int
+    pool: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.pool + self.activations
+
+
+def activation_bytes(model: CausalLM, tokens: int, attended: int, policy: str) -> int:
+    """Upper bound on one layer's working memory for `tokens` queries over `attended` entries (they are
+    freed layer by layer): hidden states, q/k/v, MLP, attention weights (twice: logits and softmax,
+    again for policies that read attention), retaining head, and the last token's logits."""
+    c, item = model.config, model.lm_head.weight.element_size()
+    hidden = 4 * tokens * c.hidden_size * item
+    qkv = 2 * tokens * c.qkv_size * item
+    mlp = 3 * tokens * c.intermediate_size * item
+    attention = 2 * c.num_attention_heads * tokens * attended * 4
+    if policy in ("h2o", "snapkv", "tova"):
+        attention *= 2
+    heads = [h for h in model.retaining_heads if h is not None]
+    head = tokens * heads[0].fc1.out_features * item if heads else 0
+    return hidden + qkv + mlp + attention + head + c.vocab_size * 4
+
+
+def estimate(model: CausalLM, settings, capacity: int) -> MemoryEstimate:
+    """Weights + KV pool + the largest step's activations (a prefill chunk over a full pool)."""
+    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    p = model.lm_head.weight
+    pool = KVPool.bytes_needed(model.config, capacity, 1, p.dtype)
+    step = min(settings.chunk, capacity)
+    return MemoryEstimate(weights, pool, activation_bytes(model, step, capacity, settings.policy))
+
+
+def largest_budget(model: CausalLM, settings, limit: int, capacity_of) -> int:
+    """The largest budget whose estimate fits in `limit` bytes. `capacity_of(settings)` sizes the pool."""
+    def need(budget: int) -> int:
+        s = replace(settings, budget=budget)
+        return estimate(model, s, capacity_of(s)).total
+
+    low, high = settings.stabilizers + 1, 1 << 24
+    if need(low) > limit:
+        raise LocretError(f"--max-memory {limit / 2**30:.2f} GiB is too small: even budget {low} "
+                          f"needs {need(low) / 2**30:.2f} GiB (weights included)")
+    while low < high:  # the estimate grows with the budget: bisect
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if need(mid) <= limit else (low, mid - 1)
+    return low

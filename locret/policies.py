@@ -1,0 +1,98 @@
+"""Scoring policies. After each chunk passes a layer, a policy turns what the chunk exposes into one
+score per cache entry and KV head; the engine keeps the top-`budget` of them. Each policy returns
+the scores of all S entries (kept + new): most keep the stored scores and append the chunk's."""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import LocretError
+
+
+@dataclass
+class Chunk:
+    """One layer's view of a prefill chunk of T tokens over a pool of S entries (S - T kept + T new)."""
+    q: torch.Tensor  # [B, H, T, D] the chunk's queries, RoPE applied
+    k: torch.Tensor  # [B, KVH, S, D] every entry's key, RoPE applied
+    stored: torch.Tensor  # [B, KVH, S - T] scores of the kept entries
+    index: torch.Tensor  # [B, KVH, S] prompt position of each entry's token
+    head_scores: torch.Tensor | None  # [B, KVH, T] retaining heads' output for the chunk
+
+    @property
+    def n_new(self) -> int:
+        return self.q.shape[2]
+
+    def attention(self, last: int | None = None) -> torch.Tensor:
+        """Softmax attention of the chunk's last `last` queries (all by default) over every entry,
+        grouped by KV head: [B, KVH, G, T', S], G query heads per KV head. Only chunk x pool."""
+        q = self.q if last is None else self.q[:, :, -last:]
+        B, H, Tq, D = q.shape
+        S, KVH = self.k.shape[2], self.k.shape[1]
+        q = q.reshape(B, KVH, H // KVH, Tq, D)  # query head h reads KV head h // G
+        logits = q.float() @ self.k.float()[:, :, None].transpose(-1, -2) / math.sqrt(D)  # [B, KVH, G, Tq, S]
+        first_query = S - Tq  # slot of the first of these queries; each sees every slot up to its own
+        visible = torch.arange(S, device=q.device) <= first_query + torch.arange(Tq, device=q.device)[:, None]
+        return logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+
+    def append(self, new: torch.Tensor) -> torch.Tensor:
+        """Stored scores followed by the chunk's `new` [B, KVH, T]."""
+        return torch.cat((self.stored, new.float()), dim=-1)
+
+
+def locret(c: Chunk) -> torch.Tensor:
+    """Trained retaining heads: each token keeps the score its chunk gave it."""
+    return c.append(c.head_scores)
+
+
+def streamingllm(c: Chunk, sinks: int = 4) -> torch.Tensor:
+    """Attention sinks (the first tokens) always, then the most recent."""
+    return torch.where(c.index < sinks, float("inf"), c.index.float())
+
+
+def h2o(c: Chunk) -> torch.Tensor:
+    """Heavy hitters: attention each entry has received from all queries so far, summed over the GQA group."""
+    received = c.attention().sum(dim=(2, 3))  # [B, KVH, S]
+    return F.pad(c.stored, (0, c.n_new)) + received
+
+
+def snapkv(c: Chunk, window: int = 32, kernel: int = 7) -> torch.Tensor:
+    """Attention from the chunk's last `window` queries, max-pooled over neighbouring keys, summed over the group."""
+    votes = c.attention(last=min(window, c.n_new)).sum(dim=3)  # [B, KVH, G, S]
+    pooled = F.max_pool1d(votes.flatten(0, 2)[:, None], kernel, stride=1, padding=kernel // 2)
+    return pooled.view(votes.shape).sum(dim=2)
+
+
+def tova(c: Chunk) -> torch.Tensor:
+    """Attention from the chunk's last query, averaged over the query heads of each KV head."""
+    return c.attention(last=1)[:, :, :, 0].mean(dim=2)
+
+
+def knorm(c: Chunk) -> torch.Tensor:
+    """Keys with a small L2 norm draw more attention: score -||k||."""
+    return c.append(-c.k[:, :, -c.n_new:].float().norm(dim=-1))
+
+
+class Random:
+    """Uniform random scores, seeded: the floor any policy should beat."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, c: Chunk) -> torch.Tensor:
+        B, KVH, T = c.stored.shape[0], c.stored.shape[1], c.n_new
+        return c.append(torch.rand(B, KVH, T, generator=self.generator).to(c.stored.device))
+
+
+EVICTING = {"locret": locret, "streamingllm": streamingllm, "h2o": h2o, "snapkv": snapkv,
+            "tova": tova, "knorm": knorm, "random": Random}
+POLICIES = ["full", *EVICTING]
+
+
+def make_policy(name: str, seed: int = 0):
+    """The scoring function of `name`; None for `full`, which never evicts."""
+    if name == "full":
+        return None
+    if name not in EVICTING:
+        raise LocretError(f"unknown policy {name!r} (choose from {', '.join(POLICIES)})")
+    return Random(seed) if name == "random" else EVICTING[name]
