@@ -16,7 +16,7 @@ from locret.engine import EngineSettings, check_settings, generate, pool_capacit
 from locret.errors import LocretError
 from locret.heads import load_heads
 from locret.loading import DTYPES, load_model, stop_token_ids
-from locret.memory import estimate, largest_budget
+from locret.memory import estimate, format_bytes, largest_budget
 from locret.policies import POLICIES
 from locret.sampling import Sampling
 from locret.tokenizer import Tokenizer
@@ -94,10 +94,10 @@ def fit_memory(model, settings: EngineSettings, args, prompt_tokens: int) -> Eng
     """--max-memory: the largest budget whose estimate (weights, pool, activations) fits."""
     capacity_of = lambda s: pool_capacity(s, prompt_tokens, args.max_new_tokens)
     limit = int(args.max_memory * 2**30)
-    best = largest_budget(model, settings, limit, capacity_of)
+    best = largest_budget(model, settings, limit, capacity_of, upper=prompt_tokens)  # more changes nothing
     if args.budget is not None and args.budget > best:
         need = estimate(model, settings, capacity_of(settings)).total
-        raise LocretError(f"--budget {args.budget} needs {need / 2**30:.2f} GiB, above --max-memory "
+        raise LocretError(f"--budget {args.budget} needs {format_bytes(need)}, above --max-memory "
                           f"{args.max_memory} GiB (the largest budget that fits is {best})")
     return settings if args.budget is not None else EngineSettings(**{**vars(settings), "budget": best})
 
@@ -128,10 +128,10 @@ def main(args: argparse.Namespace) -> None:
     print(flush=True)
     budget = f"budget {settings.budget}" if settings.evicts else "no eviction"
     print(f"policy {settings.policy} ({budget}) | prompt tokens {stats.prompt_tokens} in {stats.chunks} chunks | "
-          f"KV pool {stats.pool_bytes / 2**20:.1f} MiB | compression {stats.compression:.1f}x | "
+          f"KV pool {format_bytes(stats.pool_bytes)} | compression {stats.compression:.1f}x | "
           f"prefill {stats.prompt_tokens / stats.prefill_seconds:.1f} tok/s | "
           f"decode {stats.new_tokens} tokens, {stats.new_tokens / max(stats.decode_seconds, 1e-9):.1f} tok/s | "
-          f"peak memory {stats.peak_memory_bytes / 2**30:.2f} GiB", file=sys.stderr)
+          f"peak memory {format_bytes(stats.peak_memory_bytes)}", file=sys.stderr)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -17,6 +17,10 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def format_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 @dataclass
 class MemoryEstimate:
     weights: int
@@ -53,16 +57,18 @@ def estimate(model: CausalLM, settings, capacity: int) -> MemoryEstimate:
     return MemoryEstimate(weights, pool, activation_bytes(model, step, capacity, settings.policy))
 
 
-def largest_budget(model: CausalLM, settings, limit: int, capacity_of) -> int:
-    """The largest budget whose estimate fits in `limit` bytes. `capacity_of(settings)` sizes the pool."""
+def largest_budget(model: CausalLM, settings, limit: int, capacity_of, upper: int) -> int:
+    """The largest budget up to `upper` whose estimate fits in `limit` bytes.
+    `capacity_of(settings)` sizes the pool."""
     def need(budget: int) -> int:
         s = replace(settings, budget=budget)
         return estimate(model, s, capacity_of(s)).total
 
-    low, high = settings.stabilizers + 1, 1 << 24
+    low = settings.stabilizers + 1
+    high = max(upper, low)
     if need(low) > limit:
-        raise LocretError(f"--max-memory {limit / 2**30:.2f} GiB is too small: even budget {low} "
-                          f"needs {need(low) / 2**30:.2f} GiB (weights included)")
+        raise LocretError(f"--max-memory {format_bytes(limit)} is too small: even budget {low} "
+                          f"needs {format_bytes(need(low))} (weights included)")
     while low < high:  # the estimate grows with the budget: bisect
         mid = (low + high + 1) // 2
         low, high = (mid, high) if need(mid) <= limit else (low, mid - 1)

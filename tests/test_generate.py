@@ -88,3 +88,50 @@ def test_cli_bad_prompt_is_one_line_error(tiny_chat_model, tmp_path, content, me
 def test_cli_missing_prompt_file(tiny_chat_model, tmp_path):
     with pytest.raises(cli.LocretError, match="cannot read prompt .*nope.txt: No such file"):
         cli.main(cli.parse_args(["--ckpt", str(tiny_chat_model), "--prompt", str(tmp_path / "nope.txt")]))
+
+
+def run_cli(folder, tmp_path, *flags, prompt="the quick brown fox jumps over the lazy dog " * 30):
+    (tmp_path / "p.txt").write_text(prompt)
+    cli.main(cli.parse_args(["--ckpt", str(folder), "--prompt", str(tmp_path / "p.txt"), "--dtype", "float32",
+                             "--max-new-tokens", "4", *flags]))
+
+
+def test_cli_evicting_policy_reports_pool_and_compression(tiny_chat_model, tmp_path, capsys):
+    run_cli(tiny_chat_model, tmp_path, "--policy", "snapkv", "--budget", "32", "--chunk", "16",
+            "--stabilizers", "8", "--n-loc", "10")
+    err = capsys.readouterr().err
+    assert "policy snapkv (budget 32)" in err and "chunks" in err and "compression" in err and "KV pool" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--policy", "locret"], "--policy locret needs retaining heads"),
+    (["--policy", "h2o", "--budget", "8", "--stabilizers", "8"], r"--budget \(8\) must be larger than --stabilizers"),
+    (["--policy", "h2o", "--n-loc", "5000"], "--n-loc must be in"),
+    (["--policy", "h2o", "--max-memory", "0.00001"], r"--max-memory 0.0 MiB is too small: even budget 513 needs \d+\.\d MiB"),
+    (["--policy", "h2o", "--budget", "300", "--stabilizers", "8", "--chunk", "16", "--max-memory", "0.0006"],
+     r"--budget 300 needs \d+\.\d MiB, above --max-memory 0.0006 GiB \(the largest budget that fits is \d+\)"),
+])
+def test_cli_impossible_settings(tiny_chat_model, tmp_path, flags, message):
+    with pytest.raises(cli.LocretError, match=message):
+        run_cli(tiny_chat_model, tmp_path, *flags)
+
+
+def test_cli_max_memory_picks_a_budget(tiny_chat_model, tmp_path, capsys):
+    run_cli(tiny_chat_model, tmp_path, "--policy", "tova", "--max-memory", "0.0006", "--chunk", "16",
+            "--stabilizers", "8")
+    err = capsys.readouterr().err
+    budget = int(err.split("(budget ")[1].split(")")[0])
+    assert 16 < budget < 300  # the limit binds below the prompt length
+
+
+def test_cli_heads_for_another_backbone(tiny_chat_model, tmp_path, save_hf):
+    from conftest import tiny_llama_config
+    from locret.heads import save_heads
+    other = load_model(save_hf(tiny_llama_config(hidden_size=32, num_attention_heads=2), name="other")[1])
+    other.add_retaining_heads(8)
+    save_heads(other, tmp_path / "heads.safetensors", backbone="other-model")
+    run = subprocess.run([sys.executable, "generate.py", "--ckpt", str(tiny_chat_model), "--prompt", "-",
+                          "--heads", str(tmp_path / "heads.safetensors")],
+                         input="hello", capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and run.stderr.count("\n") == 1, run.stderr
+    assert "heads were trained for another backbone (other-model: hidden_size 32 vs 64" in run.stderr

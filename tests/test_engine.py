@@ -1,0 +1,186 @@
+"""The chunked engine: exact full attention when nothing is evicted, correct keys after eviction in
+both position modes, a pool that never moves, and clear errors for impossible settings."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from conftest import longrope, tiny_llama_config, tiny_phi3_config
+from locret.engine import Engine, EngineSettings, check_settings, generate, pool_capacity
+from locret.errors import LocretError
+from locret.heads import load_heads, save_heads
+from locret.loading import load_model
+from locret.memory import estimate, largest_budget
+from locret.policies import POLICIES
+from models.rope import apply_rope
+
+CONFIGS = {"llama": tiny_llama_config, "phi3": tiny_phi3_config,
+           "phi3-longrope": lambda: tiny_phi3_config(**longrope(original_max=200))}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def model(request, tmp_path_factory):
+    import transformers
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp(request.param)
+    transformers.AutoModelForCausalLM.from_config(CONFIGS[request.param]()).save_pretrained(folder)
+    m = load_model(folder)
+    m.add_retaining_heads(hidden=16)  # random heads: enough for the engine's plumbing
+    return m
+
+
+def prompt_of(n, seed=0):
+    return torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def naive_greedy(model, prompt, n):
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
+    return tokens[len(prompt):]
+
+
+@pytest.mark.parametrize("positions", ["compact", "original"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_budget_covering_prompt_equals_full_attention(model, policy, positions):
+    prompt = prompt_of(40)
+    s = EngineSettings(policy=policy, budget=64, chunk=7, stabilizers=4, n_loc=5, positions=positions)
+    with torch.inference_mode():
+        engine = Engine(model, s, pool_capacity(s, len(prompt), 6))
+        logits, chunks = engine.prefill(prompt)
+        full = model(torch.tensor([prompt]))[0, -1]
+    assert chunks == 6  # 35 tokens in chunks of 7, then the 5-token tail
+    torch.testing.assert_close(logits, full, atol=1e-5, rtol=0)
+    out, _ = generate(model, prompt, s, max_new_tokens=6)
+    assert out == naive_greedy(model, prompt, 6)
+
+
+def record_pre_rope_keys(model, monkeypatch):
+    """Capture every layer's keys before RoPE, per prompt token, as the engine runs."""
+    keys = {}
+    for layer in model.model.layers:
+        attn, project = layer.self_attn, layer.self_attn.project
+
+        def recording(x, attn=attn, project=project):
+            q, k, v = project(x)
+            keys.setdefault(attn.layer_idx, []).append(k.view(*k.shape[:2], attn.n_kv_heads, -1))
+            return q, k, v
+        monkeypatch.setattr(attn, "project", recording)
+    return lambda layer: torch.cat(keys[layer], dim=1)[0]  # [tokens, KVH, D]
+
+
+@pytest.mark.parametrize("positions", ["compact", "original"])
+def test_kept_keys_are_rotated_to_their_positions(model, monkeypatch, positions):
+    """After several evictions, each kept key equals its token's key rotated from scratch at its
+    position: its slot (compact, re-indexed 0..n-1) or its prompt index (original)."""
+    prompt = prompt_of(90, seed=1)
+    s = EngineSettings(policy="knorm", budget=20, chunk=16, stabilizers=6, n_loc=4, positions=positions)
+    pre_rope = record_pre_rope_keys(model, monkeypatch)
+    with torch.inference_mode():
+        engine = Engine(model, s, pool_capacity(s, len(prompt), 1))
+        engine.prefill(prompt)
+    pool = engine.pool
+    assert pool.length == s.budget + s.n_loc
+    rotary = model.model.rotary_emb
+    for layer in range(model.config.num_hidden_layers):
+        tokens = pool.index[layer, 0, :, :pool.length]  # [KVH, n] prompt index of each kept entry
+        if positions == "compact":
+            where = torch.arange(pool.length).expand_as(tokens)
+        else:
+            where = tokens
+        keys = pre_rope(layer)[tokens, torch.arange(tokens.shape[0])[:, None]]  # [KVH, n, D]
+        angles = rotary.angles(where, seq_len=s.budget + s.chunk)
+        expected = apply_rope(keys, angles.cos() * rotary.scaling, angles.sin() * rotary.scaling)
+        torch.testing.assert_close(pool.k[layer, 0, :, :pool.length], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_eviction_keeps_budget_and_stabilizers(model):
+    prompt = prompt_of(100, seed=2)
+    s = EngineSettings(policy="random", budget=24, chunk=10, stabilizers=8, n_loc=6)
+    with torch.inference_mode():
+        engine = Engine(model, s, pool_capacity(s, len(prompt), 1))
+        engine.prefill(prompt)
+    index = engine.pool.index[:, :, :, :engine.pool.length]
+    body = len(prompt) - s.n_loc
+    assert engine.pool.length == s.budget + s.n_loc
+    assert (index[..., -s.n_loc:] == torch.arange(body, len(prompt))).all()  # the tail, unevicted
+    last_stabilizers = torch.arange(body - s.stabilizers, body)  # protected in the final eviction
+    assert (index[..., s.budget - s.stabilizers:s.budget] == last_stabilizers).all()
+    assert (index.diff(dim=-1) > 0).all()  # original order
+    assert len({tuple(index[layer, 0, h].tolist()) for layer in range(2) for h in range(2)}) > 1
+
+
+def test_pool_never_moves_and_has_the_same_size_for_1k_and_16k_prompts(model):
+    s = EngineSettings(policy="locret", budget=64, chunk=256, stabilizers=16, n_loc=20)
+    sizes = []
+    for n in (1024, 16384):
+        prompt = prompt_of(n, seed=3)
+        with torch.inference_mode():
+            engine = Engine(model, s, pool_capacity(s, n, 8))
+            buffers = (engine.pool.k, engine.pool.v, engine.pool.scores, engine.pool.index, engine.pool.scratch)
+            before = [(b.data_ptr(), b.shape) for b in buffers]
+            logits, _ = engine.prefill(prompt)
+            for _ in range(8):
+                logits = engine.decode_step(int(logits.argmax()))
+        assert [(b.data_ptr(), b.shape) for b in buffers] == before
+        sizes.append(engine.pool.nbytes)
+    assert sizes[0] == sizes[1]
+
+
+def test_evict_during_decode_stays_within_capacity(model):
+    prompt = prompt_of(120, seed=4)
+    s = EngineSettings(policy="h2o", budget=30, chunk=16, stabilizers=5, n_loc=4, evict_during_decode=True)
+    capacity = pool_capacity(s, len(prompt), 200)
+    assert capacity == s.budget + s.chunk
+    out, stats = generate(model, prompt, s, max_new_tokens=200)
+    assert len(out) == 200 and stats.pool_bytes == Engine(model, s, capacity).pool.nbytes
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(budget=8, stabilizers=8), r"--budget \(8\) must be larger than --stabilizers \(8\)"),
+    (dict(chunk=0), "--chunk must be at least 1"),
+    (dict(n_loc=50), r"--n-loc must be in \[0, prompt tokens\) = \[0, 50\)"),
+    (dict(positions="sideways"), "--positions must be compact or original"),
+    (dict(policy="lru"), "unknown policy 'lru'"),
+])
+def test_impossible_settings(change, message):
+    with pytest.raises(LocretError, match=message):
+        check_settings(replace(EngineSettings(policy="streamingllm", n_loc=10), **change), prompt_tokens=50)
+
+
+def test_locret_without_heads_is_refused(tmp_path):
+    import transformers
+    transformers.AutoModelForCausalLM.from_config(tiny_llama_config()).save_pretrained(tmp_path)
+    with pytest.raises(LocretError, match="--policy locret needs retaining heads"):
+        Engine(load_model(tmp_path), EngineSettings(policy="locret"), 10)
+
+
+def test_heads_round_trip_and_wrong_backbone(model, tmp_path, save_hf):
+    path = tmp_path / "heads.safetensors"
+    save_heads(model, path, backbone="tiny", training={"steps": 3})
+    assert not list(tmp_path.glob(".*tmp*"))  # written atomically
+    fresh = load_model(save_hf(tiny_llama_config() if model.config.model_type == "llama" else tiny_phi3_config())[1])
+    fresh.model.load_state_dict(model.model.state_dict(), strict=False)
+    meta = load_heads(fresh, path)
+    assert meta["backbone"] == "tiny" and '"steps": 3' in meta["training"]
+    for ours, theirs in zip(fresh.retaining_heads, model.retaining_heads):
+        assert torch.equal(ours.fc1.weight, theirs.fc1.weight) and torch.equal(ours.fc2.weight, theirs.fc2.weight)
+    other = load_model(save_hf(tiny_llama_config(num_hidden_layers=3), name="other")[1])
+    with pytest.raises(LocretError, match=r"heads were trained for another backbone \(tiny: .*num_hidden_layers 2 vs 3"):
+        load_heads(other, path)
+    with pytest.raises(LocretError, match="not found"):
+        load_heads(other, tmp_path / "nope.safetensors")
+
+
+def test_max_memory_gives_the_largest_budget_that_fits(model):
+    s = EngineSettings(policy="snapkv", budget=64, chunk=32, stabilizers=8, n_loc=10)
+    capacity_of = lambda x: pool_capacity(x, 100_000, 16)
+    need = lambda b: estimate(model, replace(s, budget=b), capacity_of(replace(s, budget=b))).total
+    limit = need(500) + 1
+    best = largest_budget(model, s, limit, capacity_of, upper=100_000)
+    assert need(best) <= limit < need(best + 1)
+    assert best == 500
+    assert largest_budget(model, s, limit, capacity_of, upper=300) == 300
+    with pytest.raises(LocretError, match="--max-memory .* is too small"):
+        largest_budget(model, s, need(9) - 1, capacity_of, upper=100_000)
