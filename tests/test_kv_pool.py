@@ -1,0 +1,208 @@
+"""KVPool: writes, top-k eviction with protected stabilizers, static storage, size estimate, mask.
+
+Every expectation is computed here by a direct reference (plain Python per layer, batch row and
+KV head), never copied from a run of the code under test."""
+import pytest
+import torch
+
+from locret.errors import LocretError
+from locret.kv_pool import KVPool
+from models import ModelConfig
+
+L, KVH, D = 2, 2, 8
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    return ModelConfig(**{**dict(model_type="llama", vocab_size=32, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=KVH,
+                                 head_dim=D, max_position_embeddings=512), **overrides})
+
+
+class Mirror:
+    """What the test knows independently of the pool: every K/V row written, keyed by prompt
+    position, and, per (layer, batch, head), which positions are held in slot order."""
+
+    def __init__(self, batch: int, total: int, dtype: torch.dtype, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.k = torch.randn(L, batch, KVH, total, D, generator=g).to(dtype)
+        self.v = torch.randn(L, batch, KVH, total, D, generator=g).to(dtype)
+        # a distinct real score for every (layer, batch, head, position): no ties anywhere
+        self.score = torch.stack([torch.randperm(total, generator=g) for _ in range(L * batch * KVH)])
+        self.score = self.score.view(L, batch, KVH, total).float() / 4 - 3
+        self.held = [[[[] for _ in range(KVH)] for _ in range(batch)] for _ in range(L)]
+        self.batch = batch
+
+    def heads(self):
+        for l in range(L):
+            for b in range(self.batch):
+                for h in range(KVH):
+                    yield l, b, h
+
+
+def write_chunk(pool: KVPool, m: Mirror, start: int, T: int) -> None:
+    """Write positions start..start+T-1 in every layer, give them their real scores, advance."""
+    n = pool.length
+    for layer in range(L):
+        k_all, v_all = pool.write(layer, m.k[layer, :, :, start:start + T], m.v[layer, :, :, start:start + T])
+        assert k_all.shape == v_all.shape == (m.batch, KVH, n + T, D)
+        assert torch.equal(k_all[:, :, n:], m.k[layer, :, :, start:start + T])
+        pool.scores[layer, :, :, n:n + T] = m.score[layer, :, :, start:start + T]
+    pool.advance(T)
+    for l, b, h in m.heads():
+        m.held[l][b][h].extend(range(start, start + T))
+
+
+def reference_evict(held: list[int], score: torch.Tensor, keep: int, protect: int) -> tuple[list[int], list[int]]:
+    """-> (kept positions, their old slots), in slot order: the last `protect` slots, plus the best
+    scored of the rest until `keep` entries are kept."""
+    n = len(held)
+    protected = set(range(max(n - protect, 0), n))
+    rest = sorted((s for s in range(n) if s not in protected), key=lambda s: float(score[held[s]]), reverse=True)
+    slots = sorted(protected | set(rest[:keep - len(protected)]))
+    return [held[s] for s in slots], slots
+
+
+def check_pool(pool: KVPool, m: Mirror) -> None:
+    """The pool holds exactly what the mirror says, bit for bit."""
+    n = pool.length
+    for l, b, h in m.heads():
+        held = m.held[l][b][h]
+        assert len(held) == n
+        assert pool.index[l, b, h, :n].tolist() == held
+        pos = torch.tensor(held)
+        assert torch.equal(pool.k[l, b, h, :n], m.k[l, b, h, pos])
+        assert torch.equal(pool.v[l, b, h, :n], m.v[l, b, h, pos])
+        assert torch.equal(pool.scores[l, b, h, :n], m.score[l, b, h, pos])  # real scores, never +inf
+
+
+def evict_and_check(pool: KVPool, m: Mirror, keep: int, protect: int) -> list[list[int]]:
+    expected, expected_slots = {}, {}
+    for l, b, h in m.heads():
+        expected[l, b, h], expected_slots[l, b, h] = reference_evict(m.held[l][b][h], m.score[l, b, h], keep, protect)
+    kept_slots = pool.evict(keep, protect)
+    assert kept_slots.shape == (L, m.batch, KVH, keep)
+    assert pool.length == keep
+    for l, b, h in m.heads():
+        assert kept_slots[l, b, h].tolist() == expected_slots[l, b, h]
+        m.held[l][b][h] = expected[l, b, h]
+    check_pool(pool, m)
+    return [m.held[l][b][h] for l, b, h in m.heads()]
+
+
+def storage(pool: KVPool):
+    return [(t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+            for t in (pool.k, pool.v, pool.scores, pool.index, pool.scratch)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_two_rounds_of_eviction_keep_the_top_scored_with_stabilizers(dtype, batch):
+    m = Mirror(batch, total=24, dtype=dtype, seed=batch)
+    # In some heads, make the future stabilizers the worst of the first chunk: without protection they
+    # would be evicted, so the protection is really exercised (positions 10, 11 are the last 2 of round 1).
+    for l, b, h in m.heads():
+        if (l + b + h) % 2 == 0:
+            m.score[l, b, h, 10:12] = torch.tensor([-100.0, -101.0]) - l - b - h
+    pool = KVPool(tiny_config(), capacity=16, batch=batch, dtype=dtype)
+    before = storage(pool)
+
+    write_chunk(pool, m, 0, 12)
+    assert (pool.length, pool.seen) == (12, 12)
+    check_pool(pool, m)
+    assert storage(pool) == before
+
+    kept = evict_and_check(pool, m, keep=7, protect=2)
+    assert (pool.length, pool.seen) == (7, 12)
+    assert all(10 in k and 11 in k for k in kept)  # stabilizers kept...
+    assert (pool.scores[..., 5:7] < -99).any()  # ...with their real (low) score, not +inf
+    assert not torch.isinf(pool.scores[..., :7]).any()
+    assert storage(pool) == before
+
+    write_chunk(pool, m, 12, 9)  # positions continue from where the prompt left off
+    assert (pool.length, pool.seen) == (16, 21)
+    check_pool(pool, m)
+    assert storage(pool) == before
+
+    kept = evict_and_check(pool, m, keep=6, protect=3)
+    assert (pool.length, pool.seen) == (6, 21)
+    assert all({18, 19, 20} <= set(k) for k in kept)
+    # round 1's stabilizers are no longer protected: with their -100 scores they must be gone now
+    for (l, b, h), k in zip(m.heads(), kept):
+        if (l + b + h) % 2 == 0:
+            assert 10 not in k and 11 not in k
+    assert storage(pool) == before
+
+    write_chunk(pool, m, 21, 3)  # and writing after the second eviction still lands behind the kept entries
+    assert (pool.length, pool.seen) == (9, 24)
+    check_pool(pool, m)
+    assert storage(pool) == before
+
+
+def test_layers_and_heads_evict_independently():
+    batch, n, keep = 2, 10, 4
+    m = Mirror(batch, total=n, dtype=torch.float32)
+    pos = torch.arange(n).float()
+    patterns = [pos, -pos, (pos * 7) % n, -((pos * 3) % n)]  # four different orderings, all distinct values
+    for l, b, h in m.heads():
+        m.score[l, b, h] = patterns[(l * KVH + h + b) % 4]
+    pool = KVPool(tiny_config(), capacity=n, batch=batch)
+    write_chunk(pool, m, 0, n)
+    evict_and_check(pool, m, keep=keep, protect=1)
+    sets = {(l, b, h): m.held[l][b][h] for l, b, h in m.heads()}
+    assert sets[0, 0, 0] != sets[0, 0, 1]  # heads of one layer differ
+    assert sets[0, 0, 0] != sets[1, 0, 0]  # one head in different layers differs
+    assert sets[0, 0, 0] != sets[0, 1, 0]  # batch rows differ
+    assert sets[0, 0, 0] == [6, 7, 8, 9]  # scores increase with position: the most recent
+    assert sets[0, 0, 1] == [0, 1, 2, 9]  # scores decrease: the oldest, plus the stabilizer
+
+
+def test_evict_with_no_stabilizers_is_plain_top_k():
+    m = Mirror(1, total=9, dtype=torch.float32, seed=3)
+    pool = KVPool(tiny_config(), capacity=9)
+    write_chunk(pool, m, 0, 9)
+    evict_and_check(pool, m, keep=3, protect=0)
+    for l, b, h in m.heads():
+        best = sorted(range(9), key=lambda p: float(m.score[l, b, h, p]))[-3:]
+        assert m.held[l][b][h] == sorted(best)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("capacity,batch", [(16, 1), (37, 3)])
+def test_bytes_needed_matches_allocation(dtype, capacity, batch):
+    config = tiny_config()
+    pool = KVPool(config, capacity=capacity, batch=batch, dtype=dtype)
+    assert KVPool.bytes_needed(config, capacity, batch, dtype) == pool.nbytes
+    # and, counted directly: K, V and one layer of scratch in `dtype`, scores fp32, indices int64
+    elem = torch.tensor([], dtype=dtype).element_size()
+    direct = (2 * L + 1) * batch * KVH * capacity * D * elem + L * batch * KVH * capacity * (4 + 8)
+    assert pool.nbytes == direct
+
+
+def test_writing_past_capacity_raises():
+    m = Mirror(1, total=12, dtype=torch.float32)
+    pool = KVPool(tiny_config(), capacity=8)
+    with pytest.raises(LocretError, match="KV pool full"):
+        pool.write(0, m.k[0, :, :, :9], m.v[0, :, :, :9])
+    write_chunk(pool, m, 0, 5)
+    with pytest.raises(LocretError, match="KV pool full"):
+        pool.write(0, m.k[0, :, :, 5:9], m.v[0, :, :, 5:9])
+    write_chunk(pool, m, 5, 3)  # exactly full is fine
+    assert pool.length == 8
+    check_pool(pool, m)
+    with pytest.raises(LocretError, match="KV pool full"):
+        pool.write(1, m.k[1, :, :, 8:9], m.v[1, :, :, 8:9])
+
+
+def test_attention_mask():
+    m = Mirror(1, total=12, dtype=torch.float32)
+    pool = KVPool(tiny_config(), capacity=12)
+    assert pool.attention_mask(4) is None
+    write_chunk(pool, m, 0, 5)
+    for n_new in (1, 3):
+        mask = pool.attention_mask(n_new)
+        expected = torch.tensor([[j <= 5 + i for j in range(5 + n_new)] for i in range(n_new)])
+        assert mask.dtype == torch.bool
+        assert torch.equal(mask, expected)
+    evict_and_check(pool, m, keep=2, protect=1)  # the mask follows the filled length, not the positions
+    mask = pool.attention_mask(2)
+    assert torch.equal(mask, torch.tensor([[True, True, True, False], [True, True, True, True]]))
