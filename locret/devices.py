@@ -1,0 +1,24 @@
+"""Default device and dtype: what runs fastest where the user is."""
+from pathlib import Path
+
+import torch
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Without AVX512-BF16 or AMX, bf16 matmuls on CPU are emulated and several times slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_dtype(device: str) -> str:
+    """bfloat16 on GPUs and CPUs that run it natively, else float32 (float16 on GPUs without bf16)."""
+    if device == "cpu":
+        return "bfloat16" if cpu_has_native_bf16() else "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
