@@ -26,6 +26,9 @@ from .policies import POLICIES, Chunk, make_policy
 from .sampling import Sampling, sample
 
 
+NEEDS_HEADS = "--policy locret needs retaining heads: pass --heads FILE.safetensors"
+
+
 @dataclass
 class EngineSettings:
     policy: str = "full"
@@ -109,7 +112,7 @@ class Engine:
 
     def __init__(self, model: CausalLM, settings: EngineSettings, capacity: int):
         if settings.policy == "locret" and model.retaining_heads[0] is None:
-            raise LocretError("--policy locret needs retaining heads: pass --heads FILE.safetensors")
+            raise LocretError(NEEDS_HEADS)
         p = model.lm_head.weight
         self.model, self.settings = model, settings
         self.pool = KVPool(model.config, capacity, dtype=p.dtype, device=p.device)
