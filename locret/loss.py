@@ -1,0 +1,22 @@
+"""The retaining heads' objective and its metric (DESIGN.md section 1)."""
+import torch
+import torch.nn.functional as F
+
+
+def retaining_loss(pred: torch.Tensor, label: torch.Tensor, alpha: float = 0.0025) -> torch.Tensor:
+    """pred, label [L, B, KVH, P]. SmoothL1 (beta 1) averaged over layers, heads and tokens, plus
+    alpha times the sum over layers of the MSE between neighbouring tokens' predictions (smoothness)."""
+    pred = pred.float()
+    fit = F.smooth_l1_loss(pred, label, beta=1.0)
+    smooth = ((pred[..., :-1] - pred[..., 1:]) ** 2).flatten(1).mean(dim=1).sum()
+    return fit + alpha * smooth
+
+
+@torch.no_grad()
+def topk_overlap(pred: torch.Tensor, label: torch.Tensor, fraction: float = 0.1) -> float:
+    """Share of the top-`fraction` tokens by label that are also top by prediction, averaged over
+    layers, batch and KV heads. pred, label [L, B, KVH, P]."""
+    k = max(1, int(pred.shape[-1] * fraction))
+    hits = torch.zeros(pred.shape, dtype=torch.bool, device=pred.device)
+    hits.scatter_(-1, pred.topk(k, dim=-1).indices, True)
+    return hits.gather(-1, label.topk(k, dim=-1).indices).float().mean().item()

@@ -1,0 +1,89 @@
+"""CIS labels against a brute-force reference built from transformers' own q/k and RoPE, and the loss."""
+import math
+
+import pytest
+import torch
+
+from conftest import longrope, tiny_llama_config, tiny_phi3_config
+from locret.labels import LabelRecorder, cis_labels
+from locret.loading import load_model
+from locret.loss import retaining_loss, topk_overlap
+
+
+def hf_rotated_qk(hf, tokens):
+    """Per layer, transformers' q [H, T, D] and k [KVH, T, D] with its RoPE applied at positions 0..T-1."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    inputs = {}
+    hooks = [layer.self_attn.register_forward_pre_hook(
+        lambda mod, args, kwargs, i=i: inputs.__setitem__(i, (kwargs.get("hidden_states", args[0] if args else None),
+                                                              kwargs["position_embeddings"])), with_kwargs=True)
+        for i, layer in enumerate(hf.model.layers)]
+    with torch.no_grad():
+        hf(tokens)
+    for h in hooks:
+        h.remove()
+    cfg, out = hf.config, []
+    for i, layer in enumerate(hf.model.layers):
+        x, (cos, sin) = inputs[i]
+        attn, D = layer.self_attn, layer.self_attn.head_dim
+        if hasattr(attn, "qkv_proj"):
+            q_size, kv_size = cfg.num_attention_heads * D, cfg.num_key_value_heads * D
+            q, k, _ = attn.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        else:
+            q, k = attn.q_proj(x), attn.k_proj(x)
+        q = q.view(1, -1, cfg.num_attention_heads, D).transpose(1, 2)
+        k = k.view(1, -1, cfg.num_key_value_heads, D).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        out.append((q[0], k[0]))
+    return out
+
+
+def brute_force_labels(q, k, prompt_len):
+    """Full T x T logits, then for each prompt token the max over answer rows and the GQA group."""
+    H, T, D = q.shape
+    kv_heads = k.shape[0]
+    labels = torch.full((kv_heads, prompt_len), -math.inf)
+    for h in range(H):
+        logits = q[h] @ k[h // (H // kv_heads)].T / math.sqrt(D)  # [T, T]
+        labels[h // (H // kv_heads)] = torch.maximum(labels[h // (H // kv_heads)], logits[prompt_len:, :prompt_len].amax(0))
+    return labels
+
+
+@pytest.mark.parametrize("config", [tiny_llama_config, tiny_phi3_config, lambda: tiny_phi3_config(**longrope(16))],
+                         ids=["llama-gqa", "phi3", "phi3-longrope"])
+def test_labels_match_brute_force(save_hf, config):
+    hf, folder = save_hf(config())
+    model = load_model(folder)
+    tokens = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(0))
+    recorder = LabelRecorder(prompt_len=24)
+    with torch.no_grad():
+        model(tokens, cache=recorder)
+    for layer, (q, k) in enumerate(hf_rotated_qk(hf, tokens)):
+        torch.testing.assert_close(recorder.labels[layer][0], brute_force_labels(q, k, 24), atol=1e-5, rtol=0)
+
+
+def test_labels_only_need_answer_rows():
+    q, k = torch.randn(1, 4, 50, 8), torch.randn(1, 2, 50, 8)
+    labels = cis_labels(q, k, prompt_len=45)
+    assert labels.shape == (1, 2, 45)
+    # The prompt's own queries play no part: changing them leaves the labels unchanged.
+    q2 = q.clone()
+    q2[:, :, :45] = torch.randn(1, 4, 45, 8)
+    assert torch.equal(cis_labels(q2, k, 45), labels)
+
+
+def test_loss_terms():
+    pred, label = torch.randn(3, 1, 2, 20), torch.randn(3, 1, 2, 20)
+    smooth_l1 = torch.where((pred - label).abs() < 1, 0.5 * (pred - label) ** 2, (pred - label).abs() - 0.5).mean()
+    mse_per_layer = [((pred[l, ..., 1:] - pred[l, ..., :-1]) ** 2).mean() for l in range(3)]
+    expected = smooth_l1 + 0.01 * sum(mse_per_layer)
+    torch.testing.assert_close(retaining_loss(pred, label, alpha=0.01), expected)
+
+
+def test_topk_overlap():
+    label = torch.arange(100.0).view(1, 1, 1, 100)
+    assert topk_overlap(label * 2, label) == 1.0  # same order
+    assert topk_overlap(-label, label) == 0.0  # reversed
+    half = label.clone()
+    half[..., 90:95] = -1  # 5 of the top 10 demoted
+    assert topk_overlap(half, label) == 0.5

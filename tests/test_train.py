@@ -1,0 +1,112 @@
+"""train.py on a tiny random model: heads learn, the backbone stays frozen, resume is exact, torchrun works."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from locret.heads import load_heads
+from locret.labels import LabelRecorder
+from locret.loading import load_model
+from locret.loss import topk_overlap
+from locret.tokenizer import Tokenizer
+from locret.train_data import make_sample
+
+TINY_RUN = ["--head-hidden", "16", "--min-tokens", "60", "--max-tokens", "120", "--val-every", "0",
+            "--dtype", "float32", "--device", "cpu", "--lr", "3e-3", "--warmup", "5"]
+
+
+def run_train(folder, out, *flags):
+    train.main(train.parse_args(["--ckpt", str(folder), "--out", str(out), *TINY_RUN, *flags]))
+
+
+def heldout_overlap(model, folder, n=6):
+    tok = Tokenizer(folder)
+    scores = []
+    with torch.no_grad():
+        for i in range(n):
+            ids, prompt_len = train.encode_sample(tok, make_sample(i, 99, tok, 60, 120))
+            pred, label = train.heads_forward(model, ids, prompt_len)
+            scores.append(topk_overlap(pred, label))
+    return sum(scores) / n
+
+
+def test_heads_learn_and_backbone_is_frozen(tiny_chat_model, tmp_path, capsys):
+    backbone = load_model(tiny_chat_model)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    torch.manual_seed(0)
+    backbone.add_retaining_heads(16)  # the same initial heads train.py starts from (seed 0)
+    untrained = heldout_overlap(backbone, tiny_chat_model)
+
+    run_train(tiny_chat_model, tmp_path / "heads.safetensors", "--steps", "40", "--val-every", "20",
+              "--val-samples", "3")
+    log = capsys.readouterr().err
+    val_losses = [float(line.split("val loss ")[1].split(",")[0]) for line in log.splitlines() if "val loss" in line]
+    assert len(val_losses) == 2 and val_losses[1] < val_losses[0]
+
+    trained = load_model(tiny_chat_model)
+    meta = load_heads(trained, tmp_path / "heads.safetensors")
+    assert heldout_overlap(trained, tiny_chat_model) > untrained
+    assert '"steps": 40' in meta["training"]
+    assert all(t.dtype == torch.bfloat16 for t in load_file(tmp_path / "heads.safetensors").values())
+    for name, value in trained.state_dict().items():  # the backbone's weights are untouched
+        if ".retaining_head." not in name:
+            assert torch.equal(value, before[name]), name
+
+
+def test_resume_after_interruption_is_exact(tiny_chat_model, tmp_path, monkeypatch):
+    run_train(tiny_chat_model, tmp_path / "full.safetensors", "--steps", "12", "--save-every", "4")
+
+    calls = {"n": 0}
+    real_forward = train.heads_forward
+
+    def dies_at_step_7(*args):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt  # killed mid-run, after the checkpoint at step 4
+        return real_forward(*args)
+    monkeypatch.setattr(train, "heads_forward", dies_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tiny_chat_model, tmp_path / "cut.safetensors", "--steps", "12", "--save-every", "4")
+    assert not (tmp_path / "cut.safetensors").exists()
+    monkeypatch.setattr(train, "heads_forward", real_forward)
+    run_train(tiny_chat_model, tmp_path / "cut.safetensors", "--steps", "12", "--save-every", "4", "--resume")
+
+    full = load_file(tmp_path / "full.train-state.safetensors")
+    resumed = load_file(tmp_path / "cut.train-state.safetensors")
+    assert full.keys() == resumed.keys()
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name
+
+
+def test_resume_without_state_is_clear_error(tiny_chat_model, tmp_path):
+    with pytest.raises(train.LocretError, match="--resume: no training state at"):
+        run_train(tiny_chat_model, tmp_path / "h.safetensors", "--steps", "2", "--resume")
+
+
+def test_label_recorder_predictions_carry_gradients_only_to_heads(tiny_chat_model):
+    model = load_model(tiny_chat_model)
+    model.add_retaining_heads(8)
+    recorder = LabelRecorder(prompt_len=10)
+    model(torch.randint(0, 128, (1, 14)), cache=recorder, last_only=True)
+    pred, label = recorder.stacked()
+    assert pred.shape == label.shape == (2, 1, 2, 10) and pred.requires_grad and not label.requires_grad
+    pred.sum().backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if ".retaining_head." not in n)
+    assert all(h.fc1.weight.grad is not None for h in model.retaining_heads)
+
+
+def test_torchrun_two_ranks(tiny_chat_model, tmp_path):
+    out = tmp_path / "ddp.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py",
+                          "--ckpt", str(tiny_chat_model), "--out", str(out), "--steps", "3", *TINY_RUN],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    model = load_model(tiny_chat_model)
+    load_heads(model, out)
+    state = load_file(tmp_path / "ddp.train-state.safetensors")
+    assert int(state["adam.0.step"]) == 3  # three optimizer steps, each over both ranks' samples

@@ -1,0 +1,201 @@
+"""Fit retaining heads for a frozen backbone (Locret, DESIGN.md section 1).
+
+    python train.py --ckpt smollm2-135m-instruct --out heads.safetensors
+    python train.py ... --resume                       # continue a killed run exactly
+    torchrun --nproc_per_node 4 train.py ...           # data-parallel over the heads
+
+Each step: one generated long-context sample (locret/train_data.py), one frozen forward over
+prompt + answer that yields every layer's causal importance scores (the labels) and the heads'
+predictions, then a step of AdamW on the heads alone."""
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from locret.devices import default_device, default_dtype
+from locret.errors import LocretError
+from locret.heads import save_heads
+from locret.labels import LabelRecorder
+from locret.loading import DTYPES, load_model
+from locret.loss import retaining_loss, topk_overlap
+from locret.tokenizer import Tokenizer
+from locret.train_data import make_sample
+from locret.zoo import DEFAULT_MODEL, resolve_checkpoint
+
+
+@dataclass
+class Rank:
+    index: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.index == 0
+
+
+def setup_distributed(device: str) -> Rank:
+    """Under torchrun, join the process group; alone, rank 0 of 1."""
+    if "WORLD_SIZE" not in os.environ:
+        return Rank()
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Rank(dist.get_rank(), dist.get_world_size())
+
+
+def encode_sample(tokenizer: Tokenizer, sample) -> tuple[list[int], int]:
+    """Chat-formatted prompt followed by the answer -> (token ids, prompt length)."""
+    prompt = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": sample.prompt}]),
+                              add_special_tokens=False)
+    answer = tokenizer.encode(sample.answer, add_special_tokens=False)
+    return prompt + answer, len(prompt)
+
+
+def heads_forward(model, ids: list[int], prompt_len: int):
+    """One causal forward over prompt + answer -> (predictions, labels), each [L, 1, KVH, prompt_len]."""
+    recorder = LabelRecorder(prompt_len)
+    model(torch.tensor([ids], device=model.lm_head.weight.device), cache=recorder, last_only=True)
+    return recorder.stacked()
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup to 1, then linear decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def head_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for head in model.retaining_heads for p in head.parameters()]
+
+
+def state_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".train-state.safetensors")
+
+
+def save_state(path: Path, model, optimizer, step: int, args) -> None:
+    """Heads, AdamW moments and the step, as safetensors (no pickle), written atomically."""
+    tensors = {f"param.{i}": p.detach() for i, p in enumerate(head_parameters(model))}
+    for i, p in enumerate(head_parameters(model)):
+        for name, value in optimizer.state[p].items():
+            tensors[f"adam.{i}.{name}"] = value
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+              metadata={"step": str(step), "args": json.dumps(vars(args), default=str)})
+    os.replace(tmp, path)
+
+
+def load_state(path: Path, model, optimizer) -> int:
+    """Restore heads and AdamW moments; return the step to continue from."""
+    if not path.is_file():
+        raise LocretError(f"--resume: no training state at {path}")
+    with safe_open(path, framework="pt") as f:
+        step = int(f.metadata()["step"])
+        for i, p in enumerate(head_parameters(model)):
+            p.data.copy_(f.get_tensor(f"param.{i}"))
+            optimizer.state[p] = {name: f.get_tensor(f"adam.{i}.{name}").to(p.device)
+                                  for name in ("step", "exp_avg", "exp_avg_sq")}
+    return step
+
+
+@torch.no_grad()
+def validate(model, tokenizer, args) -> tuple[float, float]:
+    """Mean loss and top-10% overlap on held-out samples (a seed training never uses)."""
+    losses, overlaps = [], []
+    for i in range(args.val_samples):
+        sample = make_sample(i, args.seed + 1_000_003, tokenizer, args.min_tokens, args.max_tokens)
+        pred, label = heads_forward(model, *encode_sample(tokenizer, sample))
+        losses.append(retaining_loss(pred, label, args.alpha).item())
+        overlaps.append(topk_overlap(pred, label))
+    return sum(losses) / len(losses), sum(overlaps) / len(overlaps)
+
+
+def main(args: argparse.Namespace) -> None:
+    device = args.device or default_device()
+    rank = setup_distributed(device)
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    folder, _ = resolve_checkpoint(args.ckpt)
+    tokenizer = Tokenizer(folder)
+    model = load_model(folder, device, DTYPES[args.dtype or default_dtype(device)])
+    torch.manual_seed(args.seed)  # identical initial heads on every rank
+    model.add_retaining_heads(args.head_hidden)
+    params = head_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    out = Path(args.out)
+    step = load_state(state_path(out), model, optimizer) if args.resume else 0
+    warmup = args.warmup if args.warmup is not None else round(args.steps * 2 / 3)
+    bar = tqdm(total=args.steps, initial=step, desc="train", disable=not rank.main, file=sys.stderr)
+    started, tokens = time.perf_counter(), 0
+    while step < args.steps:
+        sample = make_sample(step * rank.world + rank.index, args.seed, tokenizer, args.min_tokens, args.max_tokens)
+        ids, prompt_len = encode_sample(tokenizer, sample)
+        pred, label = heads_forward(model, ids, prompt_len)
+        loss = retaining_loss(pred, label, args.alpha)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if rank.world > 1:  # data parallel: average the heads' gradients over ranks
+            for p in params:
+                dist.all_reduce(p.grad)
+                p.grad /= rank.world
+        torch.nn.utils.clip_grad_value_(params, 0.5)
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * lr_factor(step, warmup, args.steps)
+        optimizer.step()
+        step, tokens = step + 1, tokens + len(ids) * rank.world
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", overlap=f"{topk_overlap(pred, label):.3f}",
+                        tok_s=f"{tokens / (time.perf_counter() - started):.0f}")
+        if rank.main and args.val_every and (step % args.val_every == 0 or step == args.steps):
+            val_loss, val_overlap = validate(model, tokenizer, args)
+            bar.write(f"step {step}: val loss {val_loss:.4f}, val top-10% overlap {val_overlap:.3f}",
+                      file=sys.stderr)
+        if rank.main and (step % args.save_every == 0 or step == args.steps):
+            save_state(state_path(out), model, optimizer, step, args)
+    if rank.main:
+        training = {k: v for k, v in vars(args).items() if k not in ("resume", "device")}
+        save_heads(model, out, backbone=args.ckpt, training=training, dtype=torch.bfloat16)
+        bar.write(f"wrote {out} ({step} steps, {time.perf_counter() - started:.0f} s this run, "
+                  f"{tokens / (time.perf_counter() - started):.0f} tok/s)", file=sys.stderr)
+    if rank.world > 1:
+        dist.destroy_process_group()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=DEFAULT_MODEL, help="backbone: zoo name, HF folder or hub id")
+    p.add_argument("--out", default="heads.safetensors", help="where to write the heads (default: heads.safetensors)")
+    p.add_argument("--steps", type=int, default=3000, help="training samples (batch 1; official: 3000)")
+    p.add_argument("--min-tokens", type=int, default=1024, help="shortest generated prompt (default: 1024)")
+    p.add_argument("--max-tokens", type=int, default=10240, help="longest generated prompt (official: 10240)")
+    p.add_argument("--head-hidden", type=int, default=1024, help="retaining head hidden size (official: 1024)")
+    p.add_argument("--alpha", type=float, default=0.0025, help="smoothness weight (official: 0.0025)")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate (official: 5e-4)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="warmup steps, then linear decay (default: the official 2000 of 3000, scaled to --steps)")
+    p.add_argument("--seed", type=int, default=0, help="data and initialisation seed")
+    p.add_argument("--val-every", type=int, default=100, help="validate every N steps (0: never)")
+    p.add_argument("--val-samples", type=int, default=8, help="held-out samples per validation")
+    p.add_argument("--save-every", type=int, default=50, help="write the resumable training state every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from the training state next to --out")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="backbone and heads dtype (default: bfloat16 where native, as official; else float32)")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.head_hidden < 1 or not 0 < args.min_tokens <= args.max_tokens:
+        p.error("need --steps >= 1, --head-hidden >= 1 and 0 < --min-tokens <= --max-tokens")
+    return args
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except LocretError as e:
+        sys.exit(f"error: {e}")
