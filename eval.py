@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from locret.devices import default_device, default_dtype
 from locret.engine import EngineSettings
-from locret.errors import LocretError
+from locret.errors import run_script
 from locret.evaluation import Reference, encode_item, evaluate
 from locret.heads import load_heads
 from locret.loading import DTYPES, load_model, stop_token_ids
@@ -226,7 +226,4 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except LocretError as e:
-        sys.exit(f"error: {e}")
+    run_script(main, parse_args)

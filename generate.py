@@ -13,7 +13,7 @@ from pathlib import Path
 
 from locret.devices import default_device, default_dtype
 from locret.engine import NEEDS_HEADS, EngineSettings, check_settings, generate, pool_capacity
-from locret.errors import LocretError
+from locret.errors import LocretError, run_script
 from locret.heads import load_heads
 from locret.loading import DTYPES, load_model, stop_token_ids
 from locret.official_heads import ensure_official_heads
@@ -157,7 +157,4 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except LocretError as e:
-        sys.exit(f"error: {e}")
+    run_script(main, parse_args)

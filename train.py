@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from locret.devices import default_device, default_dtype
-from locret.errors import LocretError
+from locret.errors import LocretError, run_script
 from locret.heads import save_heads
 from locret.labels import LabelRecorder
 from locret.loading import DTYPES, load_model
@@ -195,7 +195,4 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except LocretError as e:
-        sys.exit(f"error: {e}")
+    run_script(main, parse_args)

@@ -21,6 +21,7 @@ from typing import Callable
 
 from . import haystack
 from .errors import LocretError
+from .train_data import distinct
 
 N_DEPTHS = 10  # item i puts its (first) needle at depth (i % N_DEPTHS) / (N_DEPTHS - 1)
 RULER_DEPTHS = [round(100 * i / 39) for i in range(40)]  # RULER's np.round(np.linspace(0, 100, 40)), for other needles
@@ -140,15 +141,6 @@ def insert(pieces: list[str], needles: list[str], depths: list[float]) -> list[s
     for j, i in sorted(((slot(d), i) for i, d in enumerate(depths)), reverse=True):
         out.insert(j, needles[i])
     return out
-
-
-def distinct(make, n: int) -> list[str]:
-    values = []
-    while len(values) < n:
-        value = make()
-        if value not in values:
-            values.append(value)
-    return values
 
 
 def uuid4(rng: random.Random) -> str:

@@ -27,6 +27,15 @@ def longrope(original_max=32):
         "long_factor": [2.0 + 0.3 * i for i in range(ROT)]})
 
 
+def naive_greedy(model, prompt, n):
+    """Reference decoding: argmax of a full forward over everything so far, no cache."""
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
+    return tokens[len(prompt):]
+
+
 @pytest.fixture
 def save_hf(tmp_path):
     """Save a random transformers model of `config` as safetensors; return (hf_model, folder)."""

@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import longrope, tiny_llama_config, tiny_phi3_config
+from conftest import longrope, naive_greedy, tiny_llama_config, tiny_phi3_config
 from locret.engine import Engine, EngineSettings, check_settings, generate, pool_capacity
 from locret.errors import LocretError
 from locret.heads import load_heads, save_heads
@@ -31,14 +31,6 @@ def model(request, tmp_path_factory):
 
 def prompt_of(n, seed=0):
     return torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def naive_greedy(model, prompt, n):
-    tokens = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
-    return tokens[len(prompt):]
 
 
 @pytest.mark.parametrize("positions", ["compact", "original"])

@@ -6,21 +6,13 @@ import pytest
 import torch
 
 import generate as cli
+from conftest import naive_greedy
 from locret.engine import EngineSettings, generate
 from locret.sampling import Sampling, sample
 from locret.loading import load_model, stop_token_ids
 from locret.tokenizer import Tokenizer
 
 FULL = EngineSettings(policy="full", n_loc=0)
-
-
-def naive_greedy(model, prompt, n):
-    """Reference: argmax of a full forward over everything so far, no cache."""
-    tokens = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
-    return tokens[len(prompt):]
 
 
 def test_greedy_generation_equals_uncached_argmax(tiny_chat_model):
