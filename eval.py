@@ -12,7 +12,7 @@ import csv
 import json
 import math
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from fractions import Fraction
 from pathlib import Path
 
@@ -87,7 +87,7 @@ def run_suite(model, tokenizer, stop_ids, args, base, policies: list[str], out: 
             settings = settings_for(policy, budget, args, base)
             max_new = min(TASKS[task].gen_tokens, args.max_new_tokens)
             result, reference = evaluate(model, tokenizer, item, encoded, settings, max_new, stop_ids, reference)
-            row = {**asdict(replace(result, length=length, index=index)), "budget_spec": budget}
+            row = {"task": task, "length": length, "index": index, **asdict(result)}
             if policy == "full":
                 row |= {"answer_log_probs": reference.log_probs.tolist(), "answer_top1": reference.top1.tolist()}
             log.write(json.dumps(row) + "\n")
@@ -116,7 +116,8 @@ def summarize(rows: list[dict], tasks: list[str]) -> list[dict]:
         for task in tasks:
             of_task = [r for r in group if r["task"] == task]
             if task == "perplexity":
-                line[task] = math.exp(-sum(r["log_likelihood"] for r in of_task) / sum(1 for _ in of_task)) if of_task else float("nan")
+                tokens = sum(r["answer_tokens"] for r in of_task)
+                line[task] = math.exp(-sum(r["log_likelihood"] for r in of_task) / tokens) if of_task else float("nan")
             else:
                 line[task] = 100 * sum(r["score"] for r in of_task) / len(of_task) if of_task else float("nan")
         scored = [100 * r["score"] for r in group if r["task"] != "perplexity"]

@@ -32,13 +32,11 @@ class Reference:
 
 @dataclass
 class ItemResult:
-    task: str
-    length: int
-    index: int
     policy: str
     budget: int  # 0: full attention
     prompt_tokens: int
     score: float
+    answer_tokens: int
     log_likelihood: float  # of the gold answer, summed over its tokens
     ll_gap: float  # log-likelihood minus full attention's (0 for full)
     top1_agreement: float  # share of answer positions where the argmax matches full attention's
@@ -105,9 +103,8 @@ def evaluate(model: CausalLM, tokenizer: Tokenizer, item: Item, encoded: Encoded
     reference = reference or Reference(log_probs, top1)
     prediction = tokenizer.decode([t for t in out if t not in stop_ids])
     result = ItemResult(
-        task=item.task, length=0, index=0, policy=settings.policy,
-        budget=settings.budget if settings.evicts else 0, prompt_tokens=len(prompt), score=score(item, prediction),
-        log_likelihood=log_probs.sum().item(), ll_gap=(log_probs.sum() - reference.log_probs.sum()).item(),
+        policy=settings.policy, budget=settings.budget if settings.evicts else 0, prompt_tokens=len(prompt),
+        score=score(item, prediction), answer_tokens=len(answer), log_likelihood=log_probs.sum().item(), ll_gap=(log_probs.sum() - reference.log_probs.sum()).item(),
         top1_agreement=(top1 == reference.top1).float().mean().item(), needle_retention=retention,
         compression=len(prompt) / settings.budget if settings.evicts else 1.0, pool_bytes=engine.pool.nbytes,
         prefill_tps=len(prompt) / (t1 - t0), decode_tps=len(out) / max(t2 - t1, 1e-9),

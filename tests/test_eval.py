@@ -84,3 +84,17 @@ def test_fidelity_is_exact_when_budget_covers_prompt(tiny_chat_model, policy):
                                                                   n_loc=10), 8, stops, reference)
     assert small.needle_retention < 1.0 and small.compression == pytest.approx(len(encoded.prompt) / 16)
     assert torch.isfinite(torch.tensor(small.ll_gap))
+
+
+def test_perplexity_is_per_token(tiny_chat_model, tmp_path, monkeypatch):
+    from locret import haystack
+    text = " ".join(f"Sentence {i} tells of the quick brown fox and the lazy dog." for i in range(400))
+    monkeypatch.setattr(haystack, "essays", lambda: text)
+    rows = run_eval(tiny_chat_model, tmp_path, "--tasks", "perplexity", "--lengths", "320", "--policies",
+                    "full,tova", "--budgets", "1/4")
+    assert all(r["prediction"] == "" and r["answer_tokens"] > 10 for r in rows)  # scored, not generated
+    table = {line["policy"]: line for line in csv.DictReader(open(tmp_path / "table.csv"))}
+    for policy in ("full", "tova"):
+        of = [r for r in rows if r["policy"] == policy]
+        expected = math.exp(-sum(r["log_likelihood"] for r in of) / sum(r["answer_tokens"] for r in of))
+        assert float(table[policy]["perplexity"]) == pytest.approx(expected)
