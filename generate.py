@@ -129,8 +129,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-chat", action="store_true", help="use the prompt as is, without the chat template")
     g = p.add_argument_group("KV cache (defaults: the zoo entry's settings)")
     g.add_argument("--policy", choices=POLICIES, default=None,
-                   help="what to keep: locret (trained heads; the default where heads exist), full (no eviction), "
-                        "or a heuristic (default: locret if heads are available, else full)")
+                   help="what to keep: locret (trained heads), full (no eviction) or a heuristic "
+                        "(default: locret if heads are available, else full)")
     g.add_argument("--heads", default=None, help="retaining-heads checkpoint (.safetensors) for --policy locret")
     g.add_argument("--budget", type=int, default=None, help="cache entries kept per KV head (stabilizers included)")
     g.add_argument("--chunk", type=int, default=None, help="prefill chunk length in tokens")
