@@ -1,6 +1,7 @@
 """Memory: what a generation will need, known before it starts, and what it did use."""
 import resource
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -10,11 +11,21 @@ from .errors import LocretError
 from .kv_pool import KVPool
 
 
+def rss_bytes(field: str = "VmRSS") -> int:
+    """This process's resident set size now (VmRSS) or at its peak (VmHWM), from Linux's /proc. Not
+    ru_maxrss: across fork and exec it keeps the parent's peak, so a child of a large process reports that."""
+    status = Path("/proc/self/status")
+    if not status.is_file():  # not Linux: ru_maxrss is the best there is (bytes on macOS)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    line = next(l for l in status.read_text().splitlines() if l.startswith(field + ":"))
+    return int(line.split()[1]) * 1024  # kB
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak allocated GPU memory on CUDA; peak resident set size of the process on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return rss_bytes("VmHWM")
 
 
 def format_bytes(n: int) -> str:

@@ -1,0 +1,414 @@
+"""Memory and speed of generation against prompt length: full attention, Locret and StreamingLLM side by
+side in one run (and transformers' own generate with --transformers, the heads' cost with --heads-overhead).
+
+    python bench/memory_speed.py                                  # 4K..64K tokens on the default model, CPU
+    python bench/memory_speed.py --lengths 4096,8192 --decode-tokens 8
+    python bench/memory_speed.py --device cuda --emulate-gib 24   # Llama-3.1-8B / Phi-3-mini shapes, random bf16
+
+CPU: each grid point runs in a fresh process, so its peak RSS (VmHWM) is its own. GPU: one process, peak
+torch.cuda.max_memory_allocated per point, under a memory cap that emulates a smaller card.
+Prompts are seeded random token ids, the same for every run at one length. Decode tok/s counts the
+steps after the first new token. Writes a markdown table (stdout and --out with .md), the JSON
+(--out) and a plot of peak memory against prompt length (--plot)."""
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, when run as a script
+
+import torch
+
+from locret.devices import default_dtype
+from locret.engine import NEEDS_HEADS, Engine, EngineSettings, check_settings, generate, pool_capacity
+from locret.errors import LocretError, run_script
+from locret.heads import load_heads
+from locret.kv_pool import KVPool
+from locret.loading import DTYPES, load_model, read_config
+from locret.memory import estimate, rss_bytes
+from locret.policies import POLICIES
+from locret.zoo import DEFAULT_MODEL, LLAMA_OFFICIAL, PHI3_OFFICIAL, resolve_checkpoint
+from models import MODEL_TYPES, ModelConfig, config_from_hf
+from models.rope import RotaryEmbedding
+
+GRID = dict(lengths="4096,8192,16384,32768,65536", budget=2048, chunk=512, stabilizers=256, n_loc=100, decode_tokens=16)
+QUICK = dict(lengths="256,512", budget=64, chunk=32, stabilizers=16, n_loc=16, decode_tokens=4)
+GPU_LENGTHS = "32768,65536,131072"
+NO_EVICT = "locret-noevict"  # locret's heads scoring with budget = prompt: nothing is evicted
+
+# Published shapes (config.json of meta-llama/Llama-3.1-8B-Instruct, microsoft/Phi-3-mini-128k-instruct).
+LLAMA_31_8B = dict(
+    model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
+    rope_theta=500000.0, tie_word_embeddings=False, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192))
+PHI3_MINI_128K = dict(
+    model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=131072,
+    original_max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+    # the published per-frequency factors change values, not shapes or cost: 1.0 stands in for them
+    rope_scaling=dict(type="longrope", short_factor=[1.0] * 48, long_factor=[1.0] * 48))
+GPU_MODELS = {"llama-3.1-8b": (LLAMA_31_8B, LLAMA_OFFICIAL), "phi-3-mini-128k": (PHI3_MINI_128K, PHI3_OFFICIAL)}
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    """K and V of one token in every layer and KV head."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
+
+
+def make_prompt(vocab_size: int, length: int, seed: int) -> list[int]:
+    """Seeded random token ids: the same prompt for every run at this length."""
+    return torch.randint(vocab_size, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def speeds(prompt_tokens: int, prefill_s: float, new_tokens: int, decode_s: float) -> dict:
+    return dict(prefill_seconds=prefill_s, decode_seconds=decode_s, prefill_tok_s=prompt_tokens / prefill_s,
+                decode_tok_s=(new_tokens - 1) / decode_s)  # the first new token comes from the prefill
+
+
+# ---- CPU: one fresh process per grid point ----
+
+def engine_point(p: dict) -> dict:
+    """Our engine: the pool and memory estimate predicted first, then generate's own measurements."""
+    model = load_model(p["folder"], "cpu", DTYPES[p["dtype"]])
+    if p["policy"] == "locret":  # heads attached only here: other policies must not pay for them
+        load_heads(model, p["heads"])
+    settings = EngineSettings(p["policy"], p["budget"], p["chunk"], p["stabilizers"], p["n_loc"])
+    prompt = make_prompt(model.config.vocab_size, p["length"], p["seed"])
+    capacity = pool_capacity(settings, len(prompt), p["decode_tokens"])
+    predicted = KVPool.bytes_needed(model.config, capacity, 1, model.lm_head.weight.dtype)
+    estimate_bytes = estimate(model, settings, capacity).total
+    loaded = rss_bytes()
+    _, stats = generate(model, prompt, settings, p["decode_tokens"])  # no stop ids: exactly decode_tokens
+    return dict(pool_capacity=capacity, predicted_pool_bytes=predicted, pool_bytes=stats.pool_bytes,
+                estimate_bytes=estimate_bytes, kept_after_prefill=stats.kept_after_prefill, rss_loaded_bytes=loaded,
+                peak_bytes=rss_bytes("VmHWM"),
+                **speeds(stats.prompt_tokens, stats.prefill_seconds, stats.new_tokens, stats.decode_seconds))
+
+
+class Clock:
+    """A transformers streamer that notes when the prompt, then each new token, is handed over."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, _):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def transformers_point(p: dict) -> dict:
+    """transformers' own generate, sdpa attention, full KV cache, on the same folder and prompt."""
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        p["folder"], dtype=DTYPES[p["dtype"]], attn_implementation="sdpa").eval()
+    prompt = torch.tensor([make_prompt(model.config.vocab_size, p["length"], p["seed"])])
+    loaded, clock, n = rss_bytes(), Clock(), p["decode_tokens"]
+    with torch.inference_mode():
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, streamer=clock, pad_token_id=0)
+    t = clock.times
+    return dict(rss_loaded_bytes=loaded, peak_bytes=rss_bytes("VmHWM"),
+                **speeds(p["length"], t[1] - t[0], len(t) - 1, t[-1] - t[1]))
+
+
+def spawn(point: dict) -> dict:
+    """Run one point in a fresh process; it prints its measurements as a JSON line."""
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(point)],
+                          capture_output=True, text=True)
+    if done.returncode < 0:
+        return {"error": f"killed by signal {-done.returncode}"}
+    if done.returncode:
+        return {"error": (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def cpu_points(args, folder: Path, heads: str | None, with_transformers: bool):
+    """Per length, every run back to back, so that drift on a noisy machine hits them alike."""
+    runs = [(policy, policy) for policy in args.policies] + ([(NO_EVICT, "locret")] if args.heads_overhead else [])
+    common = dict(folder=str(folder), heads=heads, dtype=args.dtype, chunk=args.chunk, stabilizers=args.stabilizers,
+                  n_loc=args.n_loc, decode_tokens=args.decode_tokens, seed=args.seed)
+    for length in args.lengths:
+        for run, policy in runs:
+            budget = length if run == NO_EVICT else args.budget if policy != "full" else None
+            yield dict(common, run=run, policy=policy, length=length, budget=budget)
+        if with_transformers:
+            yield dict(common, run="transformers", policy="full", length=length, budget=None)
+
+
+def cpu_bench(args) -> list[dict]:
+    folder, entry = resolve_checkpoint(args.ckpt)
+    heads = args.heads or (entry.heads if entry else None)
+    if heads is None and ("locret" in args.policies or args.heads_overhead):
+        raise LocretError(NEEDS_HEADS)
+    for policy in args.policies:  # bad settings: one error now, not one per point
+        check_settings(EngineSettings(policy, args.budget, args.chunk, args.stabilizers, args.n_loc), min(args.lengths))
+    with_transformers = args.transformers and importlib.util.find_spec("transformers") is not None
+    if args.transformers and not with_transformers:
+        print("transformers is not installed: skipping its generate", file=sys.stderr)
+    kv = kv_bytes_per_token(config_from_hf(read_config(folder)), DTYPES[args.dtype])
+    name = entry.name if entry else folder.name
+    rows = []
+    for p in cpu_points(args, folder, heads and str(Path(heads).resolve()), with_transformers):
+        rows.append(dict(model=name, run=p["run"], policy=p["policy"], prompt_tokens=p["length"], budget=p["budget"],
+                         kv_bytes_per_token=kv, **spawn(p)))
+        print(progress(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def progress(row: dict) -> str:
+    what = row.get("error") or (f"peak {row['peak_bytes'] / 2**20:.0f} MiB, prefill {row['prefill_tok_s']:.0f} tok/s, "
+                                f"decode {row['decode_tok_s']:.1f} tok/s" if "peak_bytes" in row else "does not fit")
+    return f"{row['model']} {row['run']} {row['prompt_tokens']} tokens: {what}"
+
+
+# ---- GPU: published shapes, random weights, one process ----
+
+def random_model(hf: dict, device: str) -> torch.nn.Module:
+    """The architecture of `hf` in bf16 on `device`, normal(0, 0.02) matrices, unit norms, with retaining heads."""
+    config = config_from_hf(hf)
+    with torch.device("meta"):
+        model = MODEL_TYPES[hf["model_type"]](config).to(torch.bfloat16)
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)  # matrices; RMSNorm weights (no biases here)
+    with torch.device(device):  # buffers came from the meta device empty
+        model.model.rotary_emb = RotaryEmbedding(config.rope, config.head_dim)
+    model.eval().requires_grad_(False)
+    model.add_retaining_heads(1024)  # the paper's head size
+    return model
+
+
+def set_heads(model, heads: list | None) -> None:
+    for layer, head in zip(model.model.layers, heads or [None] * len(model.model.layers)):
+        layer.self_attn.retaining_head = head
+
+
+@torch.inference_mode()
+def timed_run(model, prompt: list[int], settings: EngineSettings, new_tokens: int) -> tuple[int, float, float]:
+    """Greedy generation with the GPU synchronised at each clock reading -> (pool bytes, prefill s, decode s)."""
+    engine = Engine(model, settings, pool_capacity(settings, len(prompt), new_tokens))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    logits, _ = engine.prefill(prompt)
+    token = int(logits.argmax())  # waits for the GPU
+    t1 = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        token = int(engine.decode_step(token).argmax())
+    return engine.pool.nbytes, t1 - t0, time.perf_counter() - t1
+
+
+def gpu_point(model, heads: list, settings: EngineSettings, length: int, args) -> dict:
+    """One policy at one length: does it fit under the cap, how fast, how much of the GPU's peak it uses."""
+    set_heads(model, heads if settings.policy == "locret" else None)
+    prompt = make_prompt(model.config.vocab_size, length, args.seed)
+    capacity = pool_capacity(settings, length, args.decode_tokens)
+    row = dict(run=settings.policy, policy=settings.policy, prompt_tokens=length,
+               budget=settings.budget if settings.evicts else None, pool_capacity=capacity,
+               predicted_pool_bytes=KVPool.bytes_needed(model.config, capacity, 1, torch.bfloat16),
+               estimate_bytes=estimate(model, settings, capacity).total)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        pool_bytes, prefill_s, decode_s = timed_run(model, prompt, settings, args.decode_tokens)
+    except torch.cuda.OutOfMemoryError:
+        return dict(row, fits=False)
+    # 2 x parameters x tokens, embeddings and lm_head left out: per token, prefill runs neither as a matmul
+    params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("model.embed_tokens", "lm_head")))
+    mfu = lambda tokens, seconds: 100 * 2 * params * tokens / seconds / (args.peak_tflops * 1e12)
+    return dict(row, fits=True, pool_bytes=pool_bytes, peak_bytes=torch.cuda.max_memory_allocated(),
+                **speeds(length, prefill_s, args.decode_tokens, decode_s),
+                prefill_mfu_pct=mfu(length, prefill_s), decode_mfu_pct=mfu(args.decode_tokens - 1, decode_s))
+
+
+def gpu_bench(args) -> list[dict]:
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, args.emulate_gib * 2**30 / total))
+    rows = []
+    for name, (hf, base) in GPU_MODELS.items():
+        model = random_model(hf, "cuda")
+        heads = [layer.self_attn.retaining_head for layer in model.model.layers]
+        runs = [EngineSettings(policy, base.budget, base.chunk, base.stabilizers, base.n_loc) for policy in args.policies]
+        warm = make_prompt(model.config.vocab_size, base.budget + 2 * base.chunk + base.n_loc, args.seed)
+        for settings in runs:  # untimed, evicting twice: first uses (lazy CUDA modules, allocator growth) cost here
+            set_heads(model, heads if settings.policy == "locret" else None)
+            timed_run(model, warm, settings, 2)
+        kv = kv_bytes_per_token(model.config, torch.bfloat16)
+        for length in args.lengths:
+            for settings in runs:
+                rows.append(dict(model=name, kv_bytes_per_token=kv, **gpu_point(model, heads, settings, length, args)))
+                print(progress(rows[-1]), file=sys.stderr, flush=True)
+        del model, heads
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ---- reports ----
+
+def speed_ratios(rows: list[dict]) -> list[dict]:
+    """Per model and length: tok/s of locret over full (and both over transformers); the heads' prefill overhead."""
+    ok = {(r["model"], r["run"], r["prompt_tokens"]): r for r in rows if "prefill_tok_s" in r}
+    lines = []
+    for model, n in dict.fromkeys((m, n) for m, _, n in ok):
+        at = lambda run: ok.get((model, run, n))
+        line = dict(model=model, prompt_tokens=n)
+        for a, b in (("locret", "full"), ("locret", "transformers"), ("full", "transformers")):
+            if at(a) and at(b):
+                for phase in ("prefill", "decode"):
+                    line[f"{phase}_{a}_vs_{b}"] = at(a)[f"{phase}_tok_s"] / at(b)[f"{phase}_tok_s"]
+        if at(NO_EVICT) and at("full"):
+            line["heads_overhead_pct"] = 100 * (at("full")["prefill_tok_s"] / at(NO_EVICT)["prefill_tok_s"] - 1)
+        if len(line) > 2:
+            lines.append(line)
+    return lines
+
+
+def memory_growth(rows: list[dict]) -> list[dict]:
+    """Per model and run: peak memory growth from the shortest prompt to the longest, in %."""
+    lines = []
+    for model, run in dict.fromkeys((r["model"], r["run"]) for r in rows):
+        peaks = sorted((r["prompt_tokens"], r["peak_bytes"]) for r in rows
+                       if (r["model"], r["run"]) == (model, run) and "peak_bytes" in r)
+        if len(peaks) > 1:
+            lines.append(dict(model=model, run=run, from_tokens=peaks[0][0], to_tokens=peaks[-1][0],
+                              growth_pct=100 * (peaks[-1][1] / peaks[0][1] - 1)))
+    return lines
+
+
+mib = lambda v: f"{v / 2**20:.1f}"
+COLUMNS = [  # (header, key, format); a column shows only where some row has a value
+    ("model", "model", str), ("run", "run", str), ("prompt tokens", "prompt_tokens", str), ("budget", "budget", str),
+    ("fits", "fits", lambda v: "yes" if v else "no"), ("pool MiB predicted", "predicted_pool_bytes", mib),
+    ("pool MiB measured", "pool_bytes", mib), ("estimate MiB", "estimate_bytes", mib),
+    ("RSS after load MiB", "rss_loaded_bytes", mib), ("peak MiB", "peak_bytes", mib),
+    ("prefill tok/s", "prefill_tok_s", lambda v: f"{v:.0f}"), ("decode tok/s", "decode_tok_s", lambda v: f"{v:.1f}"),
+    ("prefill MFU %", "prefill_mfu_pct", lambda v: f"{v:.1f}"), ("decode MFU %", "decode_mfu_pct", lambda v: f"{v:.2f}"),
+    ("error", "error", str)]
+
+
+def markdown(rows: list[dict], columns: list[tuple]) -> str:
+    columns = [c for c in columns if any(r.get(c[1]) is not None for r in rows)]
+    if len({r.get("model") for r in rows}) == 1:
+        columns = [c for c in columns if c[1] != "model"]
+    cell = lambda r, key, fmt: "-" if r.get(key) is None else fmt(r[key])
+    lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(cell(r, k, f) for _, k, f in columns) + " |" for r in rows])
+
+
+def report(rows: list[dict], ratios: list[dict], growth: list[dict]) -> str:
+    kv = "; ".join(f"{m} {b} B" for m, b in dict.fromkeys((r["model"], r["kv_bytes_per_token"]) for r in rows))
+    ratio_keys = list(dict.fromkeys(k for line in ratios for k in line if k not in ("model", "prompt_tokens")))
+    ratio_columns = COLUMNS[:1] + [("prompt tokens", "prompt_tokens", str)] + [
+        (k.replace("_vs_", "/").replace("_pct", " %").replace("_", " "), k, lambda v: f"{v:.2f}") for k in ratio_keys]
+    growth_columns = [COLUMNS[0], COLUMNS[1], ("from tokens", "from_tokens", str), ("to tokens", "to_tokens", str),
+                      ("peak memory growth %", "growth_pct", lambda v: f"{v:+.1f}")]
+    tables = [markdown(lines, columns) for lines, columns in
+              ((rows, COLUMNS), (ratios, ratio_columns), (growth, growth_columns)) if lines]
+    return "\n\n".join([f"KV bytes per token (2 x layers x KV heads x head dim x itemsize): {kv}", *tables]) + "\n"
+
+
+def plot(rows: list[dict], path: Path, what: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    models = {r["model"] for r in rows}
+    for model, run in dict.fromkeys((r["model"], r["run"]) for r in rows):
+        points = sorted((r["prompt_tokens"], r["peak_bytes"] / 2**20) for r in rows
+                        if (r["model"], r["run"]) == (model, run) and "peak_bytes" in r)
+        if points:
+            ax.plot(*zip(*points), marker="o", label=run if len(models) == 1 else f"{model} {run}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel(f"peak memory, MiB ({what})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def machine(device: str) -> dict:
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), platform.processor())
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
+    return dict(platform=platform.platform(), cpu=cpu, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                torch=torch.__version__, gpu=gpu)
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.worker:
+        point = json.loads(args.worker)
+        print(json.dumps((transformers_point if point["run"] == "transformers" else engine_point)(point)), flush=True)
+        return
+    rows = gpu_bench(args) if args.device == "cuda" else cpu_bench(args)
+    ratios, growth = speed_ratios(rows), memory_growth(rows)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k != "worker"}
+    out.write_text(json.dumps(dict(date=date.today().isoformat(), machine=machine(args.device), settings=settings,
+                                   rows=rows, speed_ratios=ratios, memory_growth=growth), indent=1) + "\n")
+    table = report(rows, ratios, growth)
+    out.with_suffix(".md").write_text(table)
+    plot(rows, Path(args.plot), "allocated" if args.device == "cuda" else "RSS of the process")
+    print(table)
+    print(f"wrote {out}, {out.with_suffix('.md')}, {args.plot}", file=sys.stderr)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=DEFAULT_MODEL, help=f"CPU: zoo name or HF-layout folder (default: {DEFAULT_MODEL})")
+    p.add_argument("--heads", default=None, help="retaining heads for locret (default: the zoo entry's)")
+    p.add_argument("--lengths", default=None, help=f"prompt lengths in tokens (default: {GRID['lengths']}; "
+                   f"--quick: {QUICK['lengths']}; cuda: {GPU_LENGTHS})")
+    p.add_argument("--policies", default="full,locret,streamingllm", help="comma-separated (default: %(default)s)")
+    g = p.add_argument_group("engine settings (CPU; cuda uses each shape's paper settings)")
+    for flag, text in (("budget", "entries kept per KV head"), ("chunk", "prefill chunk in tokens"),
+                       ("stabilizers", "most recent entries always kept"),
+                       ("n_loc", "last prompt tokens prefilled without eviction"),
+                       ("decode_tokens", "tokens generated per run, at least 2")):
+        g.add_argument(f"--{flag.replace('_', '-')}", type=int, default=None,
+                       help=f"{text} (default: {GRID[flag]}; --quick: {QUICK[flag]})")
+    p.add_argument("--seed", type=int, default=0, help="prompt seed (default: 0)")
+    p.add_argument("--transformers", action="store_true",
+                   help="CPU: also run transformers' generate (sdpa, full cache) on the same folder and prompts")
+    p.add_argument("--heads-overhead", action="store_true",
+                   help=f"CPU: also run locret with budget = prompt ({NO_EVICT}): the heads' cost over full")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cpu: --ckpt on the grid; cuda: Llama-3.1-8B and Phi-3-mini shapes, random weights")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="CPU weights and cache (default: bfloat16 where native, else float32); cuda: always bfloat16")
+    p.add_argument("--emulate-gib", type=float, default=24, help="cuda: memory cap in GiB (default: 24)")
+    p.add_argument("--peak-tflops", type=float, default=989, help="cuda: peak for MFU (default: 989, H100 bf16 dense)")
+    p.add_argument("--out", default="bench/results/memory_speed.json", help="JSON path; the table goes next to it "
+                   "as .md (default: %(default)s)")
+    p.add_argument("--plot", default=None, help="PNG of peak memory vs prompt length (default: --out as .png)")
+    p.add_argument("--quick", action="store_true", help="a tiny grid, for tests")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one grid point, as JSON
+    args = p.parse_args(argv)
+    for name, value in (QUICK if args.quick else GRID).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.device == "cuda" and args.lengths == GRID["lengths"]:
+        args.lengths = GPU_LENGTHS
+    args.lengths = [int(x) for x in str(args.lengths).split(",")]
+    args.policies = args.policies.split(",")
+    args.dtype = "bfloat16" if args.device == "cuda" else args.dtype or default_dtype("cpu")
+    args.plot = args.plot or str(Path(args.out).with_suffix(".png"))
+    if unknown := [x for x in args.policies if x not in POLICIES]:
+        p.error(f"unknown policy: {', '.join(unknown)}")
+    if args.decode_tokens < 2:
+        p.error("--decode-tokens must be at least 2 (decode speed is measured after the first token)")
+    return args
+
+
+if __name__ == "__main__":
+    run_script(main, parse_args)

@@ -1,0 +1,52 @@
+"""bench/memory_speed.py --quick end to end on a tiny random model: every point measured in its own
+process, pools exactly as predicted, fixed for evicting policies, growing for full attention."""
+import json
+
+import torch
+
+from bench import memory_speed as bench
+from locret.heads import save_heads
+from locret.loading import load_model
+
+RUNS = ("full", "locret", "streamingllm", bench.NO_EVICT)
+ENGINE_FIELDS = ("model", "policy", "kv_bytes_per_token", "pool_capacity", "predicted_pool_bytes",
+                 "pool_bytes", "estimate_bytes", "kept_after_prefill", "rss_loaded_bytes", "peak_bytes",
+                 "prefill_seconds", "decode_seconds", "prefill_tok_s", "decode_tok_s")
+
+
+def test_quick_grid(tiny_chat_model, tmp_path, capsys):
+    model = load_model(tiny_chat_model)
+    torch.manual_seed(0)
+    model.add_retaining_heads(8)
+    save_heads(model, tmp_path / "heads.safetensors", backbone="tiny")
+    out, png = tmp_path / "bench.json", tmp_path / "memory.png"
+    bench.main(bench.parse_args(["--quick", "--ckpt", str(tiny_chat_model), "--heads", str(tmp_path / "heads.safetensors"),
+                                 "--dtype", "float32", "--transformers", "--heads-overhead",
+                                 "--out", str(out), "--plot", str(png)]))
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(r["prompt_tokens"], r["run"]) for r in rows] == [(n, run) for n in (256, 512) for run in (*RUNS, "transformers")]
+    assert all("error" not in r for r in rows), [r["error"] for r in rows if "error" in r]
+    for r in rows:
+        fields = ENGINE_FIELDS if r["run"] != "transformers" else ("rss_loaded_bytes", "peak_bytes", "prefill_tok_s", "decode_tok_s")
+        assert all(r.get(f) is not None for f in fields), r
+        assert r["peak_bytes"] >= r["rss_loaded_bytes"] > 0 and r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0
+    engine = [r for r in rows if r["run"] != "transformers"]
+    assert all(r["predicted_pool_bytes"] == r["pool_bytes"] for r in engine)
+    assert all(r["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4 for r in rows)  # K+V x layers x KV heads x head dim x fp32
+    pool = lambda run: [r["pool_bytes"] for r in rows if r["run"] == run]
+    assert pool("locret") == pool("streamingllm") and len(set(pool("locret"))) == 1
+    assert pool("full")[1] > pool("full")[0] and pool(bench.NO_EVICT) == pool("full")
+    assert [r["kept_after_prefill"] for r in rows if r["run"] == "locret"] == [64 + 16] * 2  # budget + n_loc tail
+
+    ratios = {line["prompt_tokens"]: line for line in result["speed_ratios"]}
+    assert sorted(ratios) == [256, 512]
+    for line in ratios.values():
+        assert {"prefill_locret_vs_full", "decode_locret_vs_full", "prefill_locret_vs_transformers",
+                "heads_overhead_pct"} <= line.keys()
+    assert {g["run"] for g in result["memory_growth"]} == {*RUNS, "transformers"}
+
+    table = capsys.readouterr().out
+    assert table == out.with_suffix(".md").read_text() + "\n"
+    assert "| run | prompt tokens |" in table and "| locret | 512 | 64 |" in table and "prefill locret/full" in table and "heads overhead %" in table
+    assert png.read_bytes()[:4] == b"\x89PNG"
