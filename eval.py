@@ -25,7 +25,7 @@ from locret.errors import run_script
 from locret.evaluation import Reference, encode_item, evaluate
 from locret.heads import load_heads
 from locret.loading import DTYPES, load_model, stop_token_ids
-from locret.official_heads import ensure_official_heads
+from locret.official_heads import find_heads
 from locret.policies import POLICIES
 from locret.tasks import TASKS, make_item
 from locret.tokenizer import Tokenizer
@@ -170,11 +170,9 @@ def main(args: argparse.Namespace) -> None:
     base = entry.settings if entry else GENERIC_SETTINGS
     tokenizer = Tokenizer(folder)
     model = load_model(folder, device, DTYPES[args.dtype or default_dtype(device)])
-    heads = args.heads or (entry.heads if entry else None)
-    if heads is None and entry is not None and entry.official_heads and "locret" in args.policies:
-        heads = ensure_official_heads(entry, model)
+    heads = find_heads(args.heads, entry, model) if "locret" in args.policies else None
     policies = [p for p in args.policies if p != "full" and (p != "locret" or heads)]
-    if heads and "locret" in args.policies:
+    if heads:
         load_heads(model, heads)
     elif "locret" in args.policies:
         print("no retaining heads for this model: skipping --policies locret (pass --heads)", file=sys.stderr)

@@ -16,7 +16,7 @@ from locret.engine import NEEDS_HEADS, EngineSettings, check_settings, generate,
 from locret.errors import LocretError, run_script
 from locret.heads import load_heads
 from locret.loading import DTYPES, load_model, stop_token_ids
-from locret.official_heads import ensure_official_heads
+from locret.official_heads import find_heads
 from locret.memory import estimate, format_bytes, largest_budget
 from locret.policies import POLICIES
 from locret.sampling import Sampling
@@ -105,7 +105,7 @@ def main(args: argparse.Namespace) -> None:
         raise LocretError(NEEDS_HEADS)
     model = load_model(folder, device, dtype)
     if settings.policy == "locret":
-        load_heads(model, heads_file(args, entry) or ensure_official_heads(entry, model))
+        load_heads(model, find_heads(args.heads, entry, model))
     if args.max_memory is not None:
         settings = fit_memory(model, settings, args, len(prompt))
     stop_ids = stop_token_ids(folder, tokenizer)

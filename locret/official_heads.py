@@ -121,3 +121,12 @@ def ensure_official_heads(entry: ZooEntry, model: CausalLM) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     convert_official_heads(bin_path, model, out, backbone=entry.hub_id)
     return out
+
+
+def find_heads(heads: str | None, entry: ZooEntry | None, model: CausalLM) -> str | Path | None:
+    """`--heads`, else the heads shipped in the zoo, else the paper's official heads (fetched once)."""
+    if heads or (entry is not None and entry.heads):
+        return heads or entry.heads
+    if entry is not None and entry.official_heads:
+        return ensure_official_heads(entry, model)
+    return None
