@@ -144,7 +144,7 @@ def cpu_points(args, folder: Path, heads: str | None, with_transformers: bool):
             yield dict(common, run="transformers", policy="full", length=length, budget=None)
 
 
-def cpu_bench(args) -> list[dict]:
+def cpu_bench(args, record) -> None:
     folder, entry = resolve_checkpoint(args.ckpt)
     heads = args.heads or (entry.heads if entry else None)
     if heads is None and ("locret" in args.policies or args.heads_overhead):
@@ -156,12 +156,11 @@ def cpu_bench(args) -> list[dict]:
         print("transformers is not installed: skipping its generate", file=sys.stderr)
     kv = kv_bytes_per_token(config_from_hf(read_config(folder)), DTYPES[args.dtype])
     name = entry.name if entry else folder.name
-    rows = []
     for p in cpu_points(args, folder, heads and str(Path(heads).resolve()), with_transformers):
-        rows.append(dict(model=name, run=p["run"], policy=p["policy"], prompt_tokens=p["length"], budget=p["budget"],
-                         kv_bytes_per_token=kv, **spawn(p)))
-        print(progress(rows[-1]), file=sys.stderr, flush=True)
-    return rows
+        row = dict(model=name, run=p["run"], policy=p["policy"], prompt_tokens=p["length"], budget=p["budget"],
+                   kv_bytes_per_token=kv, **spawn(p))
+        print(progress(row), file=sys.stderr, flush=True)
+        record(row)
 
 
 def progress(row: dict) -> str:
@@ -230,10 +229,9 @@ def gpu_point(model, heads: list, settings: EngineSettings, length: int, args) -
                 prefill_mfu_pct=mfu(length, prefill_s), decode_mfu_pct=mfu(args.decode_tokens - 1, decode_s))
 
 
-def gpu_bench(args) -> list[dict]:
+def gpu_bench(args, record) -> None:
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, args.emulate_gib * 2**30 / total))
-    rows = []
     for name, (hf, base) in GPU_MODELS.items():
         model = random_model(hf, "cuda")
         heads = [layer.self_attn.retaining_head for layer in model.model.layers]
@@ -245,11 +243,11 @@ def gpu_bench(args) -> list[dict]:
         kv = kv_bytes_per_token(model.config, torch.bfloat16)
         for length in args.lengths:
             for settings in runs:
-                rows.append(dict(model=name, kv_bytes_per_token=kv, **gpu_point(model, heads, settings, length, args)))
-                print(progress(rows[-1]), file=sys.stderr, flush=True)
+                row = dict(model=name, kv_bytes_per_token=kv, **gpu_point(model, heads, settings, length, args))
+                print(progress(row), file=sys.stderr, flush=True)
+                record(row)
         del model, heads
         torch.cuda.empty_cache()
-    return rows
 
 
 # ---- reports ----
@@ -344,12 +342,8 @@ def machine(device: str) -> dict:
                 torch=torch.__version__, gpu=gpu)
 
 
-def main(args: argparse.Namespace) -> None:
-    if args.worker:
-        point = json.loads(args.worker)
-        print(json.dumps((transformers_point if point["run"] == "transformers" else engine_point)(point)), flush=True)
-        return
-    rows = gpu_bench(args) if args.device == "cuda" else cpu_bench(args)
+def save(rows: list[dict], args: argparse.Namespace) -> str:
+    """Write the JSON and the markdown table of `rows`; return the table."""
     ratios, growth = speed_ratios(rows), memory_growth(rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -358,9 +352,25 @@ def main(args: argparse.Namespace) -> None:
                                    rows=rows, speed_ratios=ratios, memory_growth=growth), indent=1) + "\n")
     table = report(rows, ratios, growth)
     out.with_suffix(".md").write_text(table)
+    return table
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.worker:
+        point = json.loads(args.worker)
+        print(json.dumps((transformers_point if point["run"] == "transformers" else engine_point)(point)), flush=True)
+        return
+    rows = []
+
+    def record(row: dict) -> None:  # saved after every point: a run stopped part way keeps what it measured
+        rows.append(row)
+        save(rows, args)
+
+    (gpu_bench if args.device == "cuda" else cpu_bench)(args, record)
+    table = save(rows, args)
     plot(rows, Path(args.plot), "allocated" if args.device == "cuda" else "RSS of the process")
     print(table)
-    print(f"wrote {out}, {out.with_suffix('.md')}, {args.plot}", file=sys.stderr)
+    print(f"wrote {args.out}, {Path(args.out).with_suffix('.md')}, {args.plot}", file=sys.stderr)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
