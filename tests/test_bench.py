@@ -2,6 +2,7 @@
 process, pools exactly as predicted, fixed for evicting policies, growing for full attention."""
 import json
 
+import pytest
 import torch
 
 from bench import memory_speed as bench
@@ -50,3 +51,23 @@ def test_quick_grid(tiny_chat_model, tmp_path, capsys):
     assert table == out.with_suffix(".md").read_text() + "\n"
     assert "| run | prompt tokens |" in table and "| locret | 512 | 64 |" in table and "prefill locret/full" in table and "heads overhead %" in table
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_stopped_run_keeps_measured_points(tiny_chat_model, tmp_path, monkeypatch):
+    real_spawn, done = bench.spawn, []
+
+    def spawn_then_stop(point):  # the second point is "killed" before it reports
+        if done:
+            raise KeyboardInterrupt
+        done.append(point)
+        return real_spawn(point)
+
+    monkeypatch.setattr(bench, "spawn", spawn_then_stop)
+    out = tmp_path / "bench.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(bench.parse_args(["--quick", "--ckpt", str(tiny_chat_model), "--policies", "full",
+                                     "--dtype", "float32", "--out", str(out), "--plot", str(tmp_path / "m.png")]))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["run"], r["prompt_tokens"]) for r in rows] == [("full", 256)]
+    assert rows[0]["pool_bytes"] == rows[0]["predicted_pool_bytes"] > 0
+    assert "| full | 256 |" in out.with_suffix(".md").read_text()
