@@ -48,8 +48,9 @@ class KVPool:
 
     def attention_mask(self, n_new: int) -> torch.Tensor | None:
         """[n_new, length + n_new] bool: new tokens see all filled entries and, causally, each other.
-        None when the pool is empty: plain causal attention."""
-        if self.length == 0:
+        None when the pool is empty (plain causal attention) or for one new token (it sees every entry):
+        without a mask, sdpa can pick its fused kernels (on CUDA, none takes a mask together with GQA)."""
+        if self.length == 0 or n_new == 1:
             return None
         device = self.k.device
         keys = torch.arange(self.length + n_new, device=device)

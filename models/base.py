@@ -16,7 +16,8 @@ class KVCache(Protocol):
     def update(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                scores: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    def attention_mask(self, n_new: int) -> torch.Tensor | None: ...
+    def attention_mask(self, n_new: int) -> torch.Tensor | None:
+        """[n_new, keys] bool, or None: causal among the new tokens, all keys for a single one."""
 
 
 class RMSNorm(nn.Module):
@@ -71,7 +72,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, q, k, v, scores)  # [B, KVH, S, D]: cached entries + these T
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        causal = mask is None and T > 1  # no mask: causal among the new tokens; a single one sees every key
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -198,7 +198,8 @@ def test_attention_mask():
     pool = KVPool(tiny_config(), capacity=12)
     assert pool.attention_mask(4) is None
     write_chunk(pool, m, 0, 5)
-    for n_new in (1, 3):
+    assert pool.attention_mask(1) is None  # one new token sees every entry: no mask needed
+    for n_new in (2, 3):
         mask = pool.attention_mask(n_new)
         expected = torch.tensor([[j <= 5 + i for j in range(5 + n_new)] for i in range(n_new)])
         assert mask.dtype == torch.bool
