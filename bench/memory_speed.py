@@ -234,7 +234,7 @@ def gpu_bench(args, record) -> None:
     torch.cuda.set_per_process_memory_fraction(min(1.0, args.emulate_gib * 2**30 / total))
     for name, (hf, base) in GPU_MODELS.items():
         model = random_model(hf, "cuda")
-        heads = [layer.self_attn.retaining_head for layer in model.model.layers]
+        heads = model.retaining_heads
         runs = [EngineSettings(policy, base.budget, base.chunk, base.stabilizers, base.n_loc) for policy in args.policies]
         warm = make_prompt(model.config.vocab_size, base.budget + 2 * base.chunk + base.n_loc, args.seed)
         for settings in runs:  # untimed, evicting twice: first uses (lazy CUDA modules, allocator growth) cost here
@@ -342,17 +342,15 @@ def machine(device: str) -> dict:
                 torch=torch.__version__, gpu=gpu)
 
 
-def save(rows: list[dict], args: argparse.Namespace) -> str:
-    """Write the JSON and the markdown table of `rows`; return the table."""
+def save(rows: list[dict], args: argparse.Namespace) -> None:
+    """Write the JSON and the markdown table (--out as .md) of `rows`."""
     ratios, growth = speed_ratios(rows), memory_growth(rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "worker"}
     out.write_text(json.dumps(dict(date=date.today().isoformat(), machine=machine(args.device), settings=settings,
                                    rows=rows, speed_ratios=ratios, memory_growth=growth), indent=1) + "\n")
-    table = report(rows, ratios, growth)
-    out.with_suffix(".md").write_text(table)
-    return table
+    out.with_suffix(".md").write_text(report(rows, ratios, growth))
 
 
 def main(args: argparse.Namespace) -> None:
@@ -367,9 +365,8 @@ def main(args: argparse.Namespace) -> None:
         save(rows, args)
 
     (gpu_bench if args.device == "cuda" else cpu_bench)(args, record)
-    table = save(rows, args)
     plot(rows, Path(args.plot), "allocated" if args.device == "cuda" else "RSS of the process")
-    print(table)
+    print(Path(args.out).with_suffix(".md").read_text())
     print(f"wrote {args.out}, {Path(args.out).with_suffix('.md')}, {args.plot}", file=sys.stderr)
 
 
