@@ -195,7 +195,7 @@ def set_heads(model, heads: list | None) -> None:
 @torch.inference_mode()
 def timed_run(model, prompt: list[int], settings: EngineSettings, new_tokens: int) -> tuple[int, float, float]:
     """Greedy generation with the GPU synchronised at each clock reading -> (pool bytes, prefill s, decode s)."""
-    engine = Engine(model, settings, pool_capacity(settings, len(prompt), new_tokens))
+    engine = Engine(model, settings, pool_capacity(settings, len(prompt), new_tokens), len(prompt))
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     logits, _ = engine.prefill(prompt)

@@ -5,10 +5,12 @@ chunk's new entries (appending to the kept entries' stored scores); then each la
 top-`budget` entries per KV head, the last `stabilizers` protected. The prompt's last `n_loc`
 tokens are prefilled without eviction; decoding does not evict unless asked to.
 
-Keys are stored with RoPE applied at their current position, so attention and decoding never
-re-rotate the cache. In `original` mode positions never change. In `compact` mode (the official
-default) the kept entries are re-indexed 0..n-1 after each eviction: only then is each kept key
-rotated once more, by (new slot - old slot), which costs O(budget) per layer and chunk."""
+Positions: in `original` mode a token keeps its prompt position, so keys are stored rotated and
+never turned again. In `compact` mode (the official default) the kept entries are re-indexed 0..n-1
+after each eviction; as in the official code, keys are then stored before RoPE and rotated to their
+current slot at each use (O(cache) per layer and forward), so they never drift, however many
+evictions and in any dtype. One RoPE frequency set serves a whole generation: the one a single
+forward over the prompt would use (it matters for longrope, whose factors switch with length)."""
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -89,13 +91,21 @@ def pool_capacity(s: EngineSettings, prompt_tokens: int, max_new_tokens: int) ->
 
 
 class PolicyCache:
-    """The cache the model sees: writes into the pool and, while `scoring`, lets the policy score entries."""
+    """The cache the model sees: writes into the pool and, while `scoring`, lets the policy score entries.
 
-    def __init__(self, pool: KVPool, policy):
-        self.pool, self.policy, self.scoring = pool, policy, False
+    With `slot_rope` (cos, sin for slots 0..capacity-1) the pool holds keys before RoPE and each use
+    turns them to their slots; without, it holds them rotated by their own positions."""
 
-    def update(self, layer, q, k, v, head_scores):
-        k_all, v_all = self.pool.write(layer, k, v)
+    def __init__(self, pool: KVPool, policy, slot_rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.pool, self.policy, self.slot_rope, self.scoring = pool, policy, slot_rope, False
+
+    def update(self, layer, q, k, v, head_scores, rope):
+        if self.slot_rope is None:
+            k_all, v_all = self.pool.write(layer, apply_rope(k, *rope), v)
+        else:
+            k_all, v_all = self.pool.write(layer, k, v)
+            cos, sin = (t[:k_all.shape[2]] for t in self.slot_rope)
+            k_all = apply_rope(k_all, cos, sin)
         if self.scoring:
             S, T = k_all.shape[2], k.shape[2]
             scores = self.pool.scores[layer, :, :, :S]
@@ -108,15 +118,18 @@ class PolicyCache:
 
 
 class Engine:
-    """One generation's state: the model, its pool and the policy."""
+    """One generation's state: the model, its pool and the policy. `rope_length` (the prompt's length)
+    picks the RoPE frequencies for the whole generation."""
 
-    def __init__(self, model: CausalLM, settings: EngineSettings, capacity: int):
+    def __init__(self, model: CausalLM, settings: EngineSettings, capacity: int, rope_length: int):
         if settings.policy == "locret" and model.retaining_heads[0] is None:
             raise LocretError(NEEDS_HEADS)
         p = model.lm_head.weight
-        self.model, self.settings = model, settings
+        self.model, self.settings, self.rope_length = model, settings, rope_length
         self.pool = KVPool(model.config, capacity, dtype=p.dtype, device=p.device)
-        self.cache = PolicyCache(self.pool, make_policy(settings.policy, settings.seed))
+        compacts = settings.evicts and settings.positions == "compact"
+        slot_rope = model.rope(torch.arange(capacity, device=p.device), p.dtype, rope_length) if compacts else None
+        self.cache = PolicyCache(self.pool, make_policy(settings.policy, settings.seed), slot_rope)
 
     def forward(self, tokens: list[int], scoring: bool, all_logits: bool = False) -> torch.Tensor:
         """Run `tokens` after everything in the pool; return the last token's logits [V]
@@ -125,7 +138,7 @@ class Engine:
         start = pool.length if self.settings.positions == "compact" else pool.seen
         self.cache.scoring = scoring
         logits = self.model(torch.tensor([tokens], device=device), torch.arange(start, start + len(tokens), device=device),
-                            self.cache, last_only=not all_logits)
+                            self.cache, last_only=not all_logits, rope_length=self.rope_length)
         pool.advance(len(tokens))
         return logits[0] if all_logits else logits[0, -1]
 
@@ -134,19 +147,7 @@ class Engine:
         self.pool.length, self.pool.seen = length, seen
 
     def evict(self) -> None:
-        before = self.pool.length
-        kept = self.pool.evict(self.settings.budget, self.settings.stabilizers)
-        if self.settings.positions == "compact":
-            self.rerotate(kept, seq_len=before)
-
-    def rerotate(self, kept: torch.Tensor, seq_len: int) -> None:
-        """Compact mode: the entry moved from slot kept[j] to slot j; turn its key by j - kept[j]."""
-        rotary, keep = self.model.model.rotary_emb, kept.shape[-1]
-        for layer in range(kept.shape[0]):
-            delta = torch.arange(keep, device=kept.device) - kept[layer]  # [B, KVH, keep]
-            angles = rotary.angles(delta, seq_len)  # [B, KVH, keep, dim]; the frequencies the keys were turned with
-            k = self.pool.k[layer, :, :, :keep]
-            k.copy_(apply_rope(k.float(), angles.cos(), angles.sin()))
+        self.pool.evict(self.settings.budget, self.settings.stabilizers)
 
     def prefill(self, prompt: list[int], progress: bool = False) -> tuple[torch.Tensor, int]:
         """Chunks with eviction over all but the last n_loc tokens, then those without. -> (logits, chunks)."""
@@ -178,7 +179,7 @@ def generate(model: CausalLM, prompt: list[int], settings: EngineSettings, max_n
              ) -> tuple[list[int], GenerationStats]:
     """Prefill `prompt` under `settings`, then generate up to `max_new_tokens` (stopping at `stop_ids`)."""
     check_settings(settings, len(prompt))
-    engine = Engine(model, settings, pool_capacity(settings, len(prompt), max_new_tokens))
+    engine = Engine(model, settings, pool_capacity(settings, len(prompt), max_new_tokens), len(prompt))
     device = engine.pool.k.device
     generator = torch.Generator(device).manual_seed(sampling.seed)
     t0 = time.perf_counter()

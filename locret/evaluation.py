@@ -83,7 +83,7 @@ def evaluate(model: CausalLM, tokenizer: Tokenizer, item: Item, encoded: Encoded
     """Prefill, generate greedily and score; then teacher-force the gold answer for fidelity."""
     prompt, answer = encoded.prompt, encoded.answer
     check_settings(settings, len(prompt))
-    engine = Engine(model, settings, pool_capacity(settings, len(prompt), max(max_new_tokens, len(answer))))
+    engine = Engine(model, settings, pool_capacity(settings, len(prompt), max(max_new_tokens, len(answer))), len(prompt))
     t0 = time.perf_counter()
     last, _ = engine.prefill(prompt)
     t1 = time.perf_counter()

@@ -1,7 +1,8 @@
 """The KV pool: every buffer a generation needs, allocated once with static shapes.
 
 Per layer: K and V [batch, kv_heads, capacity, head_dim], one score per entry (what the policy
-said it is worth) and the prompt index of the token it holds. Only KV heads are stored. New
+said it is worth) and the prompt index of the token it holds; K before RoPE in compact mode with
+eviction, else rotated (engine.py). Only KV heads are stored. New
 entries are written into the free tail; eviction keeps the top entries per KV head, in their
 original order, gathered into the front of the same buffers through a preallocated scratch."""
 import torch

@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from models.rope import apply_rope
+
 
 def cis_labels(q: torch.Tensor, k: torch.Tensor, prompt_len: int) -> torch.Tensor:
     """q [B, H, T, D], k [B, KVH, T, D] (RoPE applied) -> labels [B, KVH, prompt_len] in float32."""
@@ -29,7 +31,8 @@ class LabelRecorder:
         self.labels: dict[int, torch.Tensor] = {}
         self.predictions: dict[int, torch.Tensor] = {}
 
-    def update(self, layer, q, k, v, head_scores):
+    def update(self, layer, q, k, v, head_scores, rope):
+        k = apply_rope(k, *rope)
         with torch.no_grad():
             self.labels[layer] = cis_labels(q, k, self.prompt_len)
         if head_scores is not None:

@@ -13,8 +13,9 @@ from .rope import RotaryEmbedding, apply_rope
 class KVCache(Protocol):
     """What attention needs from a cache: store the new keys/values, return everything to attend over."""
 
-    def update(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               scores: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def update(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor | None,
+               rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """q rotated, k before RoPE (`rope` = the new tokens' cos, sin) -> every key, rotated, and value."""
 
     def attention_mask(self, n_new: int) -> torch.Tensor | None:
         """[n_new, keys] bool, or None: causal among the new tokens, all keys for a single one."""
@@ -69,9 +70,11 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, q, k, v, scores)  # [B, KVH, S, D]: cached entries + these T
+        q = apply_rope(q, cos, sin)
+        if cache is None:
+            k = apply_rope(k, cos, sin)
+        else:  # the cache decides how keys are stored; it returns them rotated
+            k, v = cache.update(self.layer_idx, q, k, v, scores, (cos, sin))  # [B, KVH, S, D]: cached + these T
         causal = mask is None and T > 1  # no mask: causal among the new tokens; a single one sees every key
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -117,21 +120,26 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+                cache: KVCache | None = None, last_only: bool = False, rope_length: int | None = None) -> torch.Tensor:
         """tokens [B, T] at `positions` [T] (default 0..T-1) -> logits [B, T, V] ([B, 1, V] if last_only).
 
-        With a cache, the tokens attend to the cached entries plus themselves (causally)."""
+        With a cache, the tokens attend to the cached entries plus themselves (causally). `rope_length`
+        picks longrope's frequencies (default: max position + 1); a generation passes one value throughout."""
         T = tokens.shape[1]
         if positions is None:
             positions = torch.arange(T, device=tokens.device)
         mask = None if cache is None else cache.attention_mask(T)
         x = self.model.embed_tokens(tokens)
-        cos, sin = (t.to(x.dtype) for t in self.model.rotary_emb(positions))
+        cos, sin = self.rope(positions, x.dtype, rope_length)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, mask)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype, rope_length: int | None = None):
+        """cos, sin [T, dim] for `positions` [T], in `dtype`."""
+        return tuple(t.to(dtype) for t in self.model.rotary_emb(positions, rope_length))
 
     @property
     def retaining_heads(self) -> list[RetainingHead | None]:

@@ -60,7 +60,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, rope: RopeConfig, head_dim: int):
         super().__init__()
         self.dim = int(head_dim * rope.partial_rotary_factor)
-        # Longrope switches to the long factors when a call reaches past the original context, as transformers does.
+        # Longrope uses its long factors for sequences longer than the original context, its short ones otherwise.
         self.switch_length = rope.original_max_position_embeddings if rope.rope_type == "longrope" else None
         short, long, self.scaling = inverse_frequencies(rope, self.dim)
         self.register_buffer("inv_freq", short, persistent=False)
@@ -77,9 +77,10 @@ class RotaryEmbedding(nn.Module):
         freqs = positions[..., None].float() * inv_freq  # [..., dim/2]
         return torch.cat((freqs, freqs), dim=-1)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> cos, sin [T, dim] in float32, scaled by longrope's attention factor."""
-        angles = self.angles(positions)
+    def forward(self, positions: torch.Tensor, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> cos, sin [T, dim] in float32, scaled by longrope's attention factor.
+        `seq_len` (default: max position + 1) picks longrope's frequencies, as in `angles`."""
+        angles = self.angles(positions, seq_len)
         return angles.cos() * self.scaling, angles.sin() * self.scaling
 
 

@@ -39,7 +39,7 @@ def test_budget_covering_prompt_equals_full_attention(model, policy, positions):
     prompt = prompt_of(40)
     s = EngineSettings(policy=policy, budget=64, chunk=7, stabilizers=4, n_loc=5, positions=positions)
     with torch.inference_mode():
-        engine = Engine(model, s, pool_capacity(s, len(prompt), 6))
+        engine = Engine(model, s, pool_capacity(s, len(prompt), 6), len(prompt))
         logits, chunks = engine.prefill(prompt)
         full = model(torch.tensor([prompt]))[0, -1]
     assert chunks == 6  # 35 tokens in chunks of 7, then the 5-token tail
@@ -62,36 +62,59 @@ def record_pre_rope_keys(model, monkeypatch):
     return lambda layer: torch.cat(keys[layer], dim=1)[0]  # [tokens, KVH, D]
 
 
-@pytest.mark.parametrize("positions", ["compact", "original"])
-def test_kept_keys_are_rotated_to_their_positions(model, monkeypatch, positions):
-    """After several evictions, each kept key equals its token's key rotated from scratch at its
-    position: its slot (compact, re-indexed 0..n-1) or its prompt index (original)."""
-    prompt = prompt_of(90, seed=1)
-    s = EngineSettings(policy="knorm", budget=20, chunk=16, stabilizers=6, n_loc=4, positions=positions)
+def keys_attended(engine, token):
+    """Every layer's keys as attention sees them [KVH, n, D] when `token` is decoded next."""
+    seen, update = {}, engine.cache.update
+
+    def recording(layer, *args):
+        k, v = update(layer, *args)
+        seen[layer] = k[0, :, :-1].clone()  # without the new token's own key
+        return k, v
+    engine.cache.update = recording
+    engine.forward([token], scoring=False)
+    return seen
+
+
+def check_keys_turned_to_their_positions(model, monkeypatch, settings, prompt, atol):
+    """After prefill, each cached key attention sees equals its token's key before RoPE, rotated from
+    scratch at its position: its slot (compact, re-indexed 0..n-1) or its prompt index (original)."""
     pre_rope = record_pre_rope_keys(model, monkeypatch)
     with torch.inference_mode():
-        engine = Engine(model, s, pool_capacity(s, len(prompt), 1))
+        engine = Engine(model, settings, pool_capacity(settings, len(prompt), 1), len(prompt))
         engine.prefill(prompt)
-    pool = engine.pool
-    assert pool.length == s.budget + s.n_loc
-    rotary = model.model.rotary_emb
+        n = engine.pool.length
+        attended = keys_attended(engine, 5)
+    assert n == settings.budget + settings.n_loc
     for layer in range(model.config.num_hidden_layers):
-        tokens = pool.index[layer, 0, :, :pool.length]  # [KVH, n] prompt index of each kept entry
-        if positions == "compact":
-            where = torch.arange(pool.length).expand_as(tokens)
-        else:
-            where = tokens
+        tokens = engine.pool.index[layer, 0, :, :n]  # [KVH, n] prompt index of each kept entry
+        where = torch.arange(n).expand_as(tokens) if settings.positions == "compact" else tokens
         keys = pre_rope(layer)[tokens, torch.arange(tokens.shape[0])[:, None]]  # [KVH, n, D]
-        angles = rotary.angles(where, seq_len=s.budget + s.chunk)
-        expected = apply_rope(keys, angles.cos() * rotary.scaling, angles.sin() * rotary.scaling)
-        torch.testing.assert_close(pool.k[layer, 0, :, :pool.length], expected, atol=1e-5, rtol=1e-5)
+        cos, sin = (t.to(keys.dtype) for t in model.model.rotary_emb(where.flatten(), len(prompt)))
+        expected = apply_rope(keys, cos.view(*where.shape, -1), sin.view(*where.shape, -1))
+        torch.testing.assert_close(attended[layer], expected, atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("positions", ["compact", "original"])
+def test_kept_keys_are_rotated_to_their_positions(model, monkeypatch, positions):
+    s = EngineSettings(policy="knorm", budget=20, chunk=16, stabilizers=6, n_loc=4, positions=positions)
+    check_keys_turned_to_their_positions(model, monkeypatch, s, prompt_of(90, seed=1), atol=1e-5)
+
+
+def test_bf16_keys_do_not_drift_over_200_evictions(monkeypatch, save_hf):
+    """Keys are turned from their pre-RoPE values at each use, so after 200 evictions in bfloat16 each
+    one still equals its freshly rotated key to within one bf16 rounding."""
+    _, folder = save_hf(tiny_llama_config(max_position_embeddings=2048))
+    model = load_model(folder, dtype=torch.bfloat16)
+    s = EngineSettings(policy="random", budget=24, chunk=4, stabilizers=4, n_loc=4)
+    prompt = prompt_of(s.budget + 200 * s.chunk + s.n_loc, seed=7)
+    check_keys_turned_to_their_positions(model, monkeypatch, s, prompt, atol=2 ** -8)
 
 
 def test_eviction_keeps_budget_and_stabilizers(model):
     prompt = prompt_of(100, seed=2)
     s = EngineSettings(policy="random", budget=24, chunk=10, stabilizers=8, n_loc=6)
     with torch.inference_mode():
-        engine = Engine(model, s, pool_capacity(s, len(prompt), 1))
+        engine = Engine(model, s, pool_capacity(s, len(prompt), 1), len(prompt))
         engine.prefill(prompt)
     index = engine.pool.index[:, :, :, :engine.pool.length]
     body = len(prompt) - s.n_loc
@@ -109,7 +132,7 @@ def test_pool_never_moves_and_has_the_same_size_for_1k_and_16k_prompts(model):
     for n in (1024, 16384):
         prompt = prompt_of(n, seed=3)
         with torch.inference_mode():
-            engine = Engine(model, s, pool_capacity(s, n, 8))
+            engine = Engine(model, s, pool_capacity(s, n, 8), n)
             buffers = (engine.pool.k, engine.pool.v, engine.pool.scores, engine.pool.index, engine.pool.scratch)
             before = [(b.data_ptr(), b.shape) for b in buffers]
             logits, _ = engine.prefill(prompt)
@@ -126,7 +149,7 @@ def test_evict_during_decode_stays_within_capacity(model):
     capacity = pool_capacity(s, len(prompt), 200)
     assert capacity == s.budget + s.chunk
     out, stats = generate(model, prompt, s, max_new_tokens=200)
-    assert len(out) == 200 and stats.pool_bytes == Engine(model, s, capacity).pool.nbytes
+    assert len(out) == 200 and stats.pool_bytes == Engine(model, s, capacity, len(prompt)).pool.nbytes
 
 
 @pytest.mark.parametrize("change, message", [
@@ -145,7 +168,7 @@ def test_locret_without_heads_is_refused(tmp_path):
     import transformers
     transformers.AutoModelForCausalLM.from_config(tiny_llama_config()).save_pretrained(tmp_path)
     with pytest.raises(LocretError, match="--policy locret needs retaining heads"):
-        Engine(load_model(tmp_path), EngineSettings(policy="locret"), 10)
+        Engine(load_model(tmp_path), EngineSettings(policy="locret"), 10, 10)
 
 
 def test_heads_round_trip_and_wrong_backbone(model, tmp_path, save_hf):
@@ -176,3 +199,29 @@ def test_max_memory_gives_the_largest_budget_that_fits(model):
     assert largest_budget(model, s, limit, capacity_of, upper=300) == 300
     with pytest.raises(LocretError, match="--max-memory .* is too small"):
         largest_budget(model, s, need(9) - 1, capacity_of, upper=100_000)
+
+
+ROPE_VARIANTS = {
+    "default": lambda: tiny_llama_config(),
+    "linear": lambda: tiny_llama_config(rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    "llama3": lambda: tiny_llama_config(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "longrope": lambda: tiny_phi3_config(**longrope(original_max=64)),
+}
+
+
+@pytest.mark.parametrize("variant", ROPE_VARIANTS)
+@pytest.mark.parametrize("chunk", [16, 48])
+def test_chunked_prefill_across_the_switch_equals_one_forward(save_hf, variant, chunk):
+    """A 93-token prompt prefilled in chunks across the original context (64) gives transformers'
+    logits for one forward over it, and the same greedy tokens: one frequency set per generation."""
+    hf, folder = save_hf(ROPE_VARIANTS[variant]())
+    model = load_model(folder)
+    prompt = prompt_of(93, seed=5)
+    s = EngineSettings(policy="full", chunk=chunk, n_loc=5)
+    with torch.inference_mode():
+        logits, _ = Engine(model, s, pool_capacity(s, len(prompt), 1), len(prompt)).prefill(prompt)
+        expected = hf(torch.tensor([prompt])).logits[0, -1]
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+    out, _ = generate(model, prompt, s, max_new_tokens=4)
+    assert out == naive_greedy(model, prompt, 4)

@@ -9,6 +9,7 @@ from locret.engine import PolicyCache
 from locret.kv_pool import KVPool
 from locret.loading import load_model
 from models import config_from_hf
+from models.rope import apply_rope
 
 CONFIGS = {
     "llama": lambda: tiny_llama_config(),
@@ -121,9 +122,9 @@ def test_retaining_heads_are_optional_and_score_each_kv_head(save_hf):
     class Recorder:
         scores = {}
 
-        def update(self, layer, q, k, v, scores):
+        def update(self, layer, q, k, v, scores, rope):
             self.scores[layer] = scores
-            return k, v
+            return apply_rope(k, *rope), v
 
         def attention_mask(self, n_new):
             return None
