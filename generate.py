@@ -35,7 +35,7 @@ def read_prompt(source: str) -> str:
         raise LocretError(f"prompt {source} is not UTF-8 text (byte {e.start})") from None
     if not text.strip():
         raise LocretError(f"prompt {source} is empty")
-    return text.rstrip()  # a file's final newline would otherwise end up inside the user turn
+    return text.removesuffix("\n")  # the file's final newline; everything else is kept exactly
 
 
 class Streamer:
@@ -98,7 +98,8 @@ def main(args: argparse.Namespace) -> None:
     if args.no_chat:
         prompt = tokenizer.encode(text)
     else:
-        prompt = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": text}]), add_special_tokens=False)
+        prompt = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": text.strip()}]),
+                                  add_special_tokens=False)
     settings = engine_settings(args, entry, len(prompt))
     check_settings(settings, len(prompt))
     if settings.policy == "locret" and not has_heads(args, entry):

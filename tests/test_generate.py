@@ -127,3 +127,21 @@ def test_cli_heads_for_another_backbone(tiny_chat_model, tmp_path, save_hf):
                          input="hello", capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and run.stderr.count("\n") == 1, run.stderr
     assert "heads were trained for another backbone (other-model: hidden_size 32 vs 64" in run.stderr
+
+
+def test_no_chat_uses_the_prompt_exactly_as_given(tiny_chat_model, tmp_path, capsys):
+    """A completion prompt ending in a space keeps it (only the file's final newline goes), and the
+    answer is transformers' greedy continuation of exactly that text."""
+    import transformers
+    text = "the quick brown fox "
+    (tmp_path / "p.txt").write_text(text + "\n")
+    cli.main(cli.parse_args(["--ckpt", str(tiny_chat_model), "--prompt", str(tmp_path / "p.txt"), "--no-chat",
+                             "--policy", "full", "--max-new-tokens", "6", "--dtype", "float32"]))
+    out, _ = capsys.readouterr()
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tiny_chat_model / "tokenizer.json"))
+    ids = hf_tok(text, return_tensors="pt").input_ids
+    assert ids.shape[1] != len(hf_tok(text.rstrip()).input_ids)  # the space is a token: dropping it would show
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_chat_model).eval()
+    expected = hf.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=2, pad_token_id=2)[0, ids.shape[1]:]
+    expected = [t for t in expected.tolist() if t != 2]
+    assert out.removesuffix("\n") == Tokenizer(tiny_chat_model).decode(expected)
