@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
-from . import haystack
+from . import haystack, heldout
 from .errors import LocretError
 from .train_data import distinct
 
@@ -258,17 +258,79 @@ def vt(rng, size, depth, tokenizer):
                 answers=names, needles=[c.strip() for c in chain], depth=depth)
 
 
-# --- perplexity ------------------------------------------------------------------------------------
+# --- natural-text continuation ----------------------------------------------------------------------
 
-def perplexity(rng, n_tokens, depth, tokenizer):
-    """A passage of `n_tokens` tokens from a random word of the novels; its last CONTINUATION tokens are the answer."""
-    text, span = haystack.essays(), 8 * n_tokens  # 8 characters a token is ample for prose
-    if n_tokens <= CONTINUATION or len(text) <= span:
-        raise LocretError(f"perplexity: cannot cut a {n_tokens}-token passage from a {len(text)}-character text")
-    start = text.find(" ", rng.randrange(len(text) - span)) + 1
-    ids = tokenizer.encode(text[start:start + span].lstrip(), add_special_tokens=False)[:n_tokens]
-    return dict(context=tokenizer.decode(ids[:-CONTINUATION]), question="", answer_prefix="",
-                answers=[tokenizer.decode(ids[-CONTINUATION:])], needles=[], depth=0.0)
+def passage(text_of: Callable[[], str]):
+    """A passage of `n_tokens` tokens from a random word of `text_of()`; its last CONTINUATION tokens are the answer."""
+    def build(rng, n_tokens, depth, tokenizer):
+        text, span = text_of(), 8 * n_tokens  # 8 characters a token is ample for prose
+        if n_tokens <= CONTINUATION or len(text) <= span:
+            raise LocretError(f"cannot cut a {n_tokens}-token passage from a {len(text)}-character text")
+        start = text.find(" ", rng.randrange(len(text) - span)) + 1
+        ids = tokenizer.encode(text[start:start + span].lstrip(), add_special_tokens=False)[:n_tokens]
+        return dict(context=tokenizer.decode(ids[:-CONTINUATION]), question="", answer_prefix="",
+                    answers=[tokenizer.decode(ids[-CONTINUATION:])], needles=[], depth=0.0)
+    return build
+
+
+# --- the held-out suite: needles phrased unlike any benchmark or training template, in R's documentation ----
+
+HELDOUT_NEEDLES = [  # (statement, question, answer cue)
+    ("Buried in this text is one odd remark: the {attr} assigned to {subj} is {value}.",
+     "What {attr} was assigned to {subj}?", "The {attr} assigned to {subj} is"),
+    ("A maintainer added, almost in passing, that {subj} goes by the {attr} {value}.",
+     "By which {attr} does {subj} go?", "{Subj} goes by the {attr}"),
+    ("(Aside: anyone who asks about {subj} should be told that the {attr} is {value}.)",
+     "What should someone asking about {subj} be told the {attr} is?", "They should be told that the {attr} is"),
+    ("It is set down here, for later, that the {attr} belonging to {subj} equals {value}.",
+     "What does the {attr} belonging to {subj} equal?", "The {attr} belonging to {subj} equals"),
+    ("During the last review, {subj} confirmed a {attr} of {value}.",
+     "Which {attr} did {subj} confirm during the last review?", "During the review, {subj} confirmed a {attr} of"),
+    ("Keep this in your head: {subj}, {attr}, {value}.",
+     "Which {attr} goes with {subj}?", "The {attr} that goes with {subj} is"),
+]
+HELDOUT_ATTRIBUTES = {"number": ["mooring slot", "ration card number", "tram route", "catalogue entry"],
+                      "words": ["call sign", "watchword", "cover phrase"],
+                      "name": ["stage name", "godparent", "landlord"],
+                      "code": ["crate marking", "ticket stub", "permit"],
+                      "date": ["harvest date", "christening day", "sailing date"]}
+HELDOUT_SUBJECTS = ["the night porter", "the second cellist", "the lighthouse keeper's niece", "the ferry pilot",
+                    "the apprentice glassblower", "the retired surveyor", "the village organist", "the junior archivist",
+                    "the quarry foreman", "the beekeeper from the valley", "the ship's cook", "the tram conductor"]
+HELDOUT_NAMES = (["Ottoline", "Benedikt", "Marisol", "Casimir", "Henrike", "Leopold", "Solveig", "Tobiah"],
+                 ["Vantongeren", "Quillfeather", "Ashcombe", "Brightwater", "Castellanos", "Drummond", "Ferreira"])
+ORDINAL = {1: "st", 2: "nd", 3: "rd", 21: "st", 22: "nd", 23: "rd"}
+MAX_HAYSTACK_WORDS = 9000  # a 7K-token prompt of R's prose takes about 5,500 words
+
+
+def heldout_value(rng, kind: str) -> str:
+    if kind == "number":
+        return str(rng.randint(10 ** 5, 10 ** 8 - 1))
+    if kind == "words":
+        return f"{rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"
+    if kind == "name":
+        return f"{rng.choice(HELDOUT_NAMES[0])} {rng.choice(HELDOUT_NAMES[1])}"
+    if kind == "code":
+        return f"{rng.choice('QWXZ')}{rng.choice('KVJY')}-{rng.randint(100, 999)}/{rng.randint(10, 99)}"
+    day = rng.randint(1, 28)
+    return f"the {day}{ORDINAL.get(day, 'th')} of {rng.choice(['March', 'June', 'October'])} {rng.randint(1801, 1899)}"
+
+
+def heldout_needle(split: str):
+    """One fact at `depth` (stretched to 0.05-0.95) in `size` words of the split's R documentation."""
+    def build(rng, size, depth, tokenizer):
+        kind = rng.choice(list(HELDOUT_ATTRIBUTES))
+        attr, subj, value = rng.choice(HELDOUT_ATTRIBUTES[kind]), rng.choice(HELDOUT_SUBJECTS), heldout_value(rng, kind)
+        statement, question, cue = rng.choice(HELDOUT_NEEDLES)
+        fields = dict(attr=attr, subj=subj, Subj=subj[:1].upper() + subj[1:], value=value)
+        words = words_of(heldout.text(split))
+        start = rng.randrange(len(words) - MAX_HAYSTACK_WORDS)
+        sentences = re.split(r"(?<=[.!?])\s+(?=[A-Z(])", " ".join(words[start:start + size])) if size else []
+        depth = 0.05 + 0.9 * depth
+        needle = statement.format(**fields)
+        return dict(context=" ".join(insert(sentences, [needle], [depth])), question=question.format(**fields),
+                    answer_prefix=cue.format(**fields), answers=[value], needles=[needle], depth=depth)
+    return Task(build, "{context}\n\n{question}", "\n", string_match_all, 16)
 
 
 TASKS: dict[str, Task] = {  # names, settings and generation budgets as in InfiniteBench and RULER's synthetic.yaml
@@ -283,7 +345,11 @@ TASKS: dict[str, Task] = {  # names, settings and generation budgets as in Infin
     "niah_multivalue": niah("essay", "numbers", num_v=4),
     "niah_multiquery": niah("essay", "numbers", num_q=4),
     "vt": Task(vt, "{instruction}\n\n{context}\n{question}", " ", string_match_all, 30),
-    "perplexity": Task(perplexity, "{context}", "", not_scored, 0, exact_size=True),
+    "perplexity": Task(passage(lambda: haystack.essays()), "{context}", "", not_scored, 0, exact_size=True),
+    # The held-out suite (eval.py --suite heldout): val for choices, test for published figures.
+    **{f"heldout_{split}": heldout_needle(split) for split in heldout.SOURCES},
+    **{f"heldout_text_{split}": Task(passage(lambda split=split: heldout.text(split)), "{context}", "", not_scored, 0,
+                                     exact_size=True) for split in heldout.SOURCES},
 }
 
 

@@ -5,7 +5,7 @@ import uuid
 
 import pytest
 
-from locret import haystack, tasks as T, train_data as td
+from locret import haystack, heldout, tasks as T, train_data as td
 from locret.default_model import ensure_default_model
 from locret.errors import LocretError
 from locret.tokenizer import Tokenizer
@@ -21,13 +21,22 @@ FALLBACK = " ".join([
     "Thomas thought it was habit, though he was careful never to say so within earshot of the man himself.",
 ] * 120)
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-NEEDLE_TASKS = [t for t in T.TASKS if t != "perplexity"]
+# The held-out suite runs on this text in tests, whether or not R's documentation is installed.
+TECH_FALLBACK = " ".join([
+    "The function now accepts a list of options, and unknown options are reported as warnings.",
+    "When the buffer is full, the writer blocks until a reader has consumed at least one record.",
+    "Configuration files are read in order; later files override earlier ones (see the manual).",
+    "Is the default still sensible on small machines? The benchmarks suggest it is, within limits.",
+    "Error messages now name the offending argument instead of its position.",
+] * 400)
+NEEDLE_TASKS = [t for t in T.TASKS if T.TASKS[t].score is not T.not_scored]
 FINE_GRAINED = ["passkey", "number_string", "kv_retrieval", "niah_single_1", "vt"]  # not sentence-sized pieces
 
 
 @pytest.fixture(autouse=True)
 def fallback_essays(monkeypatch):
     monkeypatch.setattr(haystack, "essays", lambda: FALLBACK)
+    monkeypatch.setattr(heldout, "text", lambda split: TECH_FALLBACK)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +170,8 @@ def test_chat_messages_hold_the_prompt_without_prefix(tok):
 def test_needle_at_requested_depth(tok, task, length):
     for index in [0, 3, 7, 9]:
         item = T.make_item(task, index, 2, tok, length)
-        assert item.depth == index / 9
+        stretched = task.startswith("heldout")  # the held-out suite spreads depths over 0.05-0.95
+        assert item.depth == pytest.approx(0.05 + 0.9 * index / 9 if stretched else index / 9)
         context = item.context
         for other in item.needles[1:]:
             context = context.replace(other, "")
@@ -277,3 +287,44 @@ def test_austen_novels_or_install_hint(tmp_path):
         assert text.startswith("SENSE AND SENSIBILITY") and text.endswith("Finis")
         assert len(text) > 3_900_000 and "It is a truth universally acknowledged" in text
         assert "special magic" not in text.lower() and "pass key" not in text.lower()
+
+
+# --- the held-out suite --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_heldout_needles_at_spread_depths_with_question_and_cue(tok, split):
+    depths = []
+    for i in range(10):
+        item = T.make_item(f"heldout_{split}", i, 0, tok, 1024)
+        prompt = T.completion_prompt(item)
+        needle, value = item.needles[0], item.answers[0]
+        assert value in needle and needle in item.context and value not in item.context.replace(needle, "")
+        assert prompt == f"{item.context}\n\n{item.question}\n{item.answer_prefix}"
+        assert 0.975 * 1024 <= n_tokens(tok, item) <= 1024
+        at = item.context.index(needle) / max(1, len(item.context) - len(needle))
+        assert abs(at - item.depth) < 0.06, (at, item.depth)  # within a sentence of the depth asked
+        depths.append(item.depth)
+    assert min(depths) == pytest.approx(0.05) and max(depths) == pytest.approx(0.95)
+    assert T.score(item, f" {value.upper()}.") == 1.0 and T.score(item, "I do not know") == 0.0
+
+
+def test_heldout_splits_read_different_documents(tmp_path, monkeypatch):
+    assert not set(heldout.SOURCES["val"]) & set(heldout.SOURCES["test"])
+    (tmp_path / "manual").mkdir()
+    for name in heldout.SOURCES["val"]:
+        (tmp_path / name).write_text(f"CHANGES IN {name}:\n\n    \u2022 The reader of {name} no longer fails on empty files or on files without a final newline.\n")
+    for name in heldout.SOURCES["test"]:
+        (tmp_path / name).write_text("<p>Next: Intro, Previous: Top, Up: Manual</p>\n\n<p>Vectors &amp; lists are "
+                                     "<code>objects</code> of the language, read from the test split.</p>\n")
+    monkeypatch.setattr(heldout, "R_DOC", tmp_path)
+    heldout.paragraphs.cache_clear()
+    val, test = heldout.paragraphs("val"), heldout.paragraphs("test")
+    assert val[0] == "The reader of NEWS no longer fails on empty files or on files without a final newline."
+    assert len(val) == 5
+    assert test[0] == "Vectors & lists are objects of the language, read from the test split."
+    assert len(test) == len(heldout.SOURCES["test"])  # the navigation line is dropped
+    (tmp_path / "NEWS").unlink()
+    heldout.paragraphs.cache_clear()
+    with pytest.raises(LocretError, match="apt-get install r-cran-janeaustenr"):
+        heldout.paragraphs("val")
+    heldout.paragraphs.cache_clear()
