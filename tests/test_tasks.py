@@ -312,10 +312,13 @@ def test_heldout_splits_read_different_documents(tmp_path, monkeypatch):
     assert not set(heldout.SOURCES["val"]) & set(heldout.SOURCES["test"])
     (tmp_path / "manual").mkdir()
     for name in heldout.SOURCES["val"]:
-        (tmp_path / name).write_text(f"CHANGES IN {name}:\n\n    \u2022 The reader of {name} no longer fails on empty files or on files without a final newline.\n")
-    for name in heldout.SOURCES["test"]:
-        (tmp_path / name).write_text("<p>Next: Intro, Previous: Top, Up: Manual</p>\n\n<p>Vectors &amp; lists are "
-                                     "<code>objects</code> of the language, read from the test split.</p>\n")
+        (tmp_path / name).write_text(f"CHANGES IN {name}:\n\n    \u2022 The reader of {name} no longer fails on "
+                                     "empty files or on files without a final newline.\n")
+    for name in heldout.SOURCES["test"]:  # the FAQ is plain text, the manuals HTML
+        html = ("<p>Next: Intro, Previous: Top, Up: Manual</p>\n\n<p>Vectors &amp; lists are <code>objects</code> "
+                "of the language, read from the test split.</p>\n")
+        plain = "Vectors & lists are objects of the language, read from the test split.\n"
+        (tmp_path / name).write_text(html if name.endswith(".html") else plain)
     monkeypatch.setattr(heldout, "R_DOC", tmp_path)
     heldout.paragraphs.cache_clear()
     val, test = heldout.paragraphs("val"), heldout.paragraphs("test")
