@@ -2,13 +2,17 @@
 
     python eval.py                      # the default suite on the default model (under 15 min on a laptop CPU)
     python eval.py --quick              # smoke test
+    python eval.py --suite heldout      # held-out needles and text (validation split; --split test for reports)
     python eval.py --tasks passkey,vt --lengths 2048,4096 --budgets 1/8,1/16 --n 10
 
 Each item is prefilled once per policy and budget; full attention is the reference for fidelity.
-Results are appended to <out>/results.jsonl as they come, so an interrupted run resumes where it
-stopped; then <out>/table.md, <out>/table.csv and <out>/accuracy_vs_budget.png are written."""
+Accuracy carries an exact 95% interval (Wilson). Results are appended to <out>/results.jsonl as they
+come, so an interrupted run resumes where it stopped (the settings that change results are kept in
+<out>/settings.json: a rerun with others is refused); then <out>/table.md, <out>/table.csv and
+<out>/accuracy_vs_budget.png are written."""
 import argparse
 import csv
+import hashlib
 import json
 import math
 import sys
@@ -21,18 +25,26 @@ from tqdm import tqdm
 
 from locret.devices import default_device, default_dtype
 from locret.engine import EngineSettings
-from locret.errors import run_script
+from locret.errors import LocretError, run_script
 from locret.evaluation import Reference, encode_item, evaluate
 from locret.heads import load_heads
 from locret.loading import DTYPES, load_model, stop_token_ids
 from locret.official_heads import find_heads
 from locret.policies import POLICIES
-from locret.tasks import TASKS, make_item
+from locret.tasks import TASKS, make_item, not_scored
 from locret.tokenizer import Tokenizer
 from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
 
-DEFAULT_SUITE = dict(tasks="passkey,niah_single_1,vt", lengths="2048", budgets="1/4,1/8,1/16", n=2)
-QUICK_SUITE = dict(tasks="passkey", lengths="256", budgets="1/4", n=1)
+SUITES = {
+    "default": dict(tasks="passkey,niah_single_1,vt", lengths="2048", budgets="1/4,1/8,1/16", n=2),
+    "quick": dict(tasks="passkey", lengths="256", budgets="1/4", n=1),
+    # Needles phrased unlike any benchmark or training template, in text training never reads;
+    # n_loc holds just the question, so every needle is before the uncompressed tail.
+    "heldout": dict(tasks="heldout_{split},heldout_text_{split}", lengths="2048,4096,7168", budgets="1/8,1/16", n=24,
+                    n_loc="question"),
+}
+RESULT_SETTINGS = ("ckpt", "heads_id", "seed", "form", "chunk", "stabilizers", "n_loc", "positions", "dtype",
+                   "max_new_tokens")
 
 
 def parse_budget(text: str, length: int) -> int:
@@ -45,16 +57,46 @@ def result_key(row: dict) -> tuple:
 
 
 def read_results(path: Path) -> dict[tuple, dict]:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    """Rows written so far; a last line cut short by a kill is dropped (and rewritten on resume)."""
+    rows = []
+    lines = path.read_text().splitlines() if path.is_file() else []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise LocretError(f"{path}: line {i + 1} is not JSON") from None
+    if lines and rows and len(rows) < len(lines):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {result_key(r): r for r in rows}
 
 
-def settings_for(policy: str, budget: int, args, base) -> EngineSettings:
-    """Stabilizers default to a quarter of the budget, so small budgets stay valid."""
+def settings_for(policy: str, budget: int, args, base, question_tokens: int) -> EngineSettings:
+    """Stabilizers default to a quarter of the budget, so small budgets stay valid; --n-loc question
+    keeps just the item's question (and answer cue) out of eviction."""
     stabilizers = args.stabilizers if args.stabilizers is not None else budget // 4
+    n_loc = base.n_loc if args.n_loc is None else question_tokens if args.n_loc == "question" else int(args.n_loc)
     return EngineSettings(policy=policy, budget=budget, chunk=args.chunk or base.chunk, stabilizers=stabilizers,
-                          n_loc=args.n_loc if args.n_loc is not None else base.n_loc, positions=args.positions,
-                          seed=args.seed)
+                          n_loc=n_loc, positions=args.positions, seed=args.seed)
+
+
+def check_out_folder(out: Path, args) -> None:
+    """Results in `out` must come from the same settings: record them on the first run, refuse others."""
+    if out.exists() and not out.is_dir():
+        raise LocretError(f"--out {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    mine = {k: getattr(args, k) for k in RESULT_SETTINGS}
+    path = out / "settings.json"
+    if path.is_file():
+        theirs = json.loads(path.read_text())
+        changed = [k for k in RESULT_SETTINGS if theirs.get(k) != mine[k]]
+        if changed:
+            raise LocretError(f"{out} holds results of other settings ({', '.join(changed)} differ): "
+                              "choose another --out or remove it")
+    elif (out / "results.jsonl").is_file():
+        raise LocretError(f"{out} holds results of unknown settings: choose another --out or remove it")
+    else:
+        path.write_text(json.dumps(mine, indent=1) + "\n")
 
 
 def runs(args, policies: list[str]):
@@ -84,7 +126,7 @@ def run_suite(model, tokenizer, stop_ids, args, base, policies: list[str], out: 
                     reference = Reference(torch.tensor(done[key]["answer_log_probs"]), torch.tensor(done[key]["answer_top1"]))
                     continue
                 reference = None
-            settings = settings_for(policy, budget, args, base)
+            settings = settings_for(policy, budget, args, base, encoded.question_tokens)
             max_new = min(TASKS[task].gen_tokens, args.max_new_tokens)
             result, reference = evaluate(model, tokenizer, item, encoded, settings, max_new, stop_ids, reference)
             row = {"task": task, "length": length, "index": index, **asdict(result)}
@@ -96,32 +138,40 @@ def run_suite(model, tokenizer, stop_ids, args, base, policies: list[str], out: 
     return [done[k] for k in runs(args, policies) if k in done]
 
 
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its normal 95% interval."""
-    n = len(values)
-    m = sum(values) / n
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return m, 1.96 * sd / math.sqrt(n)
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score 95% interval of a proportion, in percent (never +-0 at 0/n or n/n)."""
+    p = successes / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return 100 * max(0.0, center - half), 100 * min(1.0, center + half)
 
 
-def summarize(rows: list[dict], tasks: list[str]) -> list[dict]:
-    """One line per (policy, budget fraction): per-task accuracy (perplexity for that task), mean, fidelity, cost."""
+def is_text_task(task: str) -> bool:
+    """Natural-text tasks are measured by perplexity and fidelity, not scored."""
+    return TASKS[task].score is not_scored
+
+
+def summarize(rows: list[dict], tasks: list[str], by_length: bool = False) -> list[dict]:
+    """One line per (policy, budget fraction[, length]): per-task accuracy (perplexity for text tasks), the
+    mean accuracy with its Wilson interval and n, fidelity, cost."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         fraction = "-" if r["policy"] == "full" else f"{r['budget'] / r['length']:.4g}"
-        groups.setdefault((r["policy"], fraction), []).append(r)
+        groups.setdefault((r["policy"], fraction) + ((r["length"],) if by_length else ()), []).append(r)
     table = []
-    for (policy, fraction), group in groups.items():
-        line = {"policy": policy, "budget": fraction}
+    for key, group in groups.items():
+        line = {"policy": key[0], "budget": key[1]} | ({"length": key[2]} if by_length else {})
         for task in tasks:
             of_task = [r for r in group if r["task"] == task]
-            if task == "perplexity":
+            if is_text_task(task):
                 tokens = sum(r["answer_tokens"] for r in of_task)
                 line[task] = math.exp(-sum(r["log_likelihood"] for r in of_task) / tokens) if of_task else float("nan")
             else:
                 line[task] = 100 * sum(r["score"] for r in of_task) / len(of_task) if of_task else float("nan")
-        scored = [100 * r["score"] for r in group if r["task"] != "perplexity"]
-        line["mean"], line["ci95"] = mean_ci(scored) if scored else (float("nan"), float("nan"))
+        scored = [r["score"] for r in group if not is_text_task(r["task"])]
+        line["n"] = len(scored)
+        line["mean"] = 100 * sum(scored) / len(scored) if scored else float("nan")
+        line["ci95"] = "{:.0f}-{:.0f}".format(*wilson(sum(scored), len(scored))) if scored else "-"
         for name, key in (("ll_gap", "ll_gap"), ("top1_agree", "top1_agreement"), ("needle_kept", "needle_retention"),
                           ("compression", "compression"), ("prefill_tok_s", "prefill_tps"), ("decode_tok_s", "decode_tps")):
             values = [r[key] for r in group if not math.isnan(r[key])]
@@ -164,6 +214,11 @@ def plot(table: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def heads_identity(path) -> str:
+    """A heads file by name and content, so that new heads at the same path are not mistaken for old ones."""
+    return f"{Path(path).name}:{hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]}"
+
+
 def main(args: argparse.Namespace) -> None:
     device = args.device or default_device()
     folder, entry = resolve_checkpoint(args.ckpt)
@@ -172,14 +227,15 @@ def main(args: argparse.Namespace) -> None:
     model = load_model(folder, device, DTYPES[args.dtype or default_dtype(device)])
     heads = find_heads(args.heads, entry, model) if "locret" in args.policies else None
     policies = [p for p in args.policies if p != "full" and (p != "locret" or heads)]
+    args.heads_id = heads_identity(heads) if policies.count("locret") else None
     if heads:
         load_heads(model, heads)
     elif "locret" in args.policies:
         print("no retaining heads for this model: skipping --policies locret (pass --heads)", file=sys.stderr)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_out_folder(out, args)
     rows = run_suite(model, tokenizer, stop_token_ids(folder, tokenizer), args, base, policies, out)
-    table = summarize(rows, args.tasks)
+    table = summarize(rows, args.tasks, by_length=args.suite == "heldout")
     write_reports(table, out)
     print((out / "table.md").read_text())
     print(f"wrote {out / 'results.jsonl'}, table.md, table.csv, accuracy_vs_budget.png", file=sys.stderr)
@@ -190,37 +246,53 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt", default=DEFAULT_MODEL, help="zoo name, HF folder or hub id")
     p.add_argument("--heads", default=None, help="retaining heads for --policies locret (default: the zoo's)")
     p.add_argument("--tasks", default=None, help=f"comma-separated, from {', '.join(TASKS)} "
-                   f"(default: {DEFAULT_SUITE['tasks']})")
-    p.add_argument("--lengths", default=None, help=f"prompt lengths in tokens (default: {DEFAULT_SUITE['lengths']})")
+                   f"(default: {SUITES['default']['tasks']})")
+    p.add_argument("--lengths", default=None, help=f"prompt lengths in tokens (default: {SUITES['default']['lengths']})")
     p.add_argument("--budgets", default=None, help="fractions of the prompt (1/8) or entries per KV head (512) "
-                   f"(default: {DEFAULT_SUITE['budgets']})")
+                   f"(default: {SUITES['default']['budgets']})")
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated (default: all)")
-    p.add_argument("--n", type=int, default=None, help=f"items per task and length (default: {DEFAULT_SUITE['n']})")
+    p.add_argument("--n", type=int, default=None, help=f"items per task and length (default: {SUITES['default']['n']})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--form", choices=["completion", "chat"], default="completion",
                    help="completion: InfiniteBench's base-model form ending in the answer prefix (default)")
     p.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: the zoo's)")
     p.add_argument("--stabilizers", type=int, default=None, help="default: a quarter of each budget")
-    p.add_argument("--n-loc", type=int, default=None, help="default: the zoo's")
+    p.add_argument("--n-loc", default=None,
+                   help="tokens kept out of eviction at the prompt's end, or 'question' for each item's question "
+                        "(default: the zoo's; the heldout suite: question)")
     p.add_argument("--positions", choices=["compact", "original"], default="compact")
     p.add_argument("--max-new-tokens", type=int, default=128,
                    help="cap on each task's generation budget from its recipe (default: 128)")
-    p.add_argument("--quick", action="store_true", help="a tiny smoke run")
+    p.add_argument("--suite", choices=list(SUITES), default="default",
+                   help="preset tasks, lengths, budgets and n; flags given override it (default: default)")
+    p.add_argument("--split", choices=["val", "test"], default="val",
+                   help="heldout suite: val to choose settings and heads, test for published figures")
+    p.add_argument("--quick", action="store_true", help="a tiny smoke run (--suite quick)")
     p.add_argument("--out", default="results", help="output folder (default: results/)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=list(DTYPES), default=None)
     args = p.parse_args(argv)
-    suite = QUICK_SUITE if args.quick else DEFAULT_SUITE
-    for name, value in suite.items():
+    args.suite = "quick" if args.quick else args.suite
+    for name, value in SUITES[args.suite].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    args.tasks = args.tasks.split(",") if isinstance(args.tasks, str) else args.tasks
-    args.lengths = [int(x) for x in str(args.lengths).split(",")]
-    args.budgets = str(args.budgets).split(",")
+    args.tasks = str(args.tasks).format(split=args.split).split(",")
     args.policies = args.policies.split(",")
     unknown = [t for t in args.tasks if t not in TASKS] + [x for x in args.policies if x not in POLICIES]
     if unknown:
         p.error(f"unknown task or policy: {', '.join(unknown)}")
+    try:
+        args.lengths = [int(x) for x in str(args.lengths).split(",")]
+        args.budgets = str(args.budgets).split(",")
+        fractions = [Fraction(b) for b in args.budgets]
+    except (ValueError, ZeroDivisionError):
+        p.error(f"--lengths must be integers and --budgets fractions (1/8) or integers (512): "
+                f"got {args.lengths!r} and {args.budgets!r}")
+    if min(args.lengths) < 1 or min(fractions) <= 0 or int(args.n) < 1:
+        p.error("--lengths, --budgets and --n must be positive")
+    if args.n_loc not in (None, "question") and not str(args.n_loc).isdigit():
+        p.error(f"--n-loc must be a number of tokens or 'question' (got {args.n_loc!r})")
+    args.n = int(args.n)
     return args
 
 

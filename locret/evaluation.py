@@ -20,7 +20,8 @@ from .tokenizer import Tokenizer
 class Encoded:
     prompt: list[int]
     answer: list[int]  # gold continuation, teacher-forced for fidelity
-    needles: list[range]  # token positions of each needle in the prompt
+    needles: list[range]  # token positions of each needle in the prompt (special tokens counted)
+    question_tokens: int  # prompt tokens after the context: the question, the answer cue
 
 
 @dataclass
@@ -40,8 +41,9 @@ class ItemResult:
     log_likelihood: float  # of the gold answer, summed over its tokens
     ll_gap: float  # log-likelihood minus full attention's (0 for full)
     top1_agreement: float  # share of answer positions where the argmax matches full attention's
-    needle_retention: float  # share of needle tokens kept after prefill, over layers and KV heads
-    compression: float  # prompt tokens / budget
+    needle_retention: float  # share of needle tokens kept after prefill, over layers and KV heads (nan: none)
+    needle_in_tail: bool  # a needle token lies in the n_loc tail, which is never evicted
+    compression: float  # prompt tokens / entries held after prefill (the n_loc tail included)
     pool_bytes: int
     prefill_tps: float
     decode_tps: float
@@ -56,25 +58,28 @@ def encode_item(tokenizer: Tokenizer, item: Item, form: str) -> Encoded:
     gold = ", ".join(item.answers)
     if form == "completion" and not (text[-1:].isspace() or gold[:1].isspace()):
         gold = " " + gold  # the answer prefix ends in a word: the answer follows after a space
-    prompt = tokenizer.encode(text, add_special_tokens=form == "completion")
-    joined = tokenizer.encode(text + gold, add_special_tokens=form == "completion")
+    special = form == "completion"
+    count = lambda upto: len(tokenizer.encode(text[:upto], add_special_tokens=special))  # a BOS counts too
+    prompt = tokenizer.encode(text, add_special_tokens=special)
+    joined = tokenizer.encode(text + gold, add_special_tokens=special)
     answer = joined[len(prompt):] if joined[:len(prompt)] == prompt else tokenizer.encode(gold, add_special_tokens=False)
     needles = []
     for needle in item.needles:
         start = text.find(needle)
-        if start >= 0:
-            first = len(tokenizer.encode(text[:start], add_special_tokens=False))
-            needles.append(range(first, len(tokenizer.encode(text[:start + len(needle)], add_special_tokens=False))))
-    return Encoded(prompt, answer, needles)
+        if start >= 0:  # from the token holding its first character to the one holding its last
+            needles.append(range(count(start + 1) - 1, count(start + len(needle))))
+    context_end = text.rfind(item.context) + len(item.context) if item.context else 0
+    return Encoded(prompt, answer, needles, len(prompt) - count(context_end))
 
 
-def needle_retention(engine: Engine, needles: list[range]) -> float:
-    """Share of needle tokens still in the pool, averaged over layers and KV heads."""
-    if not needles:
+def needle_retention(engine: Engine, needles: list[range], body: int) -> float:
+    """Share of the needles' tokens before the n_loc tail (prompt index < `body`) still in the pool,
+    averaged over layers and KV heads; nan if there are none."""
+    wanted = [i for r in needles for i in r if i < body]
+    if not wanted:
         return float("nan")
     kept = engine.pool.index[..., :engine.pool.length]  # [L, B, KVH, n]
-    wanted = torch.tensor([i for r in needles for i in r], device=kept.device)
-    return torch.isin(kept, wanted).sum(dim=-1).float().mean().item() / len(wanted)
+    return torch.isin(kept, torch.tensor(wanted, device=kept.device)).sum(dim=-1).float().mean().item() / len(wanted)
 
 
 @torch.inference_mode()
@@ -87,7 +92,8 @@ def evaluate(model: CausalLM, tokenizer: Tokenizer, item: Item, encoded: Encoded
     t0 = time.perf_counter()
     last, _ = engine.prefill(prompt)
     t1 = time.perf_counter()
-    retention = needle_retention(engine, encoded.needles)
+    body = len(prompt) - settings.n_loc
+    retention = needle_retention(engine, encoded.needles, body)
     after_prefill = engine.pool.length, engine.pool.seen
     out, logits = [], last
     while len(out) < max_new_tokens:
@@ -106,7 +112,8 @@ def evaluate(model: CausalLM, tokenizer: Tokenizer, item: Item, encoded: Encoded
         policy=settings.policy, budget=settings.budget if settings.evicts else 0, prompt_tokens=len(prompt),
         score=score(item, prediction), answer_tokens=len(answer), log_likelihood=log_probs.sum().item(), ll_gap=(log_probs.sum() - reference.log_probs.sum()).item(),
         top1_agreement=(top1 == reference.top1).float().mean().item(), needle_retention=retention,
-        compression=len(prompt) / settings.budget if settings.evicts else 1.0, pool_bytes=engine.pool.nbytes,
+        needle_in_tail=any(r.stop > body for r in encoded.needles),
+        compression=len(prompt) / after_prefill[0], pool_bytes=engine.pool.nbytes,
         prefill_tps=len(prompt) / (t1 - t0), decode_tps=len(out) / max(t2 - t1, 1e-9),
         peak_memory=peak_memory_bytes(last.device), prediction=prediction)
     return result, reference

@@ -8,6 +8,7 @@ import torch
 
 import eval as cli
 from locret.engine import EngineSettings
+from locret.errors import LocretError
 from locret.evaluation import encode_item, evaluate
 from locret.loading import load_model, stop_token_ids
 from locret.tasks import make_item
@@ -82,7 +83,8 @@ def test_fidelity_is_exact_when_budget_covers_prompt(tiny_chat_model, policy):
     assert covered.prediction == full.prediction and not math.isnan(full.log_likelihood)
     small, _ = evaluate(model, tok, item, encoded, EngineSettings(policy, budget=16, chunk=32, stabilizers=4,
                                                                   n_loc=10), 8, stops, reference)
-    assert small.needle_retention < 1.0 and small.compression == pytest.approx(len(encoded.prompt) / 16)
+    # compression counts every entry held after prefill: the budget and the n_loc tail
+    assert small.needle_retention < 1.0 and small.compression == pytest.approx(len(encoded.prompt) / (16 + 10))
     assert torch.isfinite(torch.tensor(small.ll_gap))
 
 
@@ -98,3 +100,60 @@ def test_perplexity_is_per_token(tiny_chat_model, tmp_path, monkeypatch):
         of = [r for r in rows if r["policy"] == policy]
         expected = math.exp(-sum(r["log_likelihood"] for r in of) / sum(r["answer_tokens"] for r in of))
         assert float(table[policy]["perplexity"]) == pytest.approx(expected)
+
+
+def test_wilson_interval_is_exact_at_the_edges():
+    low, high = cli.wilson(0, 16)
+    assert low == 0.0 and high == pytest.approx(100 * 1.96 ** 2 / (16 + 1.96 ** 2))  # 19.4, not +-0
+    low, high = cli.wilson(16, 16)
+    assert high == 100.0 and low == pytest.approx(100 - 100 * 1.96 ** 2 / (16 + 1.96 ** 2))
+    low, high = cli.wilson(12, 24)
+    assert low < 50 < high and high - 50 == pytest.approx(50 - low)
+
+
+def test_rerun_with_other_settings_is_refused(tiny_chat_model, tmp_path):
+    run_eval(tiny_chat_model, tmp_path / "a")
+    with pytest.raises(LocretError, match="seed differ"):
+        run_eval(tiny_chat_model, tmp_path / "a", "--seed", "1")
+    with pytest.raises(LocretError, match="n_loc differ"):
+        run_eval(tiny_chat_model, tmp_path / "a", "--n-loc", "21")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(LocretError, match="is a file"):
+        run_eval(tiny_chat_model, tmp_path / "file")
+
+
+def test_resume_survives_a_truncated_last_line(tiny_chat_model, tmp_path):
+    whole = run_eval(tiny_chat_model, tmp_path / "a")
+    log = tmp_path / "a" / "results.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(lines[:4]) + lines[4][:30])  # killed while writing line 5
+    resumed = run_eval(tiny_chat_model, tmp_path / "a")
+    assert [r["prediction"] for r in resumed] == [r["prediction"] for r in whole]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lengths", "abc"], "--lengths must be integers"), (["--budgets", "1/0"], "--budgets fractions"),
+    (["--n", "0"], "must be positive"), (["--n-loc", "tail"], "--n-loc must be")])
+def test_bad_flags_are_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(flags)
+    assert message in capsys.readouterr().err
+
+
+def test_heldout_suite_keeps_just_the_question_uncompressed(tiny_chat_model, tmp_path, monkeypatch):
+    from locret import heldout
+    text = " ".join(f"Option {i} now names the file it could not read, instead of failing quietly." for i in range(3000))
+    monkeypatch.setattr(heldout, "text", lambda split: text)
+    cli.main(cli.parse_args(["--ckpt", str(tiny_chat_model), "--out", str(tmp_path), "--suite", "heldout",
+                             "--lengths", "400", "--n", "2", "--policies", "full,knorm", "--budgets", "1/4",
+                             "--chunk", "64", "--dtype", "float32", "--device", "cpu"]))
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    needles = [r for r in rows if r["task"] == "heldout_val"]
+    assert len(needles) == 4 and not any(r["needle_in_tail"] for r in needles)
+    for r in rows:  # compression counts the tail too: just the question, nothing for plain text
+        if r["policy"] == "knorm" and r["task"] == "heldout_val":
+            assert 1 < r["compression"] < r["prompt_tokens"] / r["budget"]
+        elif r["policy"] == "knorm":
+            assert r["compression"] == r["prompt_tokens"] / r["budget"]
+    table = list(csv.DictReader(open(tmp_path / "table.csv")))
+    assert {(t["policy"], t["length"], t["n"]) for t in table} == {("full", "400", "2"), ("knorm", "400", "2")}
