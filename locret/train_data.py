@@ -1,19 +1,24 @@
 """Training data for retaining heads, generated locally and seeded (LongAlpaca cannot be fetched).
 
-Each sample is a long context followed by a question (the user turn) and a short answer.
-Synthetic retrieval tasks hide facts in a haystack of King James Bible passages and word salad;
-natural-text tasks ask about a passage of KJV verses. All phrasings are training-only:
-none of the evaluation templates (EVAL_PHRASES) may appear in a sample.
+A sample is a long context, a question and a short answer; the heads learn which context tokens the
+answer attends to. So that they learn importance rather than templates, everything is composed from
+parts: natural documents in five styles (locret/corpora.py: scripture, drama, encyclopedia, manual,
+code) with tasks on their own text (continuation, recall of a passage, cloze, who said a line), and
+synthetic retrieval of facts (many subjects x attributes x value kinds x phrasings, one or several
+needles, distractors, any depth) hidden in those documents or in word salad. Half the samples are
+plain completions ending in an answer cue, half a chat turn, as the engine sees both.
+
+No evaluation template (EVAL_PHRASES) may appear in a sample, and no reserved source is read
+(corpora.RESERVED: the held-out suite's texts among them).
 """
 import json
 import random
-import shutil
-import subprocess
 from collections import Counter
 from dataclasses import dataclass
-from functools import lru_cache
 
-# Evaluation benchmark templates (InfiniteBench, RULER, long-text PPL): kept out of training data.
+from . import corpora
+
+# Evaluation benchmark templates (InfiniteBench, RULER, long-text PPL, the held-out suite): kept out of training.
 EVAL_PHRASES = ["The grass is green", "The sky is blue", "The sun is yellow", "Here we go",
                 "There and back again", "pass key", "passkey", "Remember it", "special magic",
                 "magic number", "What is the sequence of digits", "VAR ", "Paul Graham", "noise"]
@@ -48,40 +53,42 @@ indigo ivory jade jasper juniper kestrel lark laurel linden maple marble myrtle 
 opal osprey pearl pewter pine plover quartz raven rowan ruby russet saffron sage slate sparrow spruce
 teal thistle topaz umber walnut willow wren zinc
 """.split()
-PLACES = ["vault", "storeroom", "boathouse", "archive room", "wine cellar", "tool shed", "observatory",
-          "pharmacy cabinet", "signal tower", "granary", "chapel crypt", "east warehouse"]
-CONTAINERS = ["locker", "drawer", "crate", "cabinet", "envelope", "trunk", "satchel", "tin"]
-OBJECTS = ["a brass compass", "two copper bells", "a folded sea chart", "an ivory chess piece", "a jar of cloves",
-           "a cracked pocket watch", "three silver spoons", "a bundle of letters", "a wooden flute",
-           "a spool of red thread", "a pair of spectacles", "a tarnished medal", "an old railway timetable",
-           "a clay whistle", "a box of matches", "a green glass bead", "a rolled-up tapestry", "a tin soldier"]
+FIRST_NAMES = """Ada Alma Amos Anya Arlo Basil Beata Bram Cora Cyrus Dalia Dario Edda Elio Enid Ezra Faye Felix
+Greta Gus Hana Hugo Ines Ivo Jana Jonas Kira Knut Lena Levi Mara Milo Nadia Nils Olga Omar Pia Quinn Rhea Rolf Sara
+Silas Tala Theo Una Uri Vera Viggo Wanda Wim Xena Yara Yusuf Zora Zeno""".split()
+LAST_NAMES = """Abbott Baird Castell Dunmore Ellery Farrow Garner Holloway Iverson Jessop Kettering Lindqvist Marchetti
+Norcross Oakley Pemberton Quayle Rasmussen Sterling Thorne Underhill Vance Whitlock Yardley Zeller Okafor Nakamura
+Petrov Haddad Moreau Brandt Szabo Kowalski Delgado Fitzroy""".split()
+MONTHS = "January February March April May June July August September October November December".split()
+UNITS = ["kg", "litres", "metres", "grams", "miles", "volts", "hours", "euros", "pounds", "degrees"]
+THINGS = ["lighthouse", "clock tower", "ferry", "telescope", "greenhouse", "boiler room", "archive", "glacier camp",
+          "radio mast", "print shop", "orchard", "mill", "weather station", "bakery", "observatory", "museum wing"]
+GROUPS = ["Society", "Guild", "Committee", "Company", "Institute", "Club", "Cooperative", "Bureau"]
 
-CODE_NEEDLES = [  # (needle, question): training-only wordings
-    ("The {place} access code is {value}.", "What is the access code for the {place}?"),
-    ("To open the {place}, type {value} on the keypad by the door.", "What must be typed to open the {place}?"),
-    ("Only the night warden knows that the {place} unlocks with {value}.", "Which code unlocks the {place}?"),
-    ("Memo to staff: the {place} combination was changed to {value} this week.",
-     "What is the new combination of the {place}?"),
-]
-NUMBER_NEEDLES = [
-    ("The reference number of the {place} ledger is {value}.", "What is the reference number of the {place} ledger?"),
-    ("If anything goes wrong at the {place}, telephone {value} at once.",
-     "Which telephone number should be called about the {place}?"),
-    ("Stamped on the brass plate of the {place} is the serial {value}.",
-     "What serial is stamped on the {place} plate?"),
-    ("Delivery for the {place} is tracked under number {value}.",
-     "Under which number is the {place} delivery tracked?"),
-]
-PROSE_KV = ["The {box} labelled {key} holds {value}.", "Inside the {box} marked {key} there is {value}.",
-            "Someone left {value} in the {box} tagged {key}."]
-MULTI_NEEDLES = [  # (needle, question for one value, question for all values)
-    ("The record filed under {key} stores {value}.", "Which value does the record filed under {key} store?",
-     "List every value stored by the records filed under {key}, separated by commas."),
-    ("In the registry, {key} is paired with {value}.", "What is {key} paired with in the registry?",
-     "Give all the things {key} is paired with in the registry, separated by commas."),
-    ("Clerk's note: entry {key} reads {value}.", "What does entry {key} read, according to the clerk?",
-     "Name every reading of entry {key} in the clerk's notes, separated by commas."),
-]
+# (attribute, value kind): what a fact says about its subject.
+ATTRIBUTES = [("locker number", "digits"), ("badge number", "digits"), ("account number", "digits"),
+              ("door code", "code"), ("reference code", "code"), ("parcel code", "code"), ("password", "words"),
+              ("code word", "words"), ("nickname", "words"), ("contact person", "name"), ("deputy", "name"),
+              ("founding date", "date"), ("inspection date", "date"), ("serial", "uuid"), ("licence key", "uuid"),
+              ("budget", "amount"), ("recorded weight", "amount"), ("opening time", "time"),
+              ("departure time", "time"), ("room number", "digits"), ("favourite number", "digits"),
+              ("last reading", "amount"), ("owner", "name"), ("tag", "code")]
+STATEMENTS = ["The {attr} of {s} is {v}.", "{S}'s {attr} is {v}.", "For the record, {s} has {v} as the {attr}.",
+              "It was noted that the {attr} of {s} had become {v}.", "{S} -- {attr}: {v}.",
+              "Please keep in mind: {s} uses {v} as the {attr}.", "We checked twice, and the {attr} for {s} is {v}.",
+              "According to the ledger, {s} lists {v} under {attr}.", "{v} is the {attr} of {s}.",
+              "Entry for {s}: {attr} = {v}", "Someone wrote in the margin that {s}'s {attr} reads {v}.",
+              "Update: the new {attr} of {s} is {v}."]
+QUESTIONS = ["What is the {attr} of {s}?", "Which {attr} does {s} have?", "Tell me the {attr} of {s}.",
+             "Give the {attr} recorded for {s}.", "What was written as {s}'s {attr}?",
+             "Look back through the text: what is {s}'s {attr}?", "{S}: which {attr}?"]
+LIST_QUESTIONS = ["List every {attr} given for {s}, in order, separated by commas.",
+                  "What are all the values noted as the {attr} of {s}? Separate them with commas."]
+CUES = ["The {attr} of {s} is", "Answer:", "{S}'s {attr}:", "It is"]
+# How a needle sits in a document of each style.
+WRAPPERS = {"code": ["# {n}", "# NOTE: {n}", '"""{n}"""', "    # {n}"], "drama": ["{NAME}.\n{n}", "[{n}]"],
+            "manual": ["{n}", "Note: {n}", "  * {n}"], "list": ["- {n}", "* {n}", "{n}"], "prose": ["{n}"]}
+
 KV_INTROS = ["Inventory records in JSON format:", "Below is a lookup table exported as JSON.", "Registry dump:"]
 KV_QUESTIONS = ["In the JSON above, which value belongs to the key \"{key}\"?",
                 "Look up \"{key}\" in the table above and give its value.",
@@ -90,41 +97,35 @@ VT_SET = ["Let {name} equal {value}.", "Set {name} to {value}.", "The value of {
 VT_COPY = ["Let {name} equal {value}.", "Set {name} to whatever {value} holds.", "Copy {value} into {name}."]
 VT_QUESTIONS = ["Which names end up equal to {value}? Answer with the names, separated by commas.",
                 "Following all the assignments in the text, which names hold {value}? List them with commas."]
-BIBLE_INTROS = ["An excerpt from the King James Bible, one verse per line:",
-                "Read these verses; each line begins with its reference.", ""]
-QUOTE_QUESTIONS = ["Quote verse {ref} from the passage above.", "What does verse {ref} say?",
+CONTINUE_ASKS = ["", "Continue the text.", "What comes next?", "Go on from where the text stops."]
+RECALL_QUESTIONS = ["Earlier the text has a passage that begins \"{cue}\". How does it go on?",
+                    "Repeat the words that follow \"{cue}\" in the text above.",
+                    "Quote what comes right after \"{cue}\"."]
+CLOZE_QUESTIONS = ["Which word completes this line from the text: \"{line}\"?",
+                   "Fill in the blank with the word used in the text: \"{line}\"",
+                   "One word is missing here: \"{line}\". Which?"]
+SPEAKER_QUESTIONS = ["Who says \"{line}\"?", "Which character speaks the line \"{line}\"?",
+                     "In the scenes above, whose words are \"{line}\"?"]
+VERSE_QUESTIONS = ["Quote verse {ref} from the passage above.", "What does verse {ref} say?",
                    "Recite the words of {ref} as given in the passage."]
-CLOZE_QUESTIONS = ["Which word completes this line from the passage: \"{line}\"?",
-                   "Fill in the blank with the word used in the text: \"{line}\""]
 STOP_WORDS = set("that with them they their there this which shall unto upon have from were when what will "
-                 "thee thou thine thy hath also said into your because then before after".split())
-ANSWER_WORDS = 12  # a quoted verse's answer is cut to its first words
+                 "thee thou thine thy hath also said into your because then before after self return none".split())
+ANSWER_WORDS = 12  # a recalled passage's answer is cut to its first words
+CONTINUE_WORDS = 40  # a continuation's answer length in words
+JOINERS = {"scripture": " ", "encyclopedia": " ", "drama": "\n\n", "manual": "\n\n", "code": "\n\n", "salad": " "}
 
 
 @dataclass
 class Sample:
     task: str    # generator name
-    prompt: str  # the user turn: context followed by the question
+    prompt: str  # the user turn (chat) or the whole text before the answer (completion)
     answer: str  # short gold answer
+    form: str = "chat"  # chat: a user turn, answered by the assistant | completion: plain text, answer follows
 
 
 def has_eval_phrase(text: str) -> bool:
     lower = text.lower()
     return any(phrase.lower() in lower for phrase in EVAL_PHRASES)
-
-
-@lru_cache(maxsize=1)
-def kjv_available() -> bool:
-    return shutil.which("bible") is not None
-
-
-@lru_cache(maxsize=1)
-def kjv_verses() -> list[tuple[str, str]]:
-    """All KJV verses as (reference, text), read once from Debian's `bible` command; verses holding
-    an evaluation phrase are dropped (the Bible says "noise" 74 times)."""
-    text = subprocess.run(["bible", "-f", "Gen1:1-Rev22:21"], capture_output=True, text=True, check=True).stdout
-    verses = [tuple(line.split(" ", 1)) for line in text.splitlines() if " " in line]
-    return [(ref, verse) for ref, verse in verses if not has_eval_phrase(verse)]
 
 
 # --- random values -------------------------------------------------------------------------------
@@ -137,16 +138,44 @@ def random_uuid(rng: random.Random) -> str:
 def random_code(rng: random.Random) -> str:
     digits = str(rng.randint(10000, 99999))
     letters = "".join(rng.choices("ABCDEFGHJKLMNPQRSTUVWXYZ", k=3))
-    return rng.choice([digits, f"{digits}-{letters[0]}", f"{letters[:2]}-{rng.randint(1000, 9999)}",
-                       f"{letters}{rng.randint(100, 999)}", str(rng.randint(1000, 999999))])
+    return rng.choice([f"{digits}-{letters[0]}", f"{letters[:2]}-{rng.randint(1000, 9999)}",
+                       f"{letters}{rng.randint(100, 999)}", f"{rng.randint(10, 99)}{letters}{rng.randint(0, 9)}"])
+
+
+def random_date(rng: random.Random) -> str:
+    day, month, year = rng.randint(1, 28), rng.randint(1, 12), rng.randint(1650, 2099)
+    return rng.choice([f"{day} {MONTHS[month - 1]} {year}", f"{MONTHS[month - 1]} {day}, {year}",
+                       f"{year}-{month:02d}-{day:02d}"])
+
+
+def person(rng: random.Random) -> str:
+    return f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
+
+
+VALUE_KINDS = {
+    "digits": lambda rng: str(rng.randint(10 ** (n := rng.randint(3, 11)) // 10 * 1, 10 ** n - 1)),
+    "code": random_code,
+    "words": lambda rng: rng.choice([f"{rng.choice(NAME_WORDS)}-{rng.choice(SALAD_WORDS)}",
+                                     f"{rng.choice(SALAD_WORDS)} {rng.choice(SALAD_WORDS)}"]),
+    "name": person,
+    "date": random_date,
+    "uuid": random_uuid,
+    "amount": lambda rng: f"{rng.randint(1, 9999)}.{rng.randint(0, 99):02d} {rng.choice(UNITS)}",
+    "time": lambda rng: f"{rng.randint(0, 23):02d}:{rng.choice(range(0, 60, 5)):02d}",
+}
 
 
 def random_value(rng: random.Random, kind: str) -> str:
-    if kind == "uuid":
-        return random_uuid(rng)
-    if kind == "number":
-        return str(rng.randint(100000, 9999999))
-    return f"{rng.choice(NAME_WORDS)}-{rng.choice(SALAD_WORDS)}"  # e.g. cobalt-kettle
+    return VALUE_KINDS[kind](rng)
+
+
+def subject(rng: random.Random) -> str:
+    """Someone or something a fact is about: a person, a place, a group, a project, a thing."""
+    return rng.choice([
+        lambda: person(rng), lambda: f"the {rng.choice(THINGS)} at {rng.choice(LAST_NAMES)} Point",
+        lambda: f"the {rng.choice(LAST_NAMES)} {rng.choice(GROUPS)}", lambda: f"project {rng.choice(NAME_WORDS).title()}",
+        lambda: f"the {rng.choice(NAME_WORDS)} {rng.choice(THINGS)}", lambda: f"{rng.choice(FIRST_NAMES)}'s {rng.choice(THINGS)}",
+    ])()
 
 
 def distinct(make, n: int) -> list[str]:
@@ -159,18 +188,15 @@ def distinct(make, n: int) -> list[str]:
     return values
 
 
-# --- haystacks -----------------------------------------------------------------------------------
+def capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+# --- documents -----------------------------------------------------------------------------------
 
 def salad_sentence(rng: random.Random) -> str:
     words = rng.choices(SALAD_WORDS, k=rng.randint(6, 14))
     return " ".join(words).capitalize() + rng.choice([".", ".", ".", "!", "?"])
-
-
-def kjv_run(rng: random.Random) -> str:
-    """A few consecutive verses from a random place, without references."""
-    verses = kjv_verses()
-    start = rng.randrange(len(verses) - 8)
-    return " ".join(text for _, text in verses[start:start + rng.randint(2, 6)])
 
 
 def trim_words(text: str, n_chars: int) -> str:
@@ -178,48 +204,72 @@ def trim_words(text: str, n_chars: int) -> str:
     return text if len(text) <= n_chars else text[:n_chars + 1].rsplit(" ", 1)[0]
 
 
-def haystack(rng: random.Random, n_chars: int) -> list[str]:
-    """Filler pieces of about `n_chars` characters in all: KJV passages, word salad, or a mix."""
-    style = rng.choice(["kjv", "kjv", "salad", "mixed"]) if kjv_available() else "salad"
+def document(rng: random.Random, n_chars: int, style: str | None = None) -> tuple[list[str], str, str]:
+    """About `n_chars` characters of consecutive passages of one style (or word salad, or a mix of styles)
+    -> (passages, joiner, style)."""
+    styles = corpora.available_styles()
+    style = style or rng.choice(styles + ["salad", "mixed"] if styles else ["salad"])
     pieces, total = [], 0
+    if style in styles:
+        source = corpora.passages(style)
+        i = rng.randrange(len(source))
     while total < n_chars:
-        kind = rng.choice(["kjv", "salad"]) if style == "mixed" else style
-        pieces.append(kjv_run(rng) if kind == "kjv" else salad_sentence(rng))
-        total += len(pieces[-1]) + 1
+        if style == "salad" or (style == "mixed" and not styles):
+            pieces.append(salad_sentence(rng))
+        elif style == "mixed":
+            pieces.append(rng.choice(corpora.passages(rng.choice(styles))))
+        else:
+            pieces.append(source[i % len(source)])
+            i += 1
+        total += len(pieces[-1]) + 2
     if pieces:
-        pieces[-1] = trim_words(pieces[-1], len(pieces[-1]) - (total - n_chars))
-    return [p for p in pieces if p]
+        pieces[-1] = trim_words(pieces[-1], max(0, len(pieces[-1]) - (total - n_chars)))
+    return [p for p in pieces if p], JOINERS.get(style, "\n\n"), style
 
 
-def scatter(rng: random.Random, pieces: list[str], needles: list[str]) -> str:
-    """Needles inserted between haystack pieces at random depths, in their given order."""
+def scatter(rng: random.Random, pieces: list[str], needles: list[str], joiner: str = " ") -> str:
+    """Needles inserted between document pieces at random depths, in their given order."""
     slots = sorted(rng.randint(0, len(pieces)) for _ in needles)
     out = list(pieces)
     for offset, (slot, needle) in enumerate(zip(slots, needles)):
         out.insert(slot + offset, needle)
-    return " ".join(out)
+    return joiner.join(out)
 
 
-# --- task generators: (rng, haystack characters) -> (context, question, answer) --------------------
-
-def hidden_value(rng, n_chars, templates, value):
-    needle, question = rng.choice(templates)
-    place = rng.choice(PLACES)
-    context = scatter(rng, haystack(rng, n_chars), [needle.format(place=place, value=value)])
-    return context, question.format(place=place), value
+def wrap(rng: random.Random, needle: str, style: str) -> str:
+    """A needle dressed for its document: a comment in code, a line of dialogue in a play, a list item."""
+    kind = style if style in WRAPPERS else rng.choice(["prose", "prose", "list"])
+    return rng.choice(WRAPPERS[kind]).format(n=needle, NAME=rng.choice(FIRST_NAMES).upper())
 
 
-def access_code(rng, n_chars):
-    return hidden_value(rng, n_chars, CODE_NEEDLES, random_code(rng))
+# --- task generators: (rng, haystack characters) -> (context, question, answer, answer cue) ---------
 
-
-def number_string(rng, n_chars):
-    digits = rng.randint(7, 12)
-    return hidden_value(rng, n_chars, NUMBER_NEEDLES, str(rng.randint(10 ** (digits - 1), 10 ** digits - 1)))
+def fact_lookup(rng, n_chars):
+    """Facts about subjects hidden in a document; one is asked (or every value of a repeated fact).
+    Distractors share the subject or the attribute."""
+    (attr, kind), subj = rng.choice(ATTRIBUTES), subject(rng)
+    facts = [(subj, attr, random_value(rng, kind))]
+    several = rng.random() < 0.15
+    facts += [(subj, attr, random_value(rng, kind)) for _ in range(rng.randint(1, 3) * several)]
+    for _ in range(rng.choice([0, 0, 1, 2, 4, 8])):
+        other_attr, other_kind = rng.choice(ATTRIBUTES)
+        if rng.random() < 0.5 and other_attr != attr:
+            facts.append((subj, other_attr, random_value(rng, other_kind)))
+        else:
+            facts.append((subject(rng), attr, random_value(rng, kind)))
+    facts = list(dict.fromkeys(f for f in facts if f[:2] != (subj, attr) or f in facts[:1 + 3 * several]))
+    rng.shuffle(facts)
+    pieces, joiner, style = document(rng, n_chars)
+    needles = [wrap(rng, capital(rng.choice(STATEMENTS).format(s=s, S=capital(s), attr=a, v=v)), style)
+               for s, a, v in facts]
+    asked = [v for s, a, v in facts if (s, a) == (subj, attr)]
+    question = rng.choice(LIST_QUESTIONS if several else QUESTIONS).format(s=subj, S=capital(subj), attr=attr)
+    cue = rng.choice(CUES).format(s=subj, S=capital(subj), attr=attr)
+    return scatter(rng, pieces, needles, joiner), question, ", ".join(asked), cue
 
 
 def kv_json(rng, n_chars):
-    key_kind, value_kind = rng.choice(["uuid", "words"]), rng.choice(["uuid", "number", "words"])
+    key_kind, value_kind = rng.choice(["uuid", "words", "code"]), rng.choice(list(VALUE_KINDS))
     table, size = {}, 0
     while True:
         key, value = random_value(rng, key_kind), random_value(rng, value_kind)
@@ -231,31 +281,7 @@ def kv_json(rng, n_chars):
         table[key], size = value, size + pair_chars
     key = rng.choice(list(table))
     context = rng.choice(KV_INTROS) + "\n" + json.dumps(table, indent=rng.choice([None, 1]))
-    return context, rng.choice(KV_QUESTIONS).format(key=key), table[key]
-
-
-def kv_prose(rng, n_chars):
-    box, template = rng.choice(CONTAINERS), rng.choice(PROSE_KV)
-    keys = distinct(lambda: rng.choice([random_code(rng), rng.choice(NAME_WORDS).capitalize()]), rng.randint(2, 16))
-    values = [rng.choice(OBJECTS + [str(rng.randint(100, 99999))]) for _ in keys]
-    needles = [template.format(box=box, key=k, value=v) for k, v in zip(keys, values)]
-    target = rng.randrange(len(keys))
-    context = scatter(rng, haystack(rng, n_chars), needles)
-    return context, f"What is in the {box} labelled {keys[target]}?", values[target]
-
-
-def multi_needle(rng, n_chars):
-    key_kind, value_kind = rng.choice(["words", "number", "uuid"]), rng.choice(["words", "number", "uuid"])
-    needle, ask_one, ask_all = rng.choice(MULTI_NEEDLES)
-    keys = distinct(lambda: random_value(rng, key_kind), rng.randint(2, 6))
-    several_values = rng.random() < 0.5  # else several keys, one value each
-    pairs = [(k, random_value(rng, value_kind)) for k in keys]
-    pairs += [(keys[0], random_value(rng, value_kind)) for _ in range(rng.randint(1, 3) * several_values)]
-    rng.shuffle(pairs)
-    question = (ask_all if several_values else ask_one).format(key=keys[0])
-    answer = ", ".join(v for k, v in pairs if k == keys[0])  # in order of appearance
-    context = scatter(rng, haystack(rng, n_chars), [needle.format(key=k, value=v) for k, v in pairs])
-    return context, question, answer
+    return context, rng.choice(KV_QUESTIONS).format(key=key), table[key], "Value:"
 
 
 def variable_tracking(rng, n_chars):
@@ -270,77 +296,101 @@ def variable_tracking(rng, n_chars):
     ordered = []  # a random interleaving that keeps each chain in order
     while any(statements):
         ordered.append(rng.choice([s for s in statements if s]).pop(0))
-    context = scatter(rng, haystack(rng, n_chars), ordered)
-    return context, rng.choice(VT_QUESTIONS).format(value=numbers[0]), answer
+    pieces, joiner, _ = document(rng, n_chars)
+    return scatter(rng, pieces, ordered, joiner), rng.choice(VT_QUESTIONS).format(value=numbers[0]), answer, "Names:"
 
 
-def verse_passage(rng, n_chars) -> list[tuple[str, str]]:
-    """Consecutive verses from a random place, about `n_chars` characters with references; the last may be cut."""
-    verses, passage, total = kjv_verses(), [], 0
+def continuation(rng, n_chars):
+    """A natural document cut mid-way; the answer is how it goes on (the heads learn what a plain
+    continuation attends back to)."""
+    pieces, joiner, _ = document(rng, n_chars + 400, rng.choice(corpora.available_styles()))
+    text = joiner.join(pieces)
+    words = text[:n_chars].rsplit(" ", 1)[0]
+    rest = text[len(words):].split(" ")
+    return words, rng.choice(CONTINUE_ASKS), " ".join(w for w in rest[1:CONTINUE_WORDS + 1]), ""
+
+
+def recall(rng, n_chars):
+    """Quote the words after a cue taken from a passage earlier in the document."""
+    pieces, joiner, _ = document(rng, n_chars, rng.choice(corpora.available_styles()))
+    words = rng.choice([p.split() for p in pieces[:-1] if len(p.split()) >= 10] or [pieces[0].split()])
+    start = rng.randrange(max(1, len(words) - 9))
+    cue, answer = " ".join(words[start:start + 5]), " ".join(words[start + 5:start + 5 + ANSWER_WORDS])
+    return joiner.join(pieces), rng.choice(RECALL_QUESTIONS).format(cue=cue), answer or cue, ""
+
+
+def bare_word(word: str) -> str:
+    return word.strip(".,;:!?()'\"*[]")
+
+
+def cloze(rng, n_chars):
+    """Fill in the rarest long word of a line from the document."""
+    pieces, joiner, _ = document(rng, n_chars, rng.choice(corpora.available_styles()))
+    context = joiner.join(pieces)
+    counts = Counter(bare_word(w).lower() for w in context.split())
+    lines = [p.split() for p in pieces[:-1]] or [pieces[0].split()]
+    candidates = [(words, i) for words in lines for i, w in enumerate(map(bare_word, words))
+                  if len(w) >= 5 and w.isalpha() and w.lower() not in STOP_WORDS]
+    words, blank = min(candidates or [(lines[0], 0)], key=lambda c: (counts[bare_word(c[0][c[1]]).lower()], rng.random()))
+    answer = bare_word(words[blank])
+    start = max(0, min(blank - 6, len(words) - 14))
+    line = " ".join(w.replace(answer, "____") if i == blank else w for i, w in enumerate(words)).split()
+    return context, rng.choice(CLOZE_QUESTIONS).format(line=" ".join(line[start:start + 14])), answer, "The word is"
+
+
+def speaker(rng, n_chars):
+    """Drama: who speaks a given line."""
+    pieces, joiner, _ = document(rng, n_chars, "drama")
+    speeches = [p.split("\n", 1) for p in pieces[:-1] if "\n" in p and p.split("\n", 1)[0].endswith(".")]
+    name, lines = rng.choice(speeches) if speeches else ("", pieces[0])
+    line = rng.choice(lines.split("\n")).strip()
+    return joiner.join(pieces), rng.choice(SPEAKER_QUESTIONS).format(line=line), name.rstrip(".").title(), "It is"
+
+
+def verse_quote(rng, n_chars):
+    """Scripture with references: quote a verse by its reference."""
+    verses, passage, total = corpora.kjv_verses(), [], 0
     i = rng.randrange(len(verses))
     while total < n_chars or len(passage) < 2:
         passage.append(verses[i % len(verses)])
         total += len(passage[-1][0]) + len(passage[-1][1]) + 2
         i += 1
-    ref, text = passage[-1]
-    passage[-1] = (ref, trim_words(text, max(len(text) - (total - n_chars), 0)))
-    return passage
+    ref, text = rng.choice(passage[:-1])  # not the last verse, which the budget may cut
+    context = "\n".join(f"{r} {t}" for r, t in passage)
+    return context, rng.choice(VERSE_QUESTIONS).format(ref=ref), " ".join(text.split()[:ANSWER_WORDS]), ""
 
 
-def bible_context(rng, passage) -> str:
-    lines = "\n".join(f"{ref} {text}" for ref, text in passage)
-    return (rng.choice(BIBLE_INTROS) + "\n" + lines).lstrip("\n")
+SYNTHETIC = {"fact_lookup": fact_lookup, "kv_json": kv_json, "variable_tracking": variable_tracking}
+NATURAL = {"continuation": continuation, "recall": recall, "cloze": cloze, "speaker": speaker,
+           "verse_quote": verse_quote}
+NEEDS = {"speaker": "drama", "verse_quote": "scripture"}  # natural tasks that need one style
+WEIGHTS = {"fact_lookup": 5, "kv_json": 1, "variable_tracking": 1, "continuation": 2, "recall": 2, "cloze": 1,
+           "speaker": 1, "verse_quote": 1}
 
 
-def verse_quote(rng, n_chars):
-    passage = verse_passage(rng, n_chars)
-    ref, text = rng.choice(passage[:-1])  # not the last verse, which may be cut
-    answer = " ".join(text.split()[:ANSWER_WORDS])
-    return bible_context(rng, passage), rng.choice(QUOTE_QUESTIONS).format(ref=ref), answer
+def tasks() -> list[str]:
+    """The tasks the installed corpora allow: synthetic ones always."""
+    styles = corpora.available_styles()
+    natural = [t for t in NATURAL if (NEEDS[t] in styles if t in NEEDS else styles)]
+    return list(SYNTHETIC) + natural
 
 
-def bare_word(word: str) -> str:
-    return word.strip(".,;:!?()'\"")
-
-
-def cloze_candidates(words: list[str]) -> list[int]:
-    """Positions of distinctive words: long, alphabetic, not a stop word."""
-    return [i for i, w in enumerate(map(bare_word, words))
-            if len(w) >= 5 and w.isalpha() and w.lower() not in STOP_WORDS]
-
-
-def verse_cloze(rng, n_chars):
-    passage = verse_passage(rng, n_chars)
-    context = bible_context(rng, passage)
-    counts = Counter(bare_word(w).lower() for w in context.split())
-    verses = [(words, cloze_candidates(words)) for words in (text.split() for _, text in passage[:-1])]
-    words, candidates = rng.choice([v for v in verses if v[1]] or verses)
-    candidates = candidates or range(len(words))
-    blank = min(candidates, key=lambda i: (counts[bare_word(words[i]).lower()], rng.random()))
-    answer = bare_word(words[blank])
-    start = max(0, min(blank - 6, len(words) - 14))
-    line = " ".join(w.replace(answer, "____") if i == blank else w for i, w in enumerate(words))
-    line = " ".join(line.split()[start:start + 14])
-    return context, rng.choice(CLOZE_QUESTIONS).format(line=line), answer
-
-
-SYNTHETIC = {"access_code": access_code, "number_string": number_string, "kv_json": kv_json, "kv_prose": kv_prose,
-             "multi_needle": multi_needle, "variable_tracking": variable_tracking}
-NATURAL = {"verse_quote": verse_quote, "verse_cloze": verse_cloze}
-GENERATORS = {**SYNTHETIC, **(NATURAL if kjv_available() else {})}
-TASKS: list[str] = list(GENERATORS)
+def render(context: str, question: str, cue: str, form: str) -> str:
+    """The text before the answer: the context, the question, and in completion form the answer cue."""
+    text = f"{context}\n\n{question}" if question else context
+    return f"{text}\n{cue}" if form == "completion" and cue else text
 
 
 # --- length fitting -----------------------------------------------------------------------------
 
-def fit_length(generate, seed_text: str, tokenizer, target: int, tolerance: float = 0.02) -> tuple[str, str]:
-    """Build a prompt of about `target` tokens. A cheap first build (one character a token) measures the
-    tokens per character; rebuilds (same seed, so the same needles) resize the haystack by the secant
-    through the last two builds, since needles and haystack tokenize at different rates."""
+def fit_length(generate, seed_text: str, tokenizer, target: int, form: str, tolerance: float = 0.02):
+    """Build a prompt of about `target` tokens -> (prompt, answer). A cheap first build (one character a
+    token) measures the tokens per character; rebuilds (same seed, so the same needles) resize the
+    haystack by the secant through the last two builds, since needles and haystack tokenize at different rates."""
     hay_chars, best, last = float(target), None, None
     for _ in range(4):
-        context, question, answer = generate(random.Random(seed_text), int(hay_chars))
-        prompt = f"{context}\n\n{question}"
+        context, question, answer, cue = generate(random.Random(seed_text), int(hay_chars))
+        prompt = render(context, question, cue, form)
         n_tokens = len(tokenizer.encode(prompt, add_special_tokens=False))
         if best is None or abs(n_tokens - target) < abs(best[2] - target):
             best = (prompt, answer, n_tokens)
@@ -357,9 +407,14 @@ def make_sample(index: int, seed: int, tokenizer, min_tokens: int, max_tokens: i
     """Sample `index` of the stream for `seed`: deterministic in (index, seed), so training can resume
     anywhere and ranks can shard by index. Its prompt has about U[min_tokens, max_tokens] tokens."""
     rng = random.Random(f"{seed}:{index}")  # string seeds are hashed with sha512: stable across processes
-    task, target = rng.choice(TASKS), rng.randint(min_tokens, max_tokens)
-    for attempt in range(20):  # a join of haystack pieces can form an evaluation phrase: redraw
-        prompt, answer = fit_length(GENERATORS[task], f"{seed}:{index}:{attempt}", tokenizer, target)
-        if not has_eval_phrase(prompt) and not has_eval_phrase(answer):
-            return Sample(task, prompt, answer)
+    names = tasks()
+    task = rng.choices(names, [WEIGHTS[t] for t in names])[0]
+    target, form = rng.randint(min_tokens, max_tokens), rng.choice(["chat", "completion"])
+    for attempt in range(20):  # a join of document pieces can form an evaluation phrase: redraw
+        prompt, answer = fit_length(GENERATORS[task], f"{seed}:{index}:{attempt}", tokenizer, target, form)
+        if answer.strip() and not has_eval_phrase(prompt) and not has_eval_phrase(answer):
+            return Sample(task, prompt, answer, form)
     raise RuntimeError(f"sample {index} (seed {seed}): every draw held an evaluation phrase")
+
+
+GENERATORS = {**SYNTHETIC, **NATURAL}

