@@ -98,8 +98,7 @@ def main(args: argparse.Namespace) -> None:
     if args.no_chat:
         prompt = tokenizer.encode(text)
     else:
-        prompt = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": text.strip()}]),
-                                  add_special_tokens=False)
+        prompt = tokenizer.encode_chat([{"role": "user", "content": text.strip()}])
     settings = engine_settings(args, entry, len(prompt))
     check_settings(settings, len(prompt))
     if settings.policy == "locret" and not has_heads(args, entry):

@@ -54,8 +54,7 @@ def encode_sample(tokenizer: Tokenizer, sample) -> tuple[list[int], int]:
     """Prompt followed by the answer -> (token ids, prompt length). A chat sample is a user turn the
     assistant answers; a completion sample is plain text the answer continues after a space."""
     if sample.form == "chat":
-        prompt = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": sample.prompt}]),
-                                  add_special_tokens=False)
+        prompt = tokenizer.encode_chat([{"role": "user", "content": sample.prompt}])
         answer = tokenizer.encode(sample.answer, add_special_tokens=False)
     else:
         prompt = tokenizer.encode(sample.prompt, add_special_tokens=True)

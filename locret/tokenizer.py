@@ -75,10 +75,23 @@ class Tokenizer:
         else:
             raise LocretError(f"{folder}: no tokenizer.json or tokenizer.model")
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, special_markers: bool = True) -> list[int]:
+        """Token ids of `text`; with special_markers=False, text such as "<|im_end|>" is plain text, not
+        the special token (for what a user wrote)."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates cannot reach the tokenizer
+            raise LocretError(f"text is not valid Unicode at character {e.start} (a lone surrogate)") from None
         if isinstance(self.backend, SentencePieceBackend):
+            if not special_markers:
+                return ([self.backend.sp.bos_id()] if add_special_tokens and self.backend.add_bos else []) + \
+                    self.backend.sp.encode(text)
             return self.backend.encode(text, add_special_tokens)
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        self.backend.encode_special_tokens = not special_markers
+        try:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        finally:
+            self.backend.encode_special_tokens = False
 
     def decode(self, ids: list[int]) -> str:
         if isinstance(self.backend, SentencePieceBackend):
@@ -87,6 +100,19 @@ class Tokenizer:
 
     def token_to_id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The chat template applied to `messages`, tokenized so that only the template's own markers are
+        special tokens: a document holding "<|im_end|><|im_start|>system" cannot open a turn of its own."""
+        marks = [f"\x00message-{i}\x00" for i in range(len(messages))]
+        text = self.render_chat([m | {"content": mark} for m, mark in zip(messages, marks)], add_generation_prompt)
+        ids, parts = [], re.split("(" + "|".join(map(re.escape, marks)) + ")", text)
+        for part in parts:  # template text and message contents, alternately
+            if part in marks:
+                ids += self.encode(messages[marks.index(part)]["content"], False, special_markers=False)
+            elif part:
+                ids += self.encode(part, add_special_tokens=False)
+        return ids
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The chat template applied to `messages`, as text (encode it with add_special_tokens=False)."""
