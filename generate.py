@@ -7,17 +7,18 @@ prefilled in chunks; after each chunk the KV cache keeps `--budget` entries per 
     echo "What is the capital of France?" | python generate.py --prompt -
 """
 import argparse
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-from locret.devices import default_device, default_dtype
+from locret.devices import check_device, default_device, default_dtype
 from locret.engine import NEEDS_HEADS, EngineSettings, check_settings, generate, pool_capacity
 from locret.errors import LocretError, run_script
 from locret.heads import load_heads
 from locret.loading import DTYPES, load_model, stop_token_ids
 from locret.official_heads import find_heads
-from locret.memory import estimate, format_bytes, largest_budget
+from locret.memory import available_bytes, estimate, format_bytes, largest_budget
 from locret.policies import POLICIES
 from locret.sampling import Sampling
 from locret.tokenizer import Tokenizer
@@ -89,8 +90,26 @@ def fit_memory(model, settings: EngineSettings, args, prompt_tokens: int) -> Eng
     return settings if args.budget is not None else replace(settings, budget=best)
 
 
+def check_fits(model, settings: EngineSettings, args, prompt_tokens: int) -> None:
+    """Before anything is allocated: positions within the model's context, memory within the machine's."""
+    capacity = pool_capacity(settings, prompt_tokens, args.max_new_tokens)
+    compact = settings.evicts and settings.positions == "compact"
+    last_position = capacity if compact else prompt_tokens + args.max_new_tokens
+    window = model.config.max_position_embeddings
+    if last_position > window:
+        fix = ("fewer --max-new-tokens, --evict-during-decode or a smaller --budget" if compact else
+               "fewer --max-new-tokens, or a policy that evicts with --positions compact")
+        raise LocretError(f"positions would reach {last_position}, past the model's {window}-token context: "
+                          f"the answer would be garbage; use {fix}")
+    need, have = estimate(model, settings, capacity).total, available_bytes(model.lm_head.weight.device)
+    if have is not None and need > have:
+        raise LocretError(f"this run needs about {format_bytes(need)} (weights, KV pool of {capacity} entries, "
+                          f"activations) and {format_bytes(have)} is available: lower --max-new-tokens or "
+                          "--budget, or pass --max-memory")
+
+
 def main(args: argparse.Namespace) -> None:
-    device = args.device or default_device()
+    device = check_device(args.device or default_device())
     dtype = DTYPES[args.dtype or default_dtype(device)]
     text = read_prompt(args.prompt)
     folder, entry = resolve_checkpoint(args.ckpt)
@@ -104,10 +123,14 @@ def main(args: argparse.Namespace) -> None:
     if settings.policy == "locret" and not has_heads(args, entry):
         raise LocretError(NEEDS_HEADS)
     model = load_model(folder, device, dtype)
+    if max(prompt) >= model.config.vocab_size:
+        raise LocretError(f"the tokenizer gives id {max(prompt)}, beyond the model's vocabulary of "
+                          f"{model.config.vocab_size}: tokenizer and weights do not belong together")
     if settings.policy == "locret":
         load_heads(model, find_heads(args.heads, entry, model))
     if args.max_memory is not None:
         settings = fit_memory(model, settings, args, len(prompt))
+    check_fits(model, settings, args, len(prompt))
     stop_ids = stop_token_ids(folder, tokenizer)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     _, stats = generate(model, prompt, settings, args.max_new_tokens, stop_ids, sampling,
@@ -151,8 +174,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        p.error("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0) or not 0 < args.top_p <= 1 or args.top_k < 0:
+        p.error("need a finite --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
+    if args.max_memory is not None and not (math.isfinite(args.max_memory) and args.max_memory > 0):
+        p.error(f"--max-memory must be a positive number of GiB (got {args.max_memory})")
+    if not 0 <= args.seed < 2**64:
+        p.error("--seed must be in [0, 2**64)")
+    if args.heads and args.policy not in (None, "locret"):
+        p.error(f"--heads is used by --policy locret only, not {args.policy}")
     return args
 
 

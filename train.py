@@ -1,4 +1,4 @@
-"""Fit retaining heads for a frozen backbone (Locret, DESIGN.md section 1).
+"""Fit retaining heads for a frozen backbone (Locret, arXiv 2410.01805).
 
     python train.py --ckpt smollm2-135m-instruct --out heads.safetensors
     python train.py ... --resume                       # continue a killed run exactly
@@ -9,6 +9,7 @@ prompt + answer that yields every layer's causal importance scores (the labels) 
 predictions, then a step of AdamW on the heads alone."""
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -21,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from locret.devices import default_device, default_dtype
+from locret.devices import check_device, default_device, default_dtype
 from locret.errors import LocretError, run_script
 from locret.heads import save_heads
 from locret.labels import LabelRecorder
@@ -96,12 +97,18 @@ def save_state(path: Path, model, optimizer, step: int, args) -> None:
     os.replace(tmp, path)
 
 
-def load_state(path: Path, model, optimizer) -> int:
-    """Restore heads and AdamW moments; return the step to continue from."""
+def load_state(path: Path, model, optimizer, args) -> int:
+    """Restore heads and AdamW moments; return the step to continue from. The settings that shape the
+    heads and the data must be the saved run's (--steps, validation and saving may change)."""
     if not path.is_file():
         raise LocretError(f"--resume: no training state at {path}")
     with safe_open(path, framework="pt") as f:
-        step = int(f.metadata()["step"])
+        step, saved = int(f.metadata()["step"]), json.loads(f.metadata()["args"])
+        changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(args, k)}" for k in SAME_ON_RESUME
+                   if k in saved and saved[k] != getattr(args, k)]
+        if changed:
+            raise LocretError(f"--resume: the saved run used other settings ({'; '.join(changed)}); "
+                              "resume with the same ones, or start a new --out")
         for i, p in enumerate(head_parameters(model)):
             p.data.copy_(f.get_tensor(f"param.{i}"))
             optimizer.state[p] = {name: f.get_tensor(f"adam.{i}.{name}").to(p.device)
@@ -122,25 +129,31 @@ def validate(model, tokenizer, args) -> tuple[float, float]:
 
 
 def main(args: argparse.Namespace) -> None:
-    device = args.device or default_device()
+    device = check_device(args.device or default_device())
+    dtype = args.dtype or default_dtype(device)
+    if dtype == "float16" and device == "cpu":
+        raise LocretError("--dtype float16 on CPU overflows in training (NaN heads): use float32 or bfloat16")
     rank = setup_distributed(device)
     if device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     folder, _ = resolve_checkpoint(args.ckpt)
     tokenizer = Tokenizer(folder)
-    model = load_model(folder, device, DTYPES[args.dtype or default_dtype(device)])
+    model = load_model(folder, device, DTYPES[dtype])
     torch.manual_seed(args.seed)  # identical initial heads on every rank
     model.add_retaining_heads(args.head_hidden)
     params = head_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     out = Path(args.out)
-    step = load_state(state_path(out), model, optimizer) if args.resume else 0
+    for stale in out.parent.glob(f".{state_path(out).name}.tmp-*"):  # left by a run killed while saving
+        stale.unlink(missing_ok=True)
+    step = load_state(state_path(out), model, optimizer, args) if args.resume else 0
     warmup = args.warmup if args.warmup is not None else round(args.steps * 2 / 3)
     bar = tqdm(total=args.steps, initial=step, desc="train", disable=not rank.main, file=sys.stderr)
-    started, tokens = time.perf_counter(), 0
+    started, tokens, lengths = time.perf_counter(), 0, []
     while step < args.steps:
         sample = make_sample(step * rank.world + rank.index, args.seed, tokenizer, args.min_tokens, args.max_tokens)
         ids, prompt_len = encode_sample(tokenizer, sample)
+        lengths.append(prompt_len)
         pred, label = heads_forward(model, ids, prompt_len)
         loss = retaining_loss(pred, label, args.alpha)
         optimizer.zero_grad(set_to_none=True)
@@ -166,36 +179,64 @@ def main(args: argparse.Namespace) -> None:
     if rank.main:
         training = {k: v for k, v in vars(args).items() if k not in ("resume", "device")}
         save_heads(model, out, backbone=args.ckpt, training=training, dtype=torch.bfloat16)
+        seen = f", prompts of {min(lengths)}-{max(lengths)} tokens" if lengths else ""
         bar.write(f"wrote {out} ({step} steps, {time.perf_counter() - started:.0f} s this run, "
-                  f"{tokens / (time.perf_counter() - started):.0f} tok/s)", file=sys.stderr)
+                  f"{tokens / (time.perf_counter() - started):.0f} tok/s{seen})", file=sys.stderr)
     if rank.world > 1:
         dist.destroy_process_group()
 
 
+PRESETS = {  # defaults by preset; any flag given wins
+    "official": dict(steps=3000, min_tokens=1024, max_tokens=10240, head_hidden=1024, warmup=None, val_every=100,
+                     val_samples=8, save_every=50),
+    # The shipped heads' recipe for this project's 2-core CPU (README, "Training retaining heads").
+    "cpu": dict(steps=300, min_tokens=1024, max_tokens=6144, head_hidden=256, warmup=45, val_every=150,
+                val_samples=6, save_every=10),
+}
+SAME_ON_RESUME = ("ckpt", "head_hidden", "seed", "lr", "min_tokens", "max_tokens", "alpha", "weight_decay", "dtype")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    preset = lambda key: f"official: {PRESETS['official'][key]}, cpu: {PRESETS['cpu'][key]}"
+    p.add_argument("--preset", choices=list(PRESETS), default="official",
+                   help="defaults for the flags below: the paper's run (official, default) or the CPU recipe of "
+                        "the shipped heads (cpu)")
     p.add_argument("--ckpt", default=DEFAULT_MODEL, help="backbone: zoo name, HF folder or hub id")
     p.add_argument("--out", default="heads.safetensors", help="where to write the heads (default: heads.safetensors)")
-    p.add_argument("--steps", type=int, default=3000, help="training samples (batch 1; official: 3000)")
-    p.add_argument("--min-tokens", type=int, default=1024, help="shortest generated prompt (default: 1024)")
-    p.add_argument("--max-tokens", type=int, default=10240, help="longest generated prompt (official: 10240)")
-    p.add_argument("--head-hidden", type=int, default=1024, help="retaining head hidden size (official: 1024)")
+    p.add_argument("--steps", type=int, help=f"training samples, batch 1 ({preset('steps')})")
+    p.add_argument("--min-tokens", type=int, help=f"shortest generated prompt ({preset('min_tokens')})")
+    p.add_argument("--max-tokens", type=int, help=f"longest generated prompt ({preset('max_tokens')})")
+    p.add_argument("--head-hidden", type=int, help=f"retaining head hidden size ({preset('head_hidden')})")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (official: torch's 0.01)")
     p.add_argument("--alpha", type=float, default=0.0025, help="smoothness weight (official: 0.0025)")
     p.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate (official: 5e-4)")
-    p.add_argument("--warmup", type=int, default=None,
-                   help="warmup steps, then linear decay (default: the official 2000 of 3000, scaled to --steps)")
+    p.add_argument("--warmup", type=int, help="warmup steps, then linear decay (official: 2/3 of --steps, as its "
+                   f"2000 of 3000; cpu: {PRESETS['cpu']['warmup']})")
     p.add_argument("--seed", type=int, default=0, help="data and initialisation seed")
-    p.add_argument("--val-every", type=int, default=100, help="validate every N steps (0: never)")
-    p.add_argument("--val-samples", type=int, default=8, help="held-out samples per validation")
-    p.add_argument("--save-every", type=int, default=50, help="write the resumable training state every N steps")
+    p.add_argument("--val-every", type=int, help=f"validate every N steps, 0: never ({preset('val_every')})")
+    p.add_argument("--val-samples", type=int, help=f"held-out samples per validation ({preset('val_samples')})")
+    p.add_argument("--save-every", type=int, help=f"write the resumable state every N steps ({preset('save_every')})")
     p.add_argument("--resume", action="store_true", help="continue from the training state next to --out")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="backbone and heads dtype (default: bfloat16 where native, as official; else float32)")
     args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.steps < 1 or args.head_hidden < 1 or not 0 < args.min_tokens <= args.max_tokens:
         p.error("need --steps >= 1, --head-hidden >= 1 and 0 < --min-tokens <= --max-tokens")
+    if args.save_every < 1 or args.val_every < 0 or (args.val_every and args.val_samples < 1) or (args.warmup or 0) < 0:
+        p.error("need --save-every >= 1, --val-every >= 0, --val-samples >= 1 and --warmup >= 0")
+    if not all(math.isfinite(v) and v >= 0 for v in (args.lr, args.alpha, args.weight_decay)) or args.lr == 0:
+        p.error("need a finite --lr > 0 and finite --alpha, --weight-decay >= 0")
+    out = Path(args.out)
+    if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        p.error(f"--out {out}: need a file path in an existing, writable folder")
+    if args.min_tokens < 256:
+        print(f"note: samples shorter than about 256 tokens come out longer than --min-tokens {args.min_tokens} "
+              "(a question and its needles need room); the real range is reported at the end", file=sys.stderr)
     return args
 
 

@@ -48,7 +48,10 @@ SPECIAL_TOKEN_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
 
 def cache_root() -> Path:
     """`$LOCRET_CACHE` if set, else `~/.cache/locret`."""
-    return Path(os.environ.get("LOCRET_CACHE") or Path.home() / ".cache" / "locret")
+    root = Path(os.environ.get("LOCRET_CACHE") or Path.home() / ".cache" / "locret")
+    if root.exists() and not root.is_dir():
+        raise LocretError(f"the cache folder {root} (LOCRET_CACHE) is a file: point LOCRET_CACHE at a folder")
+    return root
 
 
 def default_gguf_path(cache_dir: Path | None = None) -> Path:

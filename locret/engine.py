@@ -1,6 +1,6 @@
 """Locret's generation: chunked prefill with eviction under a fixed budget, then decoding.
 
-Per chunk (DESIGN.md section 1): run it through the model; in every layer the policy scores the
+Per chunk (as in the official Locret code): run it through the model; in every layer the policy scores the
 chunk's new entries (appending to the kept entries' stored scores); then each layer keeps the
 top-`budget` entries per KV head, the last `stabilizers` protected. The prompt's last `n_loc`
 tokens are prefilled without eviction; decoding does not evict unless asked to.
@@ -188,6 +188,9 @@ def generate(model: CausalLM, prompt: list[int], settings: EngineSettings, max_n
     t1 = time.perf_counter()
     out = []
     while True:
+        if not torch.isfinite(logits).all():  # one reduction per step: stop rather than print garbage
+            raise LocretError("the model produced NaN or inf logits (broken weights, or float16 overflow: "
+                              "try --dtype bfloat16 or float32)")
         out.append(sample(logits, sampling, generator))
         if on_token:
             on_token(out[-1])

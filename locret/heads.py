@@ -45,6 +45,8 @@ def save_heads(model: CausalLM, path: str | Path, backbone: str, training: dict 
 
 def read_heads(path: Path) -> tuple[dict, dict]:
     """(tensors, metadata) of a heads file, or one clear error."""
+    if path.is_dir():
+        raise LocretError(f"heads file {path} is a directory, not a .safetensors file")
     if not path.is_file():
         raise LocretError(f"heads file {path} not found")
     try:
@@ -69,6 +71,9 @@ def load_heads(model: CausalLM, path: str | Path) -> dict:
     expected = head_tensors(model)
     if tensors.keys() != expected.keys() or any(tensors[k].shape != v.shape for k, v in expected.items()):
         raise LocretError(f"{path}: head tensors do not match the {len(model.retaining_heads)}-layer backbone")
+    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise LocretError(f"{path}: tensor {bad[0]} holds NaN or inf values")
     p = model.lm_head.weight
     model.load_state_dict({k: v.to(p.device, p.dtype) for k, v in tensors.items()}, strict=False)
     return meta

@@ -1,4 +1,4 @@
-"""Causal importance scores (CIS), the retaining heads' training targets (DESIGN.md section 1).
+"""Causal importance scores (CIS), the retaining heads' training targets (Locret, arXiv 2410.01805).
 
 For layer l, KV head h and prompt token j: the largest pre-softmax attention logit q_p . k_j / sqrt(d)
 that any answer position p, through any query head of h's GQA group, gives to j; RoPE is applied to

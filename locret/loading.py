@@ -14,14 +14,21 @@ from .errors import LocretError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def read_json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LocretError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise LocretError(f"{path}: expected a JSON object, found a {type(value).__name__}")
+    return value
+
+
 def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise LocretError(f"{folder}: no config.json (expected a Hugging Face model folder)")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LocretError(f"{path}: not valid JSON ({e})") from None
+    cfg = read_json_object(path)
     if cfg.get("model_type") not in MODEL_TYPES:
         raise LocretError(f"{path}: unsupported model_type {cfg.get('model_type')!r} "
                           f"(supported: {', '.join(sorted(MODEL_TYPES))})")
@@ -32,7 +39,13 @@ def safetensors_files(folder: Path) -> list[Path]:
     """The checkpoint's weight files: model.safetensors, or the shards its index names."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+            raise LocretError(f"{index}: no weight_map of tensor names to shard files")
+        shards = sorted(set(weight_map.values()))
+        outside = [s for s in shards if not (folder / s).resolve().is_relative_to(folder.resolve())]
+        if outside:
+            raise LocretError(f"{index}: shard path {outside[0]!r} leaves the model folder: refused")
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise LocretError(f"{folder}: shard {missing[0]} named in {index.name} is missing")
@@ -71,18 +84,27 @@ def check_tensors(model: CausalLM, tensors: dict[str, torch.Tensor], source: Pat
             raise LocretError(f"{source}: tensor {name} has shape {list(tensors[name].shape)}, expected {list(shape)}")
 
 
+def check_finite(tensors: dict[str, torch.Tensor], source: Path, samples: int = 64) -> None:
+    """A cheap look at `samples` evenly spaced values of each tensor: catches a NaN- or inf-filled one."""
+    for name, t in tensors.items():
+        flat = t.reshape(-1)
+        if flat.numel() and not torch.isfinite(flat[::max(1, flat.numel() // samples)].float()).all():
+            raise LocretError(f"{source}: tensor {name} holds NaN or inf values")
+
+
 def load_model(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> CausalLM:
     """Build the model of `folder`'s config.json and load its safetensors weights, strictly."""
     folder = Path(folder)
     cfg = read_config(folder)
     try:
         config = config_from_hf(cfg)
-    except (KeyError, ValueError, TypeError) as e:
-        raise LocretError(f"{folder / 'config.json'}: invalid config ({e})") from None
-    with torch.device("meta"):
-        model = MODEL_TYPES[cfg["model_type"]](config)
+        with torch.device("meta"):
+            model = MODEL_TYPES[cfg["model_type"]](config)
+    except (KeyError, ValueError, TypeError, ZeroDivisionError) as e:
+        raise LocretError(f"{folder / 'config.json'}: invalid config ({type(e).__name__}: {e})") from None
     tensors = read_tensors(safetensors_files(folder), device)
     check_tensors(model, tensors, folder)
+    check_finite(tensors, folder)
     model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False, assign=True)
     model.tie_weights()
     with torch.device(device):  # buffers are not in the checkpoint: compute them on the real device

@@ -1,4 +1,4 @@
-"""The retaining heads' objective and its metric (DESIGN.md section 1)."""
+"""The retaining heads' objective (Locret, arXiv 2410.01805, as the official code computes it) and its metric."""
 import torch
 import torch.nn.functional as F
 

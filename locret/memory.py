@@ -28,6 +28,18 @@ def peak_memory_bytes(device: torch.device) -> int:
     return rss_bytes("VmHWM")
 
 
+def available_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation can still get: free GPU memory, or the system's MemAvailable plus what
+    this process already holds (None where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.is_file():
+        return None
+    line = next(l for l in meminfo.read_text().splitlines() if l.startswith("MemAvailable:"))
+    return int(line.split()[1]) * 1024 + rss_bytes()
+
+
 def format_bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 

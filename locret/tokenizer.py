@@ -101,9 +101,20 @@ class Tokenizer:
     def token_to_id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
 
+    def special_texts(self) -> list[str]:
+        """The strings the tokenizer turns into special (added) tokens, such as "<|im_end|>"."""
+        if isinstance(self.backend, SentencePieceBackend):
+            return list(self.backend.added)
+        return [t.content for t in self.backend.get_added_tokens_decoder().values()]
+
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """The chat template applied to `messages`, tokenized so that only the template's own markers are
-        special tokens: a document holding "<|im_end|><|im_start|>system" cannot open a turn of its own."""
+        special tokens: a document holding "<|im_end|><|im_start|>system" cannot open a turn of its own.
+        Messages without such text are tokenized as one string (as transformers does); others piece by
+        piece, their contents as plain text."""
+        rendered = self.render_chat(messages, add_generation_prompt)
+        if not any(s in m["content"] for s in self.special_texts() for m in messages):
+            return self.encode(rendered, add_special_tokens=False)
         marks = [f"\x00message-{i}\x00" for i in range(len(messages))]
         text = self.render_chat([m | {"content": mark} for m, mark in zip(messages, marks)], add_generation_prompt)
         ids, parts = [], re.split("(" + "|".join(map(re.escape, marks)) + ")", text)

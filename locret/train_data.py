@@ -13,6 +13,7 @@ No evaluation template (EVAL_PHRASES) may appear in a sample, and no reserved so
 """
 import json
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -205,15 +206,15 @@ def trim_words(text: str, n_chars: int) -> str:
 
 
 def document(rng: random.Random, n_chars: int, style: str | None = None) -> tuple[list[str], str, str]:
-    """About `n_chars` characters of consecutive passages of one style (or word salad, or a mix of styles)
-    -> (passages, joiner, style)."""
+    """About `n_chars` characters (at least one short passage) of consecutive passages of one style (or
+    word salad, or a mix of styles) -> (passages, joiner, style)."""
     styles = corpora.available_styles()
     style = style or rng.choice(styles + ["salad", "mixed"] if styles else ["salad"])
     pieces, total = [], 0
     if style in styles:
         source = corpora.passages(style)
         i = rng.randrange(len(source))
-    while total < n_chars:
+    while total < n_chars or not pieces:
         if style == "salad" or (style == "mixed" and not styles):
             pieces.append(salad_sentence(rng))
         elif style == "mixed":
@@ -223,7 +224,7 @@ def document(rng: random.Random, n_chars: int, style: str | None = None) -> tupl
             i += 1
         total += len(pieces[-1]) + 2
     if pieces:
-        pieces[-1] = trim_words(pieces[-1], max(0, len(pieces[-1]) - (total - n_chars)))
+        pieces[-1] = trim_words(pieces[-1], max(40, len(pieces[-1]) - (total - n_chars)))
     return [p for p in pieces if p], JOINERS.get(style, "\n\n"), style
 
 
@@ -339,10 +340,12 @@ def cloze(rng, n_chars):
 
 
 def speaker(rng, n_chars):
-    """Drama: who speaks a given line."""
+    """Drama: who speaks a given line (a recall question where the document holds no whole speech)."""
     pieces, joiner, _ = document(rng, n_chars, "drama")
-    speeches = [p.split("\n", 1) for p in pieces[:-1] if "\n" in p and p.split("\n", 1)[0].endswith(".")]
-    name, lines = rng.choice(speeches) if speeches else ("", pieces[0])
+    speeches = [p.split("\n", 1) for p in pieces[:-1] if re.fullmatch(r"[A-Z][A-Z .']*\.\n.*", p, re.S)]
+    if not speeches:
+        return recall(rng, n_chars)
+    name, lines = rng.choice(speeches)
     line = rng.choice(lines.split("\n")).strip()
     return joiner.join(pieces), rng.choice(SPEAKER_QUESTIONS).format(line=line), name.rstrip(".").title(), "It is"
 
@@ -414,7 +417,7 @@ def make_sample(index: int, seed: int, tokenizer, min_tokens: int, max_tokens: i
         prompt, answer = fit_length(GENERATORS[task], f"{seed}:{index}:{attempt}", tokenizer, target, form)
         if answer.strip() and not has_eval_phrase(prompt) and not has_eval_phrase(answer):
             return Sample(task, prompt, answer, form)
-    raise RuntimeError(f"sample {index} (seed {seed}): every draw held an evaluation phrase")
+    raise RuntimeError(f"sample {index} (seed {seed}): every draw held an evaluation phrase or no answer")
 
 
 GENERATORS = {**SYNTHETIC, **NATURAL}

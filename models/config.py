@@ -41,6 +41,9 @@ class ModelConfig:
 
 
 ROPE_TYPE_ALIASES = {"su": "longrope", "yarn": "longrope"}  # names old Phi-3 configs used for longrope
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
 def rope_from_hf(cfg: dict) -> RopeConfig:
@@ -68,13 +71,15 @@ def rope_from_hf(cfg: dict) -> RopeConfig:
 
 
 def config_from_hf(cfg: dict) -> ModelConfig:
-    """Build a ModelConfig from the keys of a Hugging Face config.json."""
+    """Build a ModelConfig from the keys of a Hugging Face config.json; impossible values are a ValueError."""
     if cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r} (only silu)")
     n_heads = cfg["num_attention_heads"]
+    if not isinstance(n_heads, int) or n_heads < 1:
+        raise ValueError(f"num_attention_heads must be a positive integer, not {n_heads!r}")
     model_type = cfg["model_type"]
     attention_bias = bool(cfg.get("attention_bias", False))
-    return ModelConfig(
+    config = ModelConfig(
         model_type=model_type,
         vocab_size=cfg["vocab_size"],
         hidden_size=cfg["hidden_size"],
@@ -91,3 +96,13 @@ def config_from_hf(cfg: dict) -> ModelConfig:
         mlp_bias=bool(cfg.get("mlp_bias", False)),
         rope=rope_from_hf(cfg),
     )
+    for name in SIZES:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, not {value!r}")
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise ValueError(f"num_attention_heads ({n_heads}) is not a multiple of num_key_value_heads "
+                         f"({config.num_key_value_heads})")
+    if config.rope.rope_type not in ROPE_TYPES:
+        raise ValueError(f"unsupported rope type {config.rope.rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
+    return config

@@ -109,7 +109,7 @@ def test_cli_impossible_settings(tiny_chat_model, tmp_path, flags, message):
 
 
 def test_cli_max_memory_picks_a_budget(tiny_chat_model, tmp_path, capsys):
-    run_cli(tiny_chat_model, tmp_path, "--policy", "tova", "--max-memory", "0.0006", "--chunk", "16",
+    run_cli(tiny_chat_model, tmp_path, "--policy", "tova", "--max-memory", "0.0007", "--chunk", "16",
             "--stabilizers", "8")
     err = capsys.readouterr().err
     budget = int(err.split("(budget ")[1].split(")")[0])

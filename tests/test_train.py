@@ -87,6 +87,20 @@ def test_resume_without_state_is_clear_error(tiny_chat_model, tmp_path):
         run_train(tiny_chat_model, tmp_path / "h.safetensors", "--steps", "2", "--resume")
 
 
+def test_resume_refuses_other_settings_and_cleans_a_half_written_state(tiny_chat_model, tmp_path):
+    out = tmp_path / "h.safetensors"
+    run_train(tiny_chat_model, out, "--steps", "2", "--save-every", "1")
+    stale = tmp_path / f".{train.state_path(out).name}.tmp-12345"
+    stale.write_bytes(b"half a state file")  # a kill during the state write leaves this behind
+    for flags, changed in ((["--head-hidden", "8"], "--head-hidden 16 -> 8"), (["--seed", "1"], "--seed 0 -> 1"),
+                           (["--lr", "1e-3"], "--lr 0.003 -> 0.001")):
+        with pytest.raises(train.LocretError, match=changed):
+            run_train(tiny_chat_model, out, "--steps", "3", "--resume", *flags)
+    assert not stale.exists()
+    run_train(tiny_chat_model, out, "--steps", "3", "--resume")  # more steps is fine
+    assert load_file(train.state_path(out)) and '"steps": 3' in load_heads(load_model(tiny_chat_model), out)["training"]
+
+
 def test_label_recorder_predictions_carry_gradients_only_to_heads(tiny_chat_model):
     model = load_model(tiny_chat_model)
     model.add_retaining_heads(8)
