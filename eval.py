@@ -44,7 +44,7 @@ SUITES = {
                     n_loc="question"),
 }
 RESULT_SETTINGS = ("ckpt", "heads_id", "seed", "form", "chunk", "stabilizers", "n_loc", "positions", "dtype",
-                   "max_new_tokens")
+                   "max_new_tokens", "unprotected_final_eviction")
 
 
 def parse_budget(text: str, length: int) -> int:
@@ -77,7 +77,8 @@ def settings_for(policy: str, budget: int, args, base, question_tokens: int) -> 
     stabilizers = args.stabilizers if args.stabilizers is not None else budget // 4
     n_loc = base.n_loc if args.n_loc is None else question_tokens if args.n_loc == "question" else int(args.n_loc)
     return EngineSettings(policy=policy, budget=budget, chunk=args.chunk or base.chunk, stabilizers=stabilizers,
-                          n_loc=n_loc, positions=args.positions, seed=args.seed)
+                          n_loc=n_loc, positions=args.positions, final_stabilizers=not args.unprotected_final_eviction,
+                          seed=args.seed)
 
 
 def check_out_folder(out: Path, args) -> None:
@@ -261,6 +262,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tokens kept out of eviction at the prompt's end, or 'question' for each item's question "
                         "(default: the zoo's; the heldout suite: question)")
     p.add_argument("--positions", choices=["compact", "original"], default="compact")
+    p.add_argument("--unprotected-final-eviction", action="store_true",
+                   help="stabilizers unprotected in the last eviction before the n_loc tail (as the official code)")
     p.add_argument("--max-new-tokens", type=int, default=128,
                    help="cap on each task's generation budget from its recipe (default: 128)")
     p.add_argument("--suite", choices=list(SUITES), default="default",

@@ -18,7 +18,7 @@ from locret.errors import LocretError, run_script
 from locret.heads import load_heads
 from locret.loading import DTYPES, load_model, stop_token_ids
 from locret.official_heads import find_heads
-from locret.memory import available_bytes, estimate, format_bytes, largest_budget
+from locret.memory import available_bytes, estimate, format_bytes, largest_budget, peak_memory_bytes
 from locret.policies import POLICIES
 from locret.sampling import Sampling
 from locret.tokenizer import Tokenizer
@@ -75,16 +75,18 @@ def engine_settings(args: argparse.Namespace, entry, prompt_tokens: int) -> Engi
         budget=pick(args.budget, base.budget), chunk=pick(args.chunk, base.chunk),
         stabilizers=pick(args.stabilizers, base.stabilizers),
         n_loc=pick(args.n_loc, min(base.n_loc, prompt_tokens - 1)),  # a short prompt is not an error
-        positions=args.positions, evict_during_decode=args.evict_during_decode, seed=args.seed)
+        positions=args.positions, evict_during_decode=args.evict_during_decode,
+        final_stabilizers=not args.unprotected_final_eviction, seed=args.seed)
 
 
 def fit_memory(model, settings: EngineSettings, args, prompt_tokens: int) -> EngineSettings:
-    """--max-memory: the largest budget whose estimate (weights, pool, activations) fits."""
+    """--max-memory: the largest budget whose estimate fits: what the process holds at its peak so far
+    (runtime, weights as loaded and converted), the pool, the activations."""
     capacity_of = lambda s: pool_capacity(s, prompt_tokens, args.max_new_tokens)
-    limit = int(args.max_memory * 2**30)
-    best = largest_budget(model, settings, limit, capacity_of, upper=prompt_tokens)  # more changes nothing
+    limit, held = int(args.max_memory * 2**30), peak_memory_bytes(model.lm_head.weight.device)
+    best = largest_budget(model, settings, limit, capacity_of, upper=prompt_tokens, held=held)  # more changes nothing
     if args.budget is not None and args.budget > best:
-        need = estimate(model, settings, capacity_of(settings)).total
+        need = estimate(model, settings, capacity_of(settings), held).total
         raise LocretError(f"--budget {args.budget} needs {format_bytes(need)}, above --max-memory "
                           f"{args.max_memory} GiB (the largest budget that fits is {best})")
     return settings if args.budget is not None else replace(settings, budget=best)
@@ -162,8 +164,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--positions", choices=["compact", "original"], default="compact",
                    help="compact: kept tokens re-indexed 0..n-1 (official); original: keep absolute positions")
     g.add_argument("--max-memory", type=float, default=None,
-                   help="GiB for weights + KV pool + activations: use the largest budget that fits")
+                   help="GiB the whole process may use at its peak (runtime, weights, KV pool, activations): "
+                        "use the largest budget that fits")
     g.add_argument("--evict-during-decode", action="store_true", help="keep evicting while generating")
+    g.add_argument("--unprotected-final-eviction", action="store_true",
+                   help="do not protect the stabilizers in the last eviction before the n_loc tail (as the "
+                        "official code); by default they are protected in every eviction")
     p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (default: 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default: 0)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default: off)")

@@ -40,6 +40,7 @@ class EngineSettings:
     n_loc: int = 100  # final prompt tokens prefilled without eviction
     positions: str = "compact"  # compact: kept tokens re-indexed 0..n-1 | original: absolute positions
     evict_during_decode: bool = False
+    final_stabilizers: bool = True  # protect them in the last eviction before the n_loc tail too (official: no)
     seed: int = 0  # for the random policy
 
     @property
@@ -146,8 +147,8 @@ class Engine:
         """Forget everything written after the pool held `length` entries of `seen` tokens (no eviction since)."""
         self.pool.length, self.pool.seen = length, seen
 
-    def evict(self) -> None:
-        self.pool.evict(self.settings.budget, self.settings.stabilizers)
+    def evict(self, protect: bool = True) -> None:
+        self.pool.evict(self.settings.budget, self.settings.stabilizers if protect else 0)
 
     def prefill(self, prompt: list[int], progress: bool = False) -> tuple[torch.Tensor, int]:
         """Chunks with eviction over all but the last n_loc tokens, then those without. -> (logits, chunks)."""
@@ -158,7 +159,7 @@ class Engine:
             for start in starts:
                 logits = self.forward(body[start:start + s.chunk], scoring=s.evicts)
                 if s.evicts and self.pool.length > s.budget:
-                    self.evict()
+                    self.evict(protect=s.final_stabilizers or start != starts[-1])
                 bar.update(len(body[start:start + s.chunk]))
             if tail:
                 logits = self.forward(tail, scoring=s.evicts and s.evict_during_decode)

@@ -46,13 +46,13 @@ def format_bytes(n: int) -> str:
 
 @dataclass
 class MemoryEstimate:
-    weights: int
+    held: int  # before the run: the weights, or all the process holds (runtime, weights as loaded) if measured
     pool: int
     activations: int
 
     @property
     def total(self) -> int:
-        return self.weights + self.pool + self.activations
+        return self.held + self.pool + self.activations
 
 
 def activation_bytes(model: CausalLM, tokens: int, attended: int, policy: str) -> int:
@@ -73,27 +73,29 @@ def activation_bytes(model: CausalLM, tokens: int, attended: int, policy: str) -
     return hidden + qkv + mlp + attention + rotated_keys + head + c.vocab_size * 4
 
 
-def estimate(model: CausalLM, settings, capacity: int) -> MemoryEstimate:
-    """Weights + KV pool + the largest step's activations (a prefill chunk over a full pool)."""
-    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+def estimate(model: CausalLM, settings, capacity: int, held: int | None = None) -> MemoryEstimate:
+    """What is `held` already (default: the weights) + KV pool + the largest step's activations (a prefill
+    chunk over a full pool)."""
+    if held is None:
+        held = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     p = model.lm_head.weight
     pool = KVPool.bytes_needed(model.config, capacity, 1, p.dtype)
     step = min(settings.chunk, capacity)
-    return MemoryEstimate(weights, pool, activation_bytes(model, step, capacity, settings.policy))
+    return MemoryEstimate(held, pool, activation_bytes(model, step, capacity, settings.policy))
 
 
-def largest_budget(model: CausalLM, settings, limit: int, capacity_of, upper: int) -> int:
+def largest_budget(model: CausalLM, settings, limit: int, capacity_of, upper: int, held: int | None = None) -> int:
     """The largest budget up to `upper` whose estimate fits in `limit` bytes.
-    `capacity_of(settings)` sizes the pool."""
+    `capacity_of(settings)` sizes the pool; `held` is what the process holds before the run."""
     def need(budget: int) -> int:
         s = replace(settings, budget=budget)
-        return estimate(model, s, capacity_of(s)).total
+        return estimate(model, s, capacity_of(s), held).total
 
     low = settings.stabilizers + 1
     high = max(upper, low)
     if need(low) > limit:
         raise LocretError(f"--max-memory {format_bytes(limit)} is too small: even budget {low} "
-                          f"needs {format_bytes(need(low))} (weights included)")
+                          f"needs {format_bytes(need(low))} (weights and runtime included)")
     while low < high:  # the estimate grows with the budget: bisect
         mid = (low + high + 1) // 2
         low, high = (mid, high) if need(mid) <= limit else (low, mid - 1)

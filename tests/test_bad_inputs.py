@@ -126,8 +126,8 @@ CASES = [
                                              "--max-new-tokens", "1000000"], None, "past the model's 256-token context"),
     ("memory-too-small", "generate", ["--policy", "knorm", "--stabilizers", "4", "--max-memory", "0.000001"], None,
      "--max-memory .* is too small"),
-    ("budget-above-max-memory", "generate", ["--policy", "knorm", "--stabilizers", "4", "--budget", "30",
-                                             "--max-memory", "0.0015"], None, "above --max-memory"),
+    ("max-memory-below-runtime", "generate", ["--policy", "knorm", "--stabilizers", "4", "--budget", "30",
+                                              "--max-memory", "0.01"], None, "runtime included"),
     ("locret-without-heads", "generate", ["--policy", "locret"], None, "--policy locret needs retaining heads"),
     # generate.py: devices and files
     ("device-cuda-absent", "generate", ["--device", "cuda"], None, "no CUDA GPU is available"),

@@ -225,3 +225,20 @@ def test_chunked_prefill_across_the_switch_equals_one_forward(save_hf, variant, 
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
     out, _ = generate(model, prompt, s, max_new_tokens=4)
     assert out == naive_greedy(model, prompt, 4)
+
+
+def test_final_eviction_protects_stabilizers_unless_asked_not_to(model):
+    """By default the last stabilizers survive every eviction; unprotected, the final one keeps the top scores."""
+    prompt = prompt_of(100, seed=2)
+    s = EngineSettings(policy="knorm", budget=24, chunk=10, stabilizers=8, n_loc=6)
+    body = len(prompt) - s.n_loc
+    kept = {}
+    for protect in (True, False):
+        with torch.inference_mode():
+            engine = Engine(model, replace(s, final_stabilizers=protect), pool_capacity(s, len(prompt), 1), len(prompt))
+            engine.prefill(prompt)
+        kept[protect] = engine.pool.index[:, :, :, :s.budget]
+    last = torch.arange(body - s.stabilizers, body)
+    all_kept = lambda index: (index[..., None] == last).any(dim=-2).all(dim=-1)  # [L, B, KVH]: every one kept
+    assert all_kept(kept[True]).all()
+    assert not all_kept(kept[False]).all()  # knorm drops some of them in some layer or head

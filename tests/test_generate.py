@@ -108,12 +108,18 @@ def test_cli_impossible_settings(tiny_chat_model, tmp_path, flags, message):
         run_cli(tiny_chat_model, tmp_path, *flags)
 
 
-def test_cli_max_memory_picks_a_budget(tiny_chat_model, tmp_path, capsys):
-    run_cli(tiny_chat_model, tmp_path, "--policy", "tova", "--max-memory", "0.0007", "--chunk", "16",
-            "--stabilizers", "8")
+def test_cli_max_memory_picks_a_budget(tiny_chat_model, tmp_path, capsys, monkeypatch):
+    """The limit counts what the process already holds (its peak so far), then the pool and activations."""
+    held = 100 * 2**20
+    monkeypatch.setattr(cli, "peak_memory_bytes", lambda device: held)
+    limit = f"{(held + 600_000) / 2**30:.12f}"  # room for about a hundred entries of the tiny model
+    run_cli(tiny_chat_model, tmp_path, "--policy", "tova", "--max-memory", limit, "--chunk", "16", "--stabilizers", "8")
     err = capsys.readouterr().err
     budget = int(err.split("(budget ")[1].split(")")[0])
     assert 16 < budget < 300  # the limit binds below the prompt length
+    with pytest.raises(cli.LocretError, match="above --max-memory"):
+        run_cli(tiny_chat_model, tmp_path, "--policy", "tova", "--max-memory", limit, "--chunk", "16",
+                "--stabilizers", "8", "--budget", str(budget + 50))
 
 
 def test_cli_heads_for_another_backbone(tiny_chat_model, tmp_path, save_hf):
