@@ -43,6 +43,8 @@ def test_budget_covering_prompt_equals_full_attention(model, policy, positions):
         logits, chunks = engine.prefill(prompt)
         full = model(torch.tensor([prompt]))[0, -1]
     assert chunks == 6  # 35 tokens in chunks of 7, then the 5-token tail
+    if s.evicts:  # the policy scored every chunk (nothing was evicted: the budget covers the prompt)
+        assert (engine.pool.scores[..., :len(prompt) - s.n_loc] != 0).any() and engine.pool.length == len(prompt)
     torch.testing.assert_close(logits, full, atol=1e-5, rtol=0)
     out, _ = generate(model, prompt, s, max_new_tokens=6)
     assert out == naive_greedy(model, prompt, 6)
