@@ -151,3 +151,12 @@ def test_no_chat_uses_the_prompt_exactly_as_given(tiny_chat_model, tmp_path, cap
     expected = hf.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=2, pad_token_id=2)[0, ids.shape[1]:]
     expected = [t for t in expected.tolist() if t != 2]
     assert out.removesuffix("\n") == Tokenizer(tiny_chat_model).decode(expected)
+
+
+def test_nan_logits_stop_generation(tiny_chat_model):
+    """Weights that turn NaN at run time (the load-time check samples only some values) stop with one line."""
+    model = load_model(tiny_chat_model)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
+    with pytest.raises(cli.LocretError, match="NaN or inf logits"):
+        generate(model, list(range(3, 20)), FULL, max_new_tokens=4)
