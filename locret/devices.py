@@ -13,14 +13,14 @@ def default_device() -> str:
 def check_device(device: str) -> str:
     """`device` if this machine has it, else one clear error."""
     try:
-        kind = torch.device(device).type
+        parsed = torch.device(device)
     except RuntimeError:
         raise LocretError(f"unknown device {device!r} (use cpu or cuda)") from None
-    if kind == "cuda" and not torch.cuda.is_available():
+    if parsed.type == "cuda" and not torch.cuda.is_available():
         raise LocretError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
-    if kind == "cuda" and torch.device(device).index is not None and torch.device(device).index >= torch.cuda.device_count():
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
         raise LocretError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
-    if kind not in ("cpu", "cuda"):
+    if parsed.type not in ("cpu", "cuda"):
         raise LocretError(f"--device {device} is not supported (use cpu or cuda)")
     return device
 

@@ -14,7 +14,10 @@ from .errors import LocretError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def read_json_object(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object file ({} where it is missing), or one clear error."""
+    if not path.is_file():
+        return {}
     try:
         value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -28,7 +31,7 @@ def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise LocretError(f"{folder}: no config.json (expected a Hugging Face model folder)")
-    cfg = read_json_object(path)
+    cfg = read_json(path)
     if cfg.get("model_type") not in MODEL_TYPES:
         raise LocretError(f"{path}: unsupported model_type {cfg.get('model_type')!r} "
                           f"(supported: {', '.join(sorted(MODEL_TYPES))})")
@@ -39,7 +42,7 @@ def safetensors_files(folder: Path) -> list[Path]:
     """The checkpoint's weight files: model.safetensors, or the shards its index names."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = read_json_object(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
             raise LocretError(f"{index}: no weight_map of tensor names to shard files")
         shards = sorted(set(weight_map.values()))
@@ -116,8 +119,7 @@ def stop_token_ids(folder: Path, tokenizer) -> set[int]:
     """End-of-turn ids: config.json and generation_config.json `eos_token_id`s plus the tokenizer's eos token."""
     ids = set()
     for name in ("config.json", "generation_config.json"):
-        path = folder / name
-        eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+        eos = read_json(folder / name).get("eos_token_id")
         ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
     eos_id = tokenizer.token_to_id(tokenizer.eos_token)
     return ids | ({eos_id} if eos_id is not None else set())

@@ -1,6 +1,5 @@
 """Tokenizers of HF-layout folders: tokenizer.json (tokenizers) or tokenizer.model (sentencepiece),
 plus tokenizer_config.json's special tokens and Jinja chat template."""
-import json
 import re
 from pathlib import Path
 
@@ -8,18 +7,12 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import LocretError
+from .loading import read_json
 
 
 def token_text(token) -> str | None:
     """Special tokens are stored as strings or as {"content": ...} dicts."""
     return token.get("content") if isinstance(token, dict) else token
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LocretError(f"{path}: not valid JSON ({e})") from None
 
 
 class SentencePieceBackend:
@@ -31,10 +24,12 @@ class SentencePieceBackend:
         self.added, self.added_by_id, self.add_bos = added, {i: t for t, i in added.items()}, add_bos
         self.split = re.compile("(" + "|".join(map(re.escape, sorted(added, key=len, reverse=True))) + ")") if added else None
 
-    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool, special_markers: bool = True) -> list[int]:
+        """With special_markers=False the added tokens' texts are plain text."""
         ids = [self.sp.bos_id()] if add_special_tokens and self.add_bos else []
-        for piece in self.split.split(text) if self.split else [text]:
-            ids += [self.added[piece]] if piece in self.added else self.sp.encode(piece) if piece else []
+        special = self.split if self.split and special_markers else None
+        for piece in special.split(text) if special else [text]:
+            ids += [self.added[piece]] if special and piece in self.added else self.sp.encode(piece) if piece else []
         return ids
 
     def decode(self, ids: list[int]) -> str:
@@ -83,10 +78,7 @@ class Tokenizer:
         except UnicodeEncodeError as e:  # lone surrogates cannot reach the tokenizer
             raise LocretError(f"text is not valid Unicode at character {e.start} (a lone surrogate)") from None
         if isinstance(self.backend, SentencePieceBackend):
-            if not special_markers:
-                return ([self.backend.sp.bos_id()] if add_special_tokens and self.backend.add_bos else []) + \
-                    self.backend.sp.encode(text)
-            return self.backend.encode(text, add_special_tokens)
+            return self.backend.encode(text, add_special_tokens, special_markers)
         self.backend.encode_special_tokens = not special_markers
         try:
             return self.backend.encode(text, add_special_tokens=add_special_tokens).ids

@@ -41,7 +41,6 @@ class ModelConfig:
 
 
 ROPE_TYPE_ALIASES = {"su": "longrope", "yarn": "longrope"}  # names old Phi-3 configs used for longrope
-ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
          "num_key_value_heads", "head_dim", "max_position_embeddings")
 
@@ -103,6 +102,4 @@ def config_from_hf(cfg: dict) -> ModelConfig:
     if config.num_attention_heads % config.num_key_value_heads:
         raise ValueError(f"num_attention_heads ({n_heads}) is not a multiple of num_key_value_heads "
                          f"({config.num_key_value_heads})")
-    if config.rope.rope_type not in ROPE_TYPES:
-        raise ValueError(f"unsupported rope type {config.rope.rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
     return config
