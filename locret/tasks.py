@@ -21,7 +21,7 @@ from typing import Callable
 
 from . import haystack, heldout
 from .errors import LocretError
-from .train_data import distinct
+from .train_values import distinct
 
 N_DEPTHS = 10  # item i puts its (first) needle at depth (i % N_DEPTHS) / (N_DEPTHS - 1)
 RULER_DEPTHS = [round(100 * i / 39) for i in range(40)]  # RULER's np.round(np.linspace(0, 100, 40)), for other needles

@@ -18,53 +18,12 @@ from collections import Counter
 from dataclasses import dataclass
 
 from . import corpora
+from .train_values import FIRST_NAMES, NAME_WORDS, SALAD_WORDS, VALUE_KINDS, distinct, random_value, subject
 
 # Evaluation benchmark templates (InfiniteBench, RULER, long-text PPL, the held-out suite): kept out of training.
 EVAL_PHRASES = ["The grass is green", "The sky is blue", "The sun is yellow", "Here we go",
                 "There and back again", "pass key", "passkey", "Remember it", "special magic",
                 "magic number", "What is the sequence of digits", "VAR ", "Paul Graham", "noise"]
-
-SALAD_WORDS = """
-able about above across act add afraid after afternoon age ago agree air all almost alone along already
-also always among amount and angry animal answer any apple arm army around arrive art ask aunt autumn away
-baby back bad bag ball bank basket bath bear beautiful bed bee before begin behind bell below bench beside
-best better between bicycle big bird bitter black blanket blow board boat body bone book border bottle
-bottom bowl box boy branch brave bread break breakfast bridge bright bring broad brother brown brush build
-burn busy butter button buy cake call calm camera candle cap car card care carpet carry cat chain chair
-chalk chance change cheap cheese chicken child chin church circle clean clear clever climb clock close
-cloth cloud coat coffee cold collar colour comb come common cook copper corner cotton country cousin cover
-cow crowd cup curtain cut dance dark daughter day deep desk dinner dirty doctor dog door drawer dream dress
-drink drive dry dust ear early earth east easy eat egg empty engine evening every eye face farm fast father
-feather fence field finger fire fish flag floor flower fly fog follow food foot forest fork friend fruit
-full garden gate gentle gift girl glass glove goat gold good grain grey hair hammer hand happy harbour hat
-heavy hill hold hole home honey horse hospital hot hour house hungry ice idea ink iron island jacket jam
-journey jug kettle kind king kitchen knee knife ladder lake lamp large late laugh lazy leaf left letter
-library light line lion lip little loud low lunch map market meadow milk minute mirror money monkey moon
-morning mother mountain mouth music nail narrow near neck needle nest net new night north nose number old
-orange oven page paint paper parcel park pen pencil people pepper picture pig pillow pin pipe plate pocket
-poor potato pretty quick quiet rabbit rain red ribbon rice ring river road roof room rope round sail salt
-sand school sea seat seed shadow sheep shelf shell ship shirt shoe shop short silver sister slow small
-smile snow soap soft song soup south spoon spring square stair star station stone street string sugar
-summer supper table tail tall tea teacher thread ticket tired toe tomato tooth towel tower town train tree
-uncle valley village wall warm watch water west wheel white wide wind window winter wire wood wool yellow
-""".split()
-NAME_WORDS = """
-amber azure birch cedar cobalt coral cypress ebony ember falcon fern flint garnet granite hazel heron
-indigo ivory jade jasper juniper kestrel lark laurel linden maple marble myrtle nickel obsidian ochre onyx
-opal osprey pearl pewter pine plover quartz raven rowan ruby russet saffron sage slate sparrow spruce
-teal thistle topaz umber walnut willow wren zinc
-""".split()
-FIRST_NAMES = """Ada Alma Amos Anya Arlo Basil Beata Bram Cora Cyrus Dalia Dario Edda Elio Enid Ezra Faye Felix
-Greta Gus Hana Hugo Ines Ivo Jana Jonas Kira Knut Lena Levi Mara Milo Nadia Nils Olga Omar Pia Quinn Rhea Rolf Sara
-Silas Tala Theo Una Uri Vera Viggo Wanda Wim Xena Yara Yusuf Zora Zeno""".split()
-LAST_NAMES = """Abbott Baird Castell Dunmore Ellery Farrow Garner Holloway Iverson Jessop Kettering Lindqvist Marchetti
-Norcross Oakley Pemberton Quayle Rasmussen Sterling Thorne Underhill Vance Whitlock Yardley Zeller Okafor Nakamura
-Petrov Haddad Moreau Brandt Szabo Kowalski Delgado Fitzroy""".split()
-MONTHS = "January February March April May June July August September October November December".split()
-UNITS = ["kg", "litres", "metres", "grams", "miles", "volts", "hours", "euros", "pounds", "degrees"]
-THINGS = ["lighthouse", "clock tower", "ferry", "telescope", "greenhouse", "boiler room", "archive", "glacier camp",
-          "radio mast", "print shop", "orchard", "mill", "weather station", "bakery", "observatory", "museum wing"]
-GROUPS = ["Society", "Guild", "Committee", "Company", "Institute", "Club", "Cooperative", "Bureau"]
 
 # (attribute, value kind): what a fact says about its subject.
 ATTRIBUTES = [("locker number", "digits"), ("badge number", "digits"), ("account number", "digits"),
@@ -127,66 +86,6 @@ class Sample:
 def has_eval_phrase(text: str) -> bool:
     lower = text.lower()
     return any(phrase.lower() in lower for phrase in EVAL_PHRASES)
-
-
-# --- random values -------------------------------------------------------------------------------
-
-def random_uuid(rng: random.Random) -> str:
-    h = f"{rng.getrandbits(128):032x}"
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{h[16:20]}-{h[20:]}"
-
-
-def random_code(rng: random.Random) -> str:
-    digits = str(rng.randint(10000, 99999))
-    letters = "".join(rng.choices("ABCDEFGHJKLMNPQRSTUVWXYZ", k=3))
-    return rng.choice([f"{digits}-{letters[0]}", f"{letters[:2]}-{rng.randint(1000, 9999)}",
-                       f"{letters}{rng.randint(100, 999)}", f"{rng.randint(10, 99)}{letters}{rng.randint(0, 9)}"])
-
-
-def random_date(rng: random.Random) -> str:
-    day, month, year = rng.randint(1, 28), rng.randint(1, 12), rng.randint(1650, 2099)
-    return rng.choice([f"{day} {MONTHS[month - 1]} {year}", f"{MONTHS[month - 1]} {day}, {year}",
-                       f"{year}-{month:02d}-{day:02d}"])
-
-
-def person(rng: random.Random) -> str:
-    return f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
-
-
-VALUE_KINDS = {
-    "digits": lambda rng: str(rng.randint(10 ** (n := rng.randint(3, 11)) // 10 * 1, 10 ** n - 1)),
-    "code": random_code,
-    "words": lambda rng: rng.choice([f"{rng.choice(NAME_WORDS)}-{rng.choice(SALAD_WORDS)}",
-                                     f"{rng.choice(SALAD_WORDS)} {rng.choice(SALAD_WORDS)}"]),
-    "name": person,
-    "date": random_date,
-    "uuid": random_uuid,
-    "amount": lambda rng: f"{rng.randint(1, 9999)}.{rng.randint(0, 99):02d} {rng.choice(UNITS)}",
-    "time": lambda rng: f"{rng.randint(0, 23):02d}:{rng.choice(range(0, 60, 5)):02d}",
-}
-
-
-def random_value(rng: random.Random, kind: str) -> str:
-    return VALUE_KINDS[kind](rng)
-
-
-def subject(rng: random.Random) -> str:
-    """Someone or something a fact is about: a person, a place, a group, a project, a thing."""
-    return rng.choice([
-        lambda: person(rng), lambda: f"the {rng.choice(THINGS)} at {rng.choice(LAST_NAMES)} Point",
-        lambda: f"the {rng.choice(LAST_NAMES)} {rng.choice(GROUPS)}", lambda: f"project {rng.choice(NAME_WORDS).title()}",
-        lambda: f"the {rng.choice(NAME_WORDS)} {rng.choice(THINGS)}", lambda: f"{rng.choice(FIRST_NAMES)}'s {rng.choice(THINGS)}",
-    ])()
-
-
-def distinct(make, n: int) -> list[str]:
-    """n distinct values from a random `make()`."""
-    values = []
-    while len(values) < n:
-        value = make()
-        if value not in values:
-            values.append(value)
-    return values
 
 
 def capital(text: str) -> str:
