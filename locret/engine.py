@@ -1,9 +1,9 @@
-"""Locret's generation: chunked prefill with eviction under a fixed budget, then decoding.
+"""Locret's engine: the settings, the KV pool and the policy, and one forward of new tokens through them.
 
-Per chunk (as in the official Locret code): run it through the model; in every layer the policy scores the
-chunk's new entries (appending to the kept entries' stored scores); then each layer keeps the
-top-`budget` entries per KV head, the last `stabilizers` protected. The prompt's last `n_loc`
-tokens are prefilled without eviction; decoding does not evict unless asked to.
+The chunk loop lives in context.py. Per chunk (as in the official Locret code): run it through the model;
+in every layer the policy scores the chunk's new entries (appending to the kept entries' stored scores);
+then each layer keeps the top-`budget` entries per KV head, the last `stabilizers` protected. The
+prompt's last `n_loc` tokens are prefilled without eviction; decoding does not evict unless asked to.
 
 Positions: in `original` mode a token keeps its prompt position, so keys are stored rotated and
 never turned again. In `compact` mode (the official default) the kept entries are re-indexed 0..n-1
@@ -11,21 +11,16 @@ after each eviction; as in the official code, keys are then stored before RoPE a
 current slot at each use (O(cache) per layer and forward), so they never drift, however many
 evictions and in any dtype. One RoPE frequency set serves a whole generation: the one a single
 forward over the prompt would use (it matters for longrope, whose factors switch with length)."""
-import time
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from models import CausalLM
 from models.rope import apply_rope
 
 from .errors import LocretError
 from .kv_pool import KVPool
-from .memory import peak_memory_bytes
 from .policies import POLICIES, Chunk, make_policy
-from .sampling import Sampling, sample
 
 
 NEEDS_HEADS = "--policy locret needs retaining heads: pass --heads FILE.safetensors"
@@ -46,23 +41,6 @@ class EngineSettings:
     @property
     def evicts(self) -> bool:
         return self.policy != "full"
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int
-    new_tokens: int
-    chunks: int
-    kept_after_prefill: int  # entries per KV head in the pool after prefill
-    prefill_seconds: float
-    decode_seconds: float
-    pool_bytes: int
-    peak_memory_bytes: int
-
-    @property
-    def compression(self) -> float:
-        """Prompt tokens per cache entry kept."""
-        return self.prompt_tokens / self.kept_after_prefill
 
 
 def check_settings(s: EngineSettings, prompt_tokens: int) -> None:
@@ -137,6 +115,13 @@ class Engine:
         (every token's, [T, V], with `all_logits`)."""
         pool, device = self.pool, self.pool.k.device
         start = pool.length if self.settings.positions == "compact" else pool.seen
+        window, vocab = self.model.config.max_position_embeddings, self.model.config.vocab_size
+        if max(tokens) >= vocab:
+            raise LocretError(f"token id {max(tokens)} is beyond the model's vocabulary of {vocab}: "
+                              "tokenizer and weights do not belong together")
+        if start + len(tokens) > window:
+            raise LocretError(f"positions would go past the model's {window}-token context ({pool.seen + len(tokens)} "
+                              "tokens so far): use a policy that evicts, with --positions compact")
         self.cache.scoring = scoring
         logits = self.model(torch.tensor([tokens], device=device), torch.arange(start, start + len(tokens), device=device),
                             self.cache, last_only=not all_logits, rope_length=self.rope_length)
@@ -150,55 +135,8 @@ class Engine:
     def evict(self, protect: bool = True) -> None:
         self.pool.evict(self.settings.budget, self.settings.stabilizers if protect else 0)
 
-    def prefill(self, prompt: list[int], progress: bool = False) -> tuple[torch.Tensor, int]:
-        """Chunks with eviction over all but the last n_loc tokens, then those without. -> (logits, chunks)."""
-        s = self.settings
-        body, tail = prompt[:len(prompt) - s.n_loc], prompt[len(prompt) - s.n_loc:]
-        starts = range(0, len(body), s.chunk)
-        with tqdm(total=len(prompt), desc="prefill", unit="tok", disable=not progress, leave=False) as bar:
-            for start in starts:
-                logits = self.forward(body[start:start + s.chunk], scoring=s.evicts)
-                if s.evicts and self.pool.length > s.budget:
-                    self.evict(protect=s.final_stabilizers or start != starts[-1])
-                bar.update(len(body[start:start + s.chunk]))
-            if tail:
-                logits = self.forward(tail, scoring=s.evicts and s.evict_during_decode)
-                bar.update(len(tail))
-        return logits, len(starts) + bool(tail)
-
     def decode_step(self, token: int) -> torch.Tensor:
         s = self.settings
         if s.evict_during_decode and s.evicts and self.pool.length == self.pool.capacity:
             self.evict()
         return self.forward([token], scoring=s.evicts and s.evict_during_decode)
-
-
-@torch.inference_mode()
-def generate(model: CausalLM, prompt: list[int], settings: EngineSettings, max_new_tokens: int,
-             stop_ids: set[int] = frozenset(), sampling: Sampling = Sampling(),
-             on_token: Callable[[int], None] | None = None, progress: bool = False
-             ) -> tuple[list[int], GenerationStats]:
-    """Prefill `prompt` under `settings`, then generate up to `max_new_tokens` (stopping at `stop_ids`)."""
-    check_settings(settings, len(prompt))
-    engine = Engine(model, settings, pool_capacity(settings, len(prompt), max_new_tokens), len(prompt))
-    device = engine.pool.k.device
-    generator = torch.Generator(device).manual_seed(sampling.seed)
-    t0 = time.perf_counter()
-    logits, chunks = engine.prefill(prompt, progress)
-    kept = engine.pool.length
-    t1 = time.perf_counter()
-    out = []
-    while True:
-        if not torch.isfinite(logits).all():  # one reduction per step: stop rather than print garbage
-            raise LocretError("the model produced NaN or inf logits (broken weights, or float16 overflow: "
-                              "try --dtype bfloat16 or float32)")
-        out.append(sample(logits, sampling, generator))
-        if on_token:
-            on_token(out[-1])
-        if out[-1] in stop_ids or len(out) == max_new_tokens:
-            break
-        logits = engine.decode_step(out[-1])
-    t2 = time.perf_counter()
-    stats = GenerationStats(len(prompt), len(out), chunks, kept, t1 - t0, t2 - t1,
-                            engine.pool.nbytes, peak_memory_bytes(device))
-    return out, stats

@@ -3,15 +3,16 @@
 Fidelity compares the compressed cache with the full one on the gold answer, teacher-forced: the
 log-likelihood gap and how often the next-token argmax agrees. It is informative even where a
 small model fails the task outright."""
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from models import CausalLM
 
-from .engine import Engine, EngineSettings, check_settings, pool_capacity
-from .memory import peak_memory_bytes
+from .context import Context
+from .engine import EngineSettings, check_settings, pool_capacity
+from .errors import LocretError
+from .kv_pool import KVPool
 from .tasks import Item, chat_messages, completion_prompt, score
 from .tokenizer import Tokenizer
 
@@ -72,13 +73,13 @@ def encode_item(tokenizer: Tokenizer, item: Item, form: str) -> Encoded:
     return Encoded(prompt, answer, needles, len(prompt) - count(context_end))
 
 
-def needle_retention(engine: Engine, needles: list[range], body: int) -> float:
+def needle_retention(pool: KVPool, needles: list[range], body: int) -> float:
     """Share of the needles' tokens before the n_loc tail (prompt index < `body`) still in the pool,
     averaged over layers and KV heads; nan if there are none."""
     wanted = [i for r in needles for i in r if i < body]
     if not wanted:
         return float("nan")
-    kept = engine.pool.index[..., :engine.pool.length]  # [L, B, KVH, n]
+    kept = pool.index[..., :pool.length]  # [L, B, KVH, n]
     return torch.isin(kept, torch.tensor(wanted, device=kept.device)).sum(dim=-1).float().mean().item() / len(wanted)
 
 
@@ -88,32 +89,50 @@ def evaluate(model: CausalLM, tokenizer: Tokenizer, item: Item, encoded: Encoded
     """Prefill, generate greedily and score; then teacher-force the gold answer for fidelity."""
     prompt, answer = encoded.prompt, encoded.answer
     check_settings(settings, len(prompt))
-    engine = Engine(model, settings, pool_capacity(settings, len(prompt), max(max_new_tokens, len(answer))), len(prompt))
-    t0 = time.perf_counter()
-    last, _ = engine.prefill(prompt)
-    t1 = time.perf_counter()
+    context = Context(model, settings, pool_capacity(settings, len(prompt), max(max_new_tokens, len(answer))), len(prompt))
     body = len(prompt) - settings.n_loc
-    retention = needle_retention(engine, encoded.needles, body)
-    after_prefill = engine.pool.length, engine.pool.seen
-    out, logits = [], last
-    while len(out) < max_new_tokens:
-        out.append(int(logits.argmax()))
-        if out[-1] in stop_ids:
-            break
-        logits = engine.forward([out[-1]], scoring=False)
-    t2 = time.perf_counter()
-    engine.rewind(*after_prefill)  # decoding never evicts: the prefilled cache is intact
-    answer_logits = torch.cat((last[None], engine.forward(answer[:-1], scoring=False, all_logits=True)))
-    log_probs = answer_logits.float().log_softmax(-1).gather(-1, torch.tensor(answer)[:, None].to(last.device))[:, 0]
+    context.feed(prompt[:body])
+    context.close()
+    retention = needle_retention(context.pool, encoded.needles, body)
+    return judge(context, tokenizer, item, prompt[body:], answer, max_new_tokens, stop_ids, reference, retention,
+                 needle_in_tail=any(r.stop > body for r in encoded.needles))
+
+
+@torch.inference_mode()
+def ask_together(model: CausalLM, tokenizer: Tokenizer, items: list[Item], encoded: list[Encoded],
+                 settings: EngineSettings, max_new_tokens: int, stop_ids: set[int]) -> list[ItemResult]:
+    """Questions on one context: compress it once, then ask each item's question of the same cache."""
+    body = len(encoded[0].prompt) - encoded[0].question_tokens
+    if any(e.prompt[:body] != encoded[0].prompt[:body] for e in encoded):
+        raise LocretError("these items do not share their context's tokens")
+    tails = [e.prompt[body:] for e in encoded]
+    room = max(map(len, tails)) + max(max_new_tokens, *(len(e.answer) for e in encoded))
+    capacity = pool_capacity(replace(settings, n_loc=0), body, room)
+    context = Context(model, settings, capacity, len(encoded[0].prompt))
+    context.feed(encoded[0].prompt[:body])
+    context.close()
+    return [judge(context, tokenizer, item, tail, e.answer, max_new_tokens, stop_ids, None,
+                  needle_retention(context.pool, e.needles, body), any(r.stop > body for r in e.needles))[0]
+            for item, e, tail in zip(items, encoded, tails)]
+
+
+def judge(context: Context, tokenizer: Tokenizer, item: Item, tail: list[int], answer: list[int], max_new_tokens: int,
+          stop_ids: set[int], reference: Reference | None, retention: float, needle_in_tail: bool
+          ) -> tuple[ItemResult, Reference]:
+    """Ask a closed context the question `tail`, score the answer and its fidelity to `reference`."""
+    out, stats = context.ask(tail, max_new_tokens, stop_ids)
+    answer_logits = context.teacher_forced(tail, answer)
+    log_probs = answer_logits.float().log_softmax(-1).gather(-1, torch.tensor(answer)[:, None].to(answer_logits.device))[:, 0]
     top1 = answer_logits.argmax(-1)
     reference = reference or Reference(log_probs, top1)
     prediction = tokenizer.decode([t for t in out if t not in stop_ids])
+    s = context.settings
     result = ItemResult(
-        policy=settings.policy, budget=settings.budget if settings.evicts else 0, prompt_tokens=len(prompt),
-        score=score(item, prediction), answer_tokens=len(answer), log_likelihood=log_probs.sum().item(), ll_gap=(log_probs.sum() - reference.log_probs.sum()).item(),
+        policy=s.policy, budget=s.budget if s.evicts else 0, prompt_tokens=stats.prompt_tokens,
+        score=score(item, prediction), answer_tokens=len(answer), log_likelihood=log_probs.sum().item(),
+        ll_gap=(log_probs.sum() - reference.log_probs.sum()).item(),
         top1_agreement=(top1 == reference.top1).float().mean().item(), needle_retention=retention,
-        needle_in_tail=any(r.stop > body for r in encoded.needles),
-        compression=len(prompt) / after_prefill[0], pool_bytes=engine.pool.nbytes,
-        prefill_tps=len(prompt) / (t1 - t0), decode_tps=len(out) / max(t2 - t1, 1e-9),
-        peak_memory=peak_memory_bytes(last.device), prediction=prediction)
+        needle_in_tail=needle_in_tail, compression=stats.compression, pool_bytes=stats.pool_bytes,
+        prefill_tps=stats.prompt_tokens / stats.prefill_seconds, decode_tps=stats.new_tokens / max(stats.decode_seconds, 1e-9),
+        peak_memory=stats.peak_memory_bytes, prediction=prediction)
     return result, reference

@@ -57,6 +57,13 @@ class KVPool:
         keys = torch.arange(self.length + n_new, device=device)
         return keys[None, :] <= self.length + torch.arange(n_new, device=device)[:, None]
 
+    def load(self, saved: dict[str, torch.Tensor], seen: int) -> None:
+        """Fill the front with saved entries: k, v [L, B, KVH, n, D], scores, index [L, B, KVH, n]."""
+        n = saved["k"].shape[3]
+        for name in ("k", "v", "scores", "index"):
+            getattr(self, name)[:, :, :, :n] = saved[name]
+        self.length, self.seen = n, seen
+
     def advance(self, n: int) -> None:
         """Mark the n entries written by the last forward as filled."""
         self.length += n

@@ -15,7 +15,7 @@ import random
 import re
 import string
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Callable
 
@@ -73,6 +73,7 @@ class Item:
     needles: list[str]    # inserted needle texts, the first at `depth`
     depth: float          # relative insertion depth of the first needle, 0..1
     instruction: str = ""  # the task's preamble, before the context
+    more: list[dict] = field(default_factory=list)  # further questions on the same context: Item fields each
 
 
 @dataclass(frozen=True)
@@ -316,20 +317,33 @@ def heldout_value(rng, kind: str) -> str:
     return f"the {day}{ORDINAL.get(day, 'th')} of {rng.choice(['March', 'June', 'October'])} {rng.randint(1801, 1899)}"
 
 
-def heldout_needle(split: str):
-    """One fact at `depth` (stretched to 0.05-0.95) in `size` words of the split's R documentation."""
+def heldout_fact(rng, subjects: list[str]) -> dict:
+    """One fact about a subject not in `subjects` (which it joins): its statement, question, cue and value."""
+    kind = rng.choice(list(HELDOUT_ATTRIBUTES))
+    attr, subj = rng.choice(HELDOUT_ATTRIBUTES[kind]), rng.choice([x for x in HELDOUT_SUBJECTS if x not in subjects])
+    subjects.append(subj)
+    value = heldout_value(rng, kind)
+    statement, question, cue = rng.choice(HELDOUT_NEEDLES)
+    fields = dict(attr=attr, subj=subj, Subj=subj[:1].upper() + subj[1:], value=value)
+    return dict(needle=statement.format(**fields), question=question.format(**fields),
+                answer_prefix=cue.format(**fields), answers=[value])
+
+
+def heldout_needle(split: str, n_facts: int = 1):
+    """`n_facts` facts in `size` words of the split's R documentation, the first at `depth` and the others
+    spread evenly after it (depths stretched to 0.05-0.95, wrapping round). The item asks about the first;
+    `more` holds the questions about the others (eval.py --multi-question asks them all)."""
     def build(rng, size, depth, tokenizer):
-        kind = rng.choice(list(HELDOUT_ATTRIBUTES))
-        attr, subj, value = rng.choice(HELDOUT_ATTRIBUTES[kind]), rng.choice(HELDOUT_SUBJECTS), heldout_value(rng, kind)
-        statement, question, cue = rng.choice(HELDOUT_NEEDLES)
-        fields = dict(attr=attr, subj=subj, Subj=subj[:1].upper() + subj[1:], value=value)
+        subjects = []
+        facts = [heldout_fact(rng, subjects) for _ in range(n_facts)]
         words = words_of(heldout.text(split))
         start = rng.randrange(len(words) - MAX_HAYSTACK_WORDS)
         sentences = re.split(r"(?<=[.!?])\s+(?=[A-Z(])", " ".join(words[start:start + size])) if size else []
-        depth = 0.05 + 0.9 * depth
-        needle = statement.format(**fields)
-        return dict(context=" ".join(insert(sentences, [needle], [depth])), question=question.format(**fields),
-                    answer_prefix=cue.format(**fields), answers=[value], needles=[needle], depth=depth)
+        depths = [0.05 + 0.9 * ((depth + i / n_facts) % 1.0001) for i in range(n_facts)]
+        needles = [f.pop("needle") for f in facts]
+        more = [dict(f, needles=[n], depth=d) for f, n, d in zip(facts[1:], needles[1:], depths[1:])]
+        return dict(context=" ".join(insert(sentences, needles, depths)), **facts[0], needles=needles[:1],
+                    depth=depths[0], more=more)
     return Task(build, "{context}\n\n{question}", "\n", string_match_all, 16)
 
 
@@ -348,6 +362,7 @@ TASKS: dict[str, Task] = {  # names, settings and generation budgets as in Infin
     "perplexity": Task(passage(lambda: haystack.essays()), "{context}", "", not_scored, 0, exact_size=True),
     # The held-out suite (eval.py --suite heldout): val for choices, test for published figures.
     **{f"heldout_{split}": heldout_needle(split) for split in heldout.SOURCES},
+    **{f"heldout_multi_{split}": heldout_needle(split, n_facts=4) for split in heldout.SOURCES},
     **{f"heldout_text_{split}": Task(passage(lambda split=split: heldout.text(split)), "{context}", "", not_scored, 0,
                                      exact_size=True) for split in heldout.SOURCES},
 }
@@ -370,6 +385,11 @@ def chat_messages(item: Item) -> list[dict]:
     """The chat form: one user turn holding the body (a caller may still start the assistant turn with
     item.answer_prefix, as RULER's chat templates do)."""
     return [{"role": "user", "content": prompt_body(item)}]
+
+
+def questions_of(item: Item) -> list[Item]:
+    """The item and one item per further question on its context."""
+    return [item] + [replace(item, **fields, more=[]) for fields in item.more]
 
 
 def score(item: Item, prediction: str) -> float:

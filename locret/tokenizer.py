@@ -1,5 +1,6 @@
 """Tokenizers of HF-layout folders: tokenizer.json (tokenizers) or tokenizer.model (sentencepiece),
 plus tokenizer_config.json's special tokens and Jinja chat template."""
+import itertools
 import re
 from pathlib import Path
 
@@ -13,6 +14,13 @@ from .loading import read_json
 def token_text(token) -> str | None:
     """Special tokens are stored as strings or as {"content": ...} dicts."""
     return token.get("content") if isinstance(token, dict) else token
+
+
+def check_unicode(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # lone surrogates cannot reach the tokenizer
+        raise LocretError(f"text is not valid Unicode at character {e.start} (a lone surrogate)") from None
 
 
 class SentencePieceBackend:
@@ -31,6 +39,23 @@ class SentencePieceBackend:
         for piece in special.split(text) if special else [text]:
             ids += [self.added[piece]] if special and piece in self.added else self.sp.encode(piece) if piece else []
         return ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Plain text's ids and each token's (start, end) characters in `text`, from the pieces' byte
+        lengths; where the model's normalization rewrote the text, a LocretError."""
+        ids = self.sp.encode(text)
+        if not ids:
+            return [], []
+        sizes = [1 if self.sp.is_byte(i) else len(self.sp.id_to_piece(i).replace("\u2581", " ").encode()) for i in ids]
+        extra = sum(sizes) - len(text.encode("utf-8"))  # the dummy-prefix space the model may add
+        if extra not in (0, 1) or (extra and not self.sp.id_to_piece(ids[0]).startswith("\u2581")):
+            raise LocretError("this sentencepiece model rewrites text as it tokenizes (normalization): it cannot "
+                              "tokenize a stream; give the prompt whole, without --question")
+        sizes[0] -= extra
+        chars, ends = [0], list(itertools.accumulate(sizes))  # chars: character index of each byte offset
+        for ch in text:
+            chars += [chars[-1] + 1] * len(ch.encode("utf-8"))
+        return ids, [(chars[end - size], chars[end]) for end, size in zip(ends, sizes)]
 
     def decode(self, ids: list[int]) -> str:
         out, run = [], []
@@ -73,10 +98,7 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True, special_markers: bool = True) -> list[int]:
         """Token ids of `text`; with special_markers=False, text such as "<|im_end|>" is plain text, not
         the special token (for what a user wrote)."""
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:  # lone surrogates cannot reach the tokenizer
-            raise LocretError(f"text is not valid Unicode at character {e.start} (a lone surrogate)") from None
+        check_unicode(text)
         if isinstance(self.backend, SentencePieceBackend):
             return self.backend.encode(text, add_special_tokens, special_markers)
         self.backend.encode_special_tokens = not special_markers
@@ -84,6 +106,22 @@ class Tokenizer:
             return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         finally:
             self.backend.encode_special_tokens = False
+
+    def encode_plain(self, text: str) -> list[int]:
+        """What a user wrote, as ids: no BOS, special-token texts as plain text."""
+        return self.encode(text, add_special_tokens=False, special_markers=False)
+
+    def encode_plain_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """encode_plain's ids and each token's (start, end) characters in `text`."""
+        check_unicode(text)
+        if isinstance(self.backend, SentencePieceBackend):
+            return self.backend.encode_with_offsets(text)
+        self.backend.encode_special_tokens = True
+        try:
+            encoding = self.backend.encode(text, add_special_tokens=False)
+        finally:
+            self.backend.encode_special_tokens = False
+        return encoding.ids, encoding.offsets
 
     def decode(self, ids: list[int]) -> str:
         if isinstance(self.backend, SentencePieceBackend):
@@ -116,6 +154,12 @@ class Tokenizer:
             elif part:
                 ids += self.encode(part, add_special_tokens=False)
         return ids
+
+    def chat_frame(self) -> tuple[str, str]:
+        """The chat template's text before and after one user message's content."""
+        mark = "\x00content\x00"
+        head, _, tail = self.render_chat([{"role": "user", "content": mark}]).partition(mark)
+        return head, tail
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The chat template applied to `messages`, as text (encode it with add_special_tokens=False)."""

@@ -71,7 +71,8 @@ def write_tiny_tokenizer(folder, vocab_size=128):
 @pytest.fixture
 def tiny_chat_model(save_hf):
     """A tiny random Llama folder with a tokenizer and chat template, loadable by generate.py."""
-    _, folder = save_hf(tiny_llama_config(eos_token_id=2, bos_token_id=None, pad_token_id=None), name="tiny-chat")
+    _, folder = save_hf(tiny_llama_config(eos_token_id=2, bos_token_id=None, pad_token_id=None,
+                                          max_position_embeddings=1024), name="tiny-chat")
     write_tiny_tokenizer(folder)
     return folder
 

@@ -15,7 +15,8 @@ from tokenizers import Tokenizer
 
 from locret import default_model as dm
 from locret.errors import LocretError
-from locret.engine import EngineSettings, generate
+from locret.context import generate
+from locret.engine import EngineSettings
 from locret.loading import load_model, stop_token_ids
 from locret.tokenizer import Tokenizer as ChatTokenizer
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import longrope, naive_greedy, tiny_llama_config, tiny_phi3_config
-from locret.engine import Engine, EngineSettings, check_settings, generate, pool_capacity
+from locret.context import Context, generate
+from locret.engine import Engine, EngineSettings, check_settings, pool_capacity
 from locret.errors import LocretError
 from locret.heads import load_heads, save_heads
 from locret.loading import load_model
@@ -39,10 +40,11 @@ def test_budget_covering_prompt_equals_full_attention(model, policy, positions):
     prompt = prompt_of(40)
     s = EngineSettings(policy=policy, budget=64, chunk=7, stabilizers=4, n_loc=5, positions=positions)
     with torch.inference_mode():
-        engine = Engine(model, s, pool_capacity(s, len(prompt), 6), len(prompt))
-        logits, chunks = engine.prefill(prompt)
+        context = Context(model, s, pool_capacity(s, len(prompt), 6), len(prompt))
+        logits = context.prefill(prompt)
         full = model(torch.tensor([prompt]))[0, -1]
-    assert chunks == 6  # 35 tokens in chunks of 7, then the 5-token tail
+    assert context.chunks == 5  # 35 tokens in chunks of 7, then the 5-token tail
+    engine = context.engine
     if s.evicts:  # the policy scored every chunk (nothing was evicted: the budget covers the prompt)
         assert (engine.pool.scores[..., :len(prompt) - s.n_loc] != 0).any() and engine.pool.length == len(prompt)
     torch.testing.assert_close(logits, full, atol=1e-5, rtol=0)
@@ -82,8 +84,9 @@ def check_keys_turned_to_their_positions(model, monkeypatch, settings, prompt, a
     scratch at its position: its slot (compact, re-indexed 0..n-1) or its prompt index (original)."""
     pre_rope = record_pre_rope_keys(model, monkeypatch)
     with torch.inference_mode():
-        engine = Engine(model, settings, pool_capacity(settings, len(prompt), 1), len(prompt))
-        engine.prefill(prompt)
+        context = Context(model, settings, pool_capacity(settings, len(prompt), 1), len(prompt))
+        context.prefill(prompt)
+        engine = context.engine
         n = engine.pool.length
         attended = keys_attended(engine, 5)
     assert n == settings.budget + settings.n_loc
@@ -116,8 +119,9 @@ def test_eviction_keeps_budget_and_stabilizers(model):
     prompt = prompt_of(100, seed=2)
     s = EngineSettings(policy="random", budget=24, chunk=10, stabilizers=8, n_loc=6)
     with torch.inference_mode():
-        engine = Engine(model, s, pool_capacity(s, len(prompt), 1), len(prompt))
-        engine.prefill(prompt)
+        context = Context(model, s, pool_capacity(s, len(prompt), 1), len(prompt))
+        context.prefill(prompt)
+        engine = context.engine
     index = engine.pool.index[:, :, :, :engine.pool.length]
     body = len(prompt) - s.n_loc
     assert engine.pool.length == s.budget + s.n_loc
@@ -129,15 +133,16 @@ def test_eviction_keeps_budget_and_stabilizers(model):
 
 
 def test_pool_never_moves_and_has_the_same_size_for_1k_and_16k_prompts(model):
-    s = EngineSettings(policy="locret", budget=64, chunk=256, stabilizers=16, n_loc=20)
+    s = EngineSettings(policy="locret", budget=64, chunk=128, stabilizers=16, n_loc=20)
     sizes = []
     for n in (1024, 16384):
         prompt = prompt_of(n, seed=3)
         with torch.inference_mode():
-            engine = Engine(model, s, pool_capacity(s, n, 8), n)
+            context = Context(model, s, pool_capacity(s, n, 8), n)
+            engine = context.engine
             buffers = (engine.pool.k, engine.pool.v, engine.pool.scores, engine.pool.index, engine.pool.scratch)
             before = [(b.data_ptr(), b.shape) for b in buffers]
-            logits, _ = engine.prefill(prompt)
+            logits = context.prefill(prompt)
             for _ in range(8):
                 logits = engine.decode_step(int(logits.argmax()))
         assert [(b.data_ptr(), b.shape) for b in buffers] == before
@@ -222,7 +227,7 @@ def test_chunked_prefill_across_the_switch_equals_one_forward(save_hf, variant, 
     prompt = prompt_of(93, seed=5)
     s = EngineSettings(policy="full", chunk=chunk, n_loc=5)
     with torch.inference_mode():
-        logits, _ = Engine(model, s, pool_capacity(s, len(prompt), 1), len(prompt)).prefill(prompt)
+        logits = Context(model, s, pool_capacity(s, len(prompt), 1), len(prompt)).prefill(prompt)
         expected = hf(torch.tensor([prompt])).logits[0, -1]
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
     out, _ = generate(model, prompt, s, max_new_tokens=4)
@@ -237,9 +242,9 @@ def test_final_eviction_protects_stabilizers_unless_asked_not_to(model):
     kept = {}
     for protect in (True, False):
         with torch.inference_mode():
-            engine = Engine(model, replace(s, final_stabilizers=protect), pool_capacity(s, len(prompt), 1), len(prompt))
-            engine.prefill(prompt)
-        kept[protect] = engine.pool.index[:, :, :, :s.budget]
+            context = Context(model, replace(s, final_stabilizers=protect), pool_capacity(s, len(prompt), 1), len(prompt))
+            context.prefill(prompt)
+        kept[protect] = context.pool.index[:, :, :, :s.budget]
     last = torch.arange(body - s.stabilizers, body)
     all_kept = lambda index: (index[..., None] == last).any(dim=-2).all(dim=-1)  # [L, B, KVH]: every one kept
     assert all_kept(kept[True]).all()

@@ -157,3 +157,26 @@ def test_heldout_suite_keeps_just_the_question_uncompressed(tiny_chat_model, tmp
             assert r["compression"] == r["prompt_tokens"] / r["budget"]
     table = list(csv.DictReader(open(tmp_path / "table.csv")))
     assert {(t["policy"], t["length"], t["n"]) for t in table} == {("full", "400", "2"), ("knorm", "400", "2")}
+
+
+def test_multi_question_suite_asks_one_context_what_separate_compressions_ask(tiny_chat_model, tmp_path, monkeypatch):
+    """Four facts per document: shared asks them of one compressed context; with n_loc just the question,
+    the eviction sees the same document either way, so both modes give the same predictions."""
+    from locret import heldout
+    text = " ".join(f"Option {i} now names the file it could not read, instead of failing quietly." for i in range(3000))
+    monkeypatch.setattr(heldout, "text", lambda split: text)
+    cli.main(cli.parse_args(["--ckpt", str(tiny_chat_model), "--out", str(tmp_path), "--suite", "multiquestion",
+                             "--lengths", "800", "--n", "2", "--policies", "full,knorm", "--chunk", "64",
+                             "--max-new-tokens", "6", "--dtype", "float32", "--device", "cpu"]))
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 * 2 and all(len(r["scores"]) == 4 for r in rows)
+    by_mode = {(r["index"], r["policy"], r["mode"]): r for r in rows}
+    for index in range(2):
+        for policy in ("full", "knorm"):
+            shared, separate = by_mode[(index, policy, "shared")], by_mode[(index, policy, "separate")]
+            assert shared["predictions"] == separate["predictions"]
+            assert shared["needle_kept"] == separate["needle_kept"]
+    table = list(csv.DictReader(open(tmp_path / "table.csv")))
+    assert {(t["policy"], t["mode"], t["n"]) for t in table} == {
+        (p, m, "8") for p in ("full", "knorm") for m in ("shared", "separate")}
+    assert all(float(t["seconds_per_doc"]) > 0 for t in table)

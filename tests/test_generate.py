@@ -7,7 +7,8 @@ import torch
 
 import generate as cli
 from conftest import naive_greedy
-from locret.engine import EngineSettings, generate
+from locret.context import generate
+from locret.engine import EngineSettings
 from locret.sampling import Sampling, sample
 from locret.loading import load_model, stop_token_ids
 from locret.tokenizer import Tokenizer

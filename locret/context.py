@@ -1,0 +1,193 @@
+"""A compressed context: a document prefilled chunk by chunk as it arrives, under the fixed budget, then
+asked any number of questions from the same compressed cache (each answer is forgotten after it).
+
+    context = Context(model, settings, capacity, rope_length, tokenizer)
+    context.feed_text(piece)  # repeatedly; or feed(ids). A chunk runs (and evicts) once it is full
+    answer, stats = context.ask(question_ids, max_new_tokens=32)
+    context.save("doc.ctx.safetensors")  # Context.load(...) answers from it without the document
+
+A full chunk runs only once a token after it arrives, so the document's last chunk is known when the
+first question closes the context, and it is evicted as in the official code: stabilizers protected
+unless `settings.final_stabilizers` is off. The question is the uncompressed n_loc tail. Nothing kept
+grows with the document: neither its text nor its token ids."""
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from models import CausalLM
+
+from . import context_file
+from .engine import Engine, EngineSettings, check_settings, pool_capacity
+from .errors import LocretError
+from .memory import peak_memory_bytes
+from .sampling import Sampling, sample
+from .text_stream import StreamEncoder
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int  # the context's and the question's
+    new_tokens: int
+    chunks: int
+    kept_after_prefill: int  # entries per KV head in the pool after prefill (the question included)
+    prefill_seconds: float  # the context's prefill (0 when loaded) and the question's
+    question_tokens: int
+    question_seconds: float
+    decode_seconds: float
+    pool_bytes: int
+    peak_memory_bytes: int
+
+    @property
+    def compression(self) -> float:
+        """Prompt tokens per cache entry kept."""
+        return self.prompt_tokens / self.kept_after_prefill
+
+
+class Context:
+    """One document in one pool. `capacity`: entries per KV head (pool_capacity() of the settings);
+    `rope_length`: the prompt length that picks the RoPE frequencies (for a stream of unknown length,
+    the model's window); a `tokenizer` enables feed_text()."""
+
+    def __init__(self, model: CausalLM, settings: EngineSettings, capacity: int, rope_length: int,
+                 tokenizer: Tokenizer | None = None, progress: bool = False, total: int | None = None):
+        self.engine = Engine(model, settings, capacity, rope_length)
+        self.settings, self.pool = settings, self.engine.pool
+        self.encoder = StreamEncoder(tokenizer) if tokenizer else None
+        self.pending: list[int] = []  # fed ids not prefilled yet: at most one chunk
+        self.tokens = self.chunks = 0  # prefilled so far, chunks run
+        self.prefill_seconds, self.last_logits = 0.0, None
+        self.closed_at: tuple[int, int] | None = None  # (pool length, tokens seen) once closed
+        self.spent = False  # decoding evicted: the context cannot be rewound to answer again
+        self.bar = tqdm(total=total, desc="prefill", unit="tok", disable=not progress, leave=False)
+
+    def feed(self, ids: list[int]) -> None:
+        """Append token ids to the document; every chunk that more ids follow runs now."""
+        if self.closed_at:
+            raise LocretError("the context is closed: feed the whole document before the first question")
+        ids, start, chunk = self.pending + list(ids), 0, self.settings.chunk
+        while len(ids) - start > chunk:  # not the document's last chunk
+            self.run_chunk(ids[start:start + chunk], protect=True)
+            start += chunk
+        self.pending = ids[start:]
+
+    def feed_text(self, text: str) -> None:
+        """Append text, tokenized incrementally (the same ids as tokenizing the whole document)."""
+        if self.encoder is None:
+            raise LocretError("feed_text needs a Context made with a tokenizer")
+        self.feed(self.encoder.push(text))
+
+    def run_chunk(self, tokens: list[int], protect: bool) -> None:
+        s, t0 = self.settings, time.perf_counter()
+        self.last_logits = self.engine.forward(tokens, scoring=s.evicts)
+        if s.evicts and self.pool.length > s.budget:
+            self.engine.evict(protect)
+        self.prefill_seconds += time.perf_counter() - t0
+        self.tokens, self.chunks = self.tokens + len(tokens), self.chunks + 1
+        self.bar.update(len(tokens))
+        self.bar.set_postfix(cache=self.pool.length, refresh=False)
+
+    def close(self) -> None:
+        """End the document: run its last chunk (on the first question, or before saving)."""
+        if self.closed_at:
+            return
+        if self.encoder:
+            self.feed(self.encoder.finish())
+        if self.pending:
+            self.run_chunk(self.pending, protect=self.settings.final_stabilizers)
+        self.pending, self.closed_at = [], (self.pool.length, self.pool.seen)
+        self.bar.close()
+
+    def start(self, tail: list[int]) -> torch.Tensor:
+        """Close, then run `tail` (the question) without eviction; its last token's logits [V]."""
+        self.close()
+        if self.spent:
+            raise LocretError("this context evicted while decoding (--evict-during-decode): it answered its one question")
+        self.engine.rewind(*self.closed_at)
+        if not tail:
+            if self.last_logits is None:
+                raise LocretError("nothing to answer from: the context and the question are both empty")
+            return self.last_logits
+        s, t0 = self.settings, time.perf_counter()
+        logits = self.engine.forward(tail, scoring=s.evicts and s.evict_during_decode)
+        self.prefill_seconds += time.perf_counter() - t0
+        return logits
+
+    @torch.inference_mode()
+    def prefill(self, prompt: list[int]) -> torch.Tensor:
+        """Feed all but the prompt's last n_loc tokens, close, and run those: the last logits [V]."""
+        body = len(prompt) - self.settings.n_loc
+        self.feed(prompt[:body])
+        return self.start(prompt[body:])
+
+    @torch.inference_mode()
+    def ask(self, tail: list[int], max_new_tokens: int, stop_ids: set[int] = frozenset(),
+            sampling: Sampling = Sampling(), on_token: Callable[[int], None] | None = None
+            ) -> tuple[list[int], GenerationStats]:
+        """Answer after the question `tail` (token ids): up to `max_new_tokens`, stopping at `stop_ids`.
+        The context is as before afterwards, ready for another question."""
+        before = self.prefill_seconds
+        logits = self.start(tail)
+        question_seconds, kept = self.prefill_seconds - before, self.pool.length
+        self.prefill_seconds = before
+        generator = torch.Generator(logits.device).manual_seed(sampling.seed)
+        out, t0 = [], time.perf_counter()
+        while len(out) < max_new_tokens:
+            if not torch.isfinite(logits).all():  # one reduction per step: stop rather than print garbage
+                raise LocretError("the model produced NaN or inf logits (broken weights, or float16 overflow: "
+                                  "try --dtype bfloat16 or float32)")
+            out.append(sample(logits, sampling, generator))
+            if on_token:
+                on_token(out[-1])
+            if out[-1] in stop_ids or len(out) == max_new_tokens:
+                break
+            logits = self.engine.decode_step(out[-1])
+        self.spent = self.pool.length < self.closed_at[0] + len(tail)  # an eviction happened while decoding
+        if not self.spent:
+            self.engine.rewind(*self.closed_at)
+        stats = GenerationStats(self.tokens + len(tail), len(out), self.chunks + bool(tail), kept,
+                                before + question_seconds, len(tail), question_seconds, time.perf_counter() - t0, self.pool.nbytes,
+                                peak_memory_bytes(logits.device))
+        return out, stats
+
+    @torch.inference_mode()
+    def teacher_forced(self, tail: list[int], answer: list[int]) -> torch.Tensor:
+        """Logits [len(answer), V] predicting each token of `answer` after the question `tail`."""
+        last = self.start(tail)
+        logits = torch.cat((last[None], self.engine.forward(answer[:-1], scoring=False, all_logits=True)))
+        self.engine.rewind(*self.closed_at)
+        return logits
+
+    def save(self, path, **metadata: str) -> None:
+        """Write the compressed context (closing it first), with `metadata` strings (e.g. the prompt form)."""
+        self.close()
+        context_file.write(self, path, metadata)
+
+    @classmethod
+    def load(cls, path, model: CausalLM, room: int, positions: str | None = None) -> tuple["Context", dict]:
+        """A closed context from `path`, with `room` entries free for a question and its answer. Refuses a
+        file from another model, retaining heads, dtype or (if given) position mode. -> (context, metadata)"""
+        tensors, meta, settings = context_file.read(path, model, positions)
+        length = tensors["k"].shape[3]
+        context = cls(model, settings, length + room, int(meta["rope_length"]))
+        context.pool.load(tensors, seen=int(meta["seen"]))
+        context.tokens, context.closed_at = int(meta["tokens"]), (length, int(meta["seen"]))
+        context.bar.close()
+        return context, meta
+
+
+@torch.inference_mode()
+def generate(model: CausalLM, prompt: list[int], settings: EngineSettings, max_new_tokens: int,
+             stop_ids: set[int] = frozenset(), sampling: Sampling = Sampling(),
+             on_token: Callable[[int], None] | None = None, progress: bool = False
+             ) -> tuple[list[int], GenerationStats]:
+    """Prefill `prompt` under `settings` (its last n_loc tokens as the question), then generate."""
+    check_settings(settings, len(prompt))
+    capacity = pool_capacity(settings, len(prompt), max_new_tokens)
+    context = Context(model, settings, capacity, len(prompt), progress=progress, total=len(prompt))
+    body = len(prompt) - settings.n_loc
+    context.feed(prompt[:body])
+    return context.ask(prompt[body:], max_new_tokens, stop_ids, sampling, on_token)

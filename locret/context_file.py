@@ -1,0 +1,103 @@
+"""A saved context: the pool's filled entries (K, V, scores, token indices) as safetensors, with metadata
+naming what made them (model, retaining heads, dtype, settings), so a file is only used with the same."""
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from models import CausalLM
+
+from .engine import EngineSettings
+from .errors import LocretError
+from .heads import head_tensors
+
+FORMAT = "locret-context/1"
+POOL_TENSORS = ("k", "v", "scores", "index")
+
+
+def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """A cheap identity of weights: each tensor's name, shape and 192 of its values."""
+    digest = hashlib.sha256()
+    for name, t in sorted(tensors.items()):
+        flat = t.detach().reshape(-1)
+        sample = torch.cat((flat[:64], flat[-64:], flat[::max(1, flat.numel() // 64)][:64])).float().cpu()
+        digest.update(f"{name}{tuple(t.shape)}".encode() + sample.numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def identities(model: CausalLM) -> tuple[str, str]:
+    """(backbone, retaining heads) fingerprints of `model`; heads "" when it has none."""
+    heads = head_tensors(model)
+    backbone = {k: v for k, v in model.state_dict().items() if k not in heads}
+    return fingerprint(backbone), fingerprint(heads) if heads else ""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def write(context, path: str | Path, extra: dict[str, str]) -> None:
+    """Write a closed context atomically (a temporary file renamed into place)."""
+    pool, n, settings = context.pool, context.pool.length, context.settings
+    backbone, heads = identities(context.engine.model)
+    metadata = {**extra, "format": FORMAT, "model": backbone, "heads": heads if settings.policy == "locret" else "",
+                "dtype": dtype_name(pool.k.dtype), "settings": json.dumps(asdict(settings)),
+                "rope_length": str(context.engine.rope_length), "seen": str(pool.seen), "tokens": str(context.tokens)}
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({name: getattr(pool, name)[:, :, :, :n].contiguous() for name in POOL_TENSORS}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise LocretError(f"cannot write context {path}: {e.strerror}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read(path: str | Path, model: CausalLM, positions: str | None) -> tuple[dict, dict, EngineSettings]:
+    """(pool tensors, metadata, settings) of a context file made with this model, its heads and dtype."""
+    path = Path(path)
+    if not path.is_file():
+        raise LocretError(f"context file {path} not found")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise LocretError(f"{path}: not a locret context file (no {FORMAT} metadata)")
+            tensors = {k: f.get_tensor(k) for k in POOL_TENSORS}
+        settings = EngineSettings(**json.loads(meta["settings"]))
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as e:
+        raise LocretError(f"{path}: unreadable context file ({type(e).__name__}: {e})") from None
+    missing = sorted({"dtype", "model", "heads", "rope_length", "seen", "tokens"} - meta.keys())
+    if missing or not all(meta[k].isdigit() for k in ("rope_length", "seen", "tokens")):
+        raise LocretError(f"{path}: unreadable context file (metadata {', '.join(missing) or 'numbers'} missing or wrong)")
+    check_fits(path, meta, settings, model, positions)
+    check_shapes(path, tensors, model)
+    return tensors, meta, settings
+
+
+def check_fits(path: Path, meta: dict, settings: EngineSettings, model: CausalLM, positions: str | None) -> None:
+    dtype = dtype_name(model.lm_head.weight.dtype)
+    if meta["dtype"] != dtype:
+        raise LocretError(f"{path} was saved in {meta['dtype']}, the model is loaded in {dtype}: pass --dtype {meta['dtype']}")
+    backbone, heads = identities(model)
+    if meta["model"] != backbone:
+        raise LocretError(f"{path} was made with another model: load the model that compressed it")
+    if meta["heads"] and meta["heads"] != heads:
+        raise LocretError(f"{path} was compressed by other retaining heads: load the heads that made it (--heads)")
+    if positions and positions != settings.positions:
+        raise LocretError(f"{path} holds --positions {settings.positions} entries, not {positions}")
+
+
+def check_shapes(path: Path, tensors: dict, model: CausalLM) -> None:
+    c = model.config
+    L, H, D = c.num_hidden_layers, c.num_key_value_heads, c.head_dim
+    n = tensors["k"].shape[3] if tensors["k"].dim() == 5 else -1
+    expected = {"k": (L, 1, H, n, D), "v": (L, 1, H, n, D), "scores": (L, 1, H, n), "index": (L, 1, H, n)}
+    if n < 1 or any(tuple(tensors[k].shape) != shape for k, shape in expected.items()):
+        raise LocretError(f"{path}: pool tensors do not fit this model ({L} layers, {H} KV heads of {D})")
