@@ -80,6 +80,7 @@ class Context:
             raise LocretError("feed_text needs a Context made with a tokenizer")
         self.feed(self.encoder.push(text))
 
+    @torch.inference_mode()  # every forward and eviction: heads' parameters must not build a graph
     def run_chunk(self, tokens: list[int], protect: bool) -> None:
         s, t0 = self.settings, time.perf_counter()
         self.last_logits = self.engine.forward(tokens, scoring=s.evicts)
@@ -101,6 +102,7 @@ class Context:
         self.pending, self.closed_at = [], (self.pool.length, self.pool.seen)
         self.bar.close()
 
+    @torch.inference_mode()
     def start(self, tail: list[int]) -> torch.Tensor:
         """Close, then run `tail` (the question) without eviction; its last token's logits [V]."""
         self.close()

@@ -262,3 +262,13 @@ def test_cli_loaded_context_in_the_other_form_is_refused(tiny_chat_model, tmp_pa
                    "--stabilizers", "4", "--chunk", "32", "--save-context", str(tmp_path / "c.safetensors")).returncode == 0
     run = run_cli(tiny_chat_model, "--load-context", str(tmp_path / "c.safetensors"), "--question", "q", "--no-chat")
     assert run.returncode == 1 and run.stderr.count("\n") == 1 and "holds a chat-form context: drop --no-chat" in run.stderr
+
+
+def test_feeding_outside_inference_mode_builds_no_graph(model):
+    """The heads' parameters require grad: a forward outside inference mode would chain every chunk's
+    scores into one autograd graph that grows with the stream (it did: 6 GB at 60K tokens)."""
+    assert any(p.requires_grad for h in model.retaining_heads for p in h.parameters())
+    context = Context(model, SETTINGS, pool_capacity(SETTINGS, 10**9, 8), 1024)
+    context.feed(ids_of(200))
+    assert not context.pool.scores.requires_grad and not context.pool.k.requires_grad
+    assert not context.last_logits.requires_grad
