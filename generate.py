@@ -17,8 +17,10 @@ compressed document can be saved, and asked more questions later at the cost of 
 import argparse
 import math
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import torch
 
 from locret.devices import check_device, default_device, default_dtype
 from locret.context import Context, GenerationStats
@@ -32,7 +34,7 @@ from locret.policies import POLICIES
 from locret.sampling import Sampling
 from locret.text_stream import read_blocks
 from locret.tokenizer import Tokenizer
-from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
+from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, ZooEntry, resolve_checkpoint
 
 
 def read_prompt(source: str) -> str:
@@ -64,6 +66,22 @@ class Streamer:
             sys.stdout.write(text[self.printed:])
             sys.stdout.flush()
             self.printed = len(text)
+
+
+@dataclass
+class Run:
+    """What every way of answering needs."""
+    args: argparse.Namespace
+    folder: Path
+    entry: ZooEntry | None
+    tokenizer: Tokenizer
+    device: torch.device
+    dtype: torch.dtype
+    stop_ids: set[int]
+
+    @property
+    def chat(self) -> bool:
+        return not self.args.no_chat
 
 
 def heads_file(args: argparse.Namespace, entry) -> str | None:
@@ -133,13 +151,13 @@ def prepare(args, settings: EngineSettings, model, prompt_tokens: int | None) ->
     return settings, capacity
 
 
-def load_backbone(args, folder, entry, device, dtype, heads: bool):
+def load_backbone(run: Run, heads: bool):
     """The model, with retaining heads attached if `heads`."""
-    if heads and not has_heads(args, entry):
+    if heads and not has_heads(run.args, run.entry):
         raise LocretError(NEEDS_HEADS)
-    model = load_model(folder, device, dtype)
+    model = load_model(run.folder, run.device, run.dtype)
     if heads:
-        load_heads(model, find_heads(args.heads, entry, model))
+        load_heads(model, find_heads(run.args.heads, run.entry, model))
     return model
 
 
@@ -167,9 +185,10 @@ def stream_document(context: Context, source: str, chat: bool) -> None:
         raise LocretError(f"prompt {source} is empty")
 
 
-def answer(context: Context, tail: list[int], args, tokenizer, stop_ids) -> GenerationStats:
+def answer(context: Context, tail: list[int], run: Run) -> GenerationStats:
+    args = run.args
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
-    _, stats = context.ask(tail, args.max_new_tokens, stop_ids, sampling, Streamer(tokenizer, stop_ids))
+    _, stats = context.ask(tail, args.max_new_tokens, run.stop_ids, sampling, Streamer(run.tokenizer, run.stop_ids))
     print(flush=True)
     return stats
 
@@ -192,50 +211,64 @@ def main(args: argparse.Namespace) -> None:
     dtype = DTYPES[args.dtype or default_dtype(device)]
     folder, entry = resolve_checkpoint(args.ckpt)
     tokenizer = Tokenizer(folder)
-    stop_ids, chat = stop_token_ids(folder, tokenizer), not args.no_chat
+    run = Run(args, folder, entry, tokenizer, device, dtype, stop_token_ids(folder, tokenizer))
     question = read_question(args)
-    if args.load_context:  # a compressed context from an earlier run: only the question is new
-        model = load_backbone(args, folder, entry, device, dtype, has_heads(args, entry))
-        tail = question_ids(tokenizer, question, chat)
-        context, meta = Context.load(args.load_context, model, len(tail) + args.max_new_tokens, args.positions)
-        if meta.get("form") != ("chat" if chat else "completion"):
-            raise LocretError(f"{args.load_context} holds a {meta.get('form')}-form context: "
-                              + ("pass --no-chat" if chat else "drop --no-chat"))
-        return report(context.settings, answer(context, tail, args, tokenizer, stop_ids), loaded=True)
-    if question is None and not args.save_context:
-        return answer_whole_prompt(args, folder, entry, tokenizer, device, dtype, stop_ids)
-    tail = question_ids(tokenizer, question, chat) if question is not None else []
-    settings = engine_settings(args, entry, None, n_loc=len(tail))
+    if args.load_context:
+        answer_saved(run, question)
+    elif question is None and not args.save_context:
+        answer_whole_prompt(run)
+    else:
+        answer_stream(run, question)
+
+
+def answer_saved(run: Run, question: str) -> None:
+    """A compressed context from an earlier run: only the question is new."""
+    args = run.args
+    model = load_backbone(run, has_heads(args, run.entry))
+    tail = question_ids(run.tokenizer, question, run.chat)
+    context, meta = Context.load(args.load_context, model, len(tail) + args.max_new_tokens, args.positions)
+    if meta.get("form") != ("chat" if run.chat else "completion"):
+        raise LocretError(f"{args.load_context} holds a {meta.get('form')}-form context: "
+                          + ("pass --no-chat" if run.chat else "drop --no-chat"))
+    report(context.settings, answer(context, tail, run), loaded=True)
+
+
+def answer_stream(run: Run, question: str | None) -> None:
+    """The prompt streamed as a document, then saved (--save-context) and/or asked the question."""
+    args, tokenizer = run.args, run.tokenizer
+    tail = question_ids(tokenizer, question, run.chat) if question is not None else []
+    settings = engine_settings(args, run.entry, None, n_loc=len(tail))
     check_settings(settings, sys.maxsize)
-    model = load_backbone(args, folder, entry, device, dtype, settings.policy == "locret")
+    model = load_backbone(run, settings.policy == "locret")
     settings, capacity = prepare(args, settings, model, None)
     window = model.config.max_position_embeddings  # the stream's length is unknown: the window's RoPE
     context = Context(model, settings, capacity, window, tokenizer, progress=sys.stderr.isatty())
-    context.feed(document_head(tokenizer, chat))
-    stream_document(context, args.prompt, chat)
+    context.feed(document_head(tokenizer, run.chat))
+    stream_document(context, args.prompt, run.chat)
     if args.save_context:
-        context.save(args.save_context, form="chat" if chat else "completion", ckpt=str(args.ckpt))
+        context.save(args.save_context, form="chat" if run.chat else "completion", ckpt=str(args.ckpt))
         print(f"saved the compressed context ({context.tokens} tokens in {context.pool.length} entries per KV head) "
               f"to {args.save_context}", file=sys.stderr)
     if question is not None:
-        report(settings, answer(context, tail, args, tokenizer, stop_ids))
+        report(settings, answer(context, tail, run))
 
 
-def answer_whole_prompt(args, folder, entry, tokenizer, device, dtype, stop_ids) -> None:
+def answer_whole_prompt(run: Run) -> None:
     """The prompt read whole, its last n_loc tokens the uncompressed tail."""
+    args, tokenizer = run.args, run.tokenizer
     text = read_prompt(args.prompt)
-    if args.no_chat:
-        prompt = tokenizer.encode(text)
-    else:
+    if run.chat:
         prompt = tokenizer.encode_chat([{"role": "user", "content": text.strip()}])
-    settings = engine_settings(args, entry, len(prompt))
+    else:
+        prompt = tokenizer.encode(text)
+    settings = engine_settings(args, run.entry, len(prompt))
     check_settings(settings, len(prompt))
-    model = load_backbone(args, folder, entry, device, dtype, settings.policy == "locret")
+    model = load_backbone(run, settings.policy == "locret")
     settings, capacity = prepare(args, settings, model, len(prompt))
     context = Context(model, settings, capacity, len(prompt), progress=sys.stderr.isatty(), total=len(prompt))
     body = len(prompt) - settings.n_loc
     context.feed(prompt[:body])
-    report(settings, answer(context, prompt[body:], args, tokenizer, stop_ids))
+    report(settings, answer(context, prompt[body:], run))
 
 
 def read_question(args) -> str | None:

@@ -109,14 +109,11 @@ class Context:
         if self.spent:
             raise LocretError("this context evicted while decoding (--evict-during-decode): it answered its one question")
         self.engine.rewind(*self.closed_at)
-        if not tail:
-            if self.last_logits is None:
-                raise LocretError("nothing to answer from: the context and the question are both empty")
-            return self.last_logits
-        s, t0 = self.settings, time.perf_counter()
-        logits = self.engine.forward(tail, scoring=s.evicts and s.evict_during_decode)
-        self.prefill_seconds += time.perf_counter() - t0
-        return logits
+        if tail:
+            return self.engine.forward(tail, scoring=self.settings.evicts and self.settings.evict_during_decode)
+        if self.last_logits is None:
+            raise LocretError("nothing to answer from: the context and the question are both empty")
+        return self.last_logits
 
     @torch.inference_mode()
     def prefill(self, prompt: list[int]) -> torch.Tensor:
@@ -131,12 +128,12 @@ class Context:
             ) -> tuple[list[int], GenerationStats]:
         """Answer after the question `tail` (token ids): up to `max_new_tokens`, stopping at `stop_ids`.
         The context is as before afterwards, ready for another question."""
-        before = self.prefill_seconds
+        self.close()
+        t0, evictions = time.perf_counter(), self.engine.evictions
         logits = self.start(tail)
-        question_seconds, kept = self.prefill_seconds - before, self.pool.length
-        self.prefill_seconds = before
+        question_seconds, kept = time.perf_counter() - t0, self.pool.length
         generator = torch.Generator(logits.device).manual_seed(sampling.seed)
-        out, t0 = [], time.perf_counter()
+        out, t1 = [], time.perf_counter()
         while len(out) < max_new_tokens:
             if not torch.isfinite(logits).all():  # one reduction per step: stop rather than print garbage
                 raise LocretError("the model produced NaN or inf logits (broken weights, or float16 overflow: "
@@ -147,12 +144,12 @@ class Context:
             if out[-1] in stop_ids or len(out) == max_new_tokens:
                 break
             logits = self.engine.decode_step(out[-1])
-        self.spent = self.pool.length < self.closed_at[0] + len(tail)  # an eviction happened while decoding
+        self.spent = self.engine.evictions > evictions  # decoding evicted: no rewinding
         if not self.spent:
             self.engine.rewind(*self.closed_at)
         stats = GenerationStats(self.tokens + len(tail), len(out), self.chunks + bool(tail), kept,
-                                before + question_seconds, len(tail), question_seconds, time.perf_counter() - t0, self.pool.nbytes,
-                                peak_memory_bytes(logits.device))
+                                self.prefill_seconds + question_seconds, len(tail), question_seconds,
+                                time.perf_counter() - t1, self.pool.nbytes, peak_memory_bytes(logits.device))
         return out, stats
 
     @torch.inference_mode()

@@ -109,6 +109,7 @@ class Engine:
         compacts = settings.evicts and settings.positions == "compact"
         slot_rope = model.rope(torch.arange(capacity, device=p.device), p.dtype, rope_length) if compacts else None
         self.cache = PolicyCache(self.pool, make_policy(settings.policy, settings.seed), slot_rope)
+        self.evictions = 0
 
     def forward(self, tokens: list[int], scoring: bool, all_logits: bool = False) -> torch.Tensor:
         """Run `tokens` after everything in the pool; return the last token's logits [V]
@@ -134,6 +135,7 @@ class Engine:
 
     def evict(self, protect: bool = True) -> None:
         self.pool.evict(self.settings.budget, self.settings.stabilizers if protect else 0)
+        self.evictions += 1
 
     def decode_step(self, token: int) -> torch.Tensor:
         s = self.settings

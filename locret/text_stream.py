@@ -2,7 +2,6 @@
 ids that tokenizing the whole text at once gives, without ever holding the whole text or its ids."""
 import codecs
 import sys
-from pathlib import Path
 from typing import Iterator
 
 from .errors import LocretError

@@ -71,3 +71,18 @@ def test_stopped_run_keeps_measured_points(tiny_chat_model, tmp_path, monkeypatc
     assert [(r["run"], r["prompt_tokens"]) for r in rows] == [("full", 256)]
     assert rows[0]["pool_bytes"] == rows[0]["predicted_pool_bytes"] > 0
     assert "| full | 256 |" in out.with_suffix(".md").read_text()
+
+
+def test_stream_bench_pipes_each_length_through_generate(tiny_chat_model, tmp_path, capsys):
+    from bench import stream
+    out = tmp_path / "stream"
+    stream.main(stream.parse_args(["--ckpt", str(tiny_chat_model), "--lengths", "300,1200", "--new-tokens", "2",
+                                   "--generate-args", "--dtype float32 --policy knorm --budget 64 --stabilizers 8 --chunk 32",
+                                   "--out", str(out)]))
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["requested_tokens"] for r in rows] == [300, 1200]
+    for r in rows:  # the document, then the chat template and question
+        assert r["requested_tokens"] <= r["prompt_tokens"] < 1.1 * r["requested_tokens"] + 60
+        assert r["prompt_tokens"] // 32 <= r["chunks"] <= r["prompt_tokens"] // 32 + 2  # chunks of 32, then the question
+        assert r["peak_bytes"] > 0 and r["prefill_tok_s"] > 0
+    assert "peak memory" in capsys.readouterr().out

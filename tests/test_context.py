@@ -272,3 +272,13 @@ def test_feeding_outside_inference_mode_builds_no_graph(model):
     context.feed(ids_of(200))
     assert not context.pool.scores.requires_grad and not context.pool.k.requires_grad
     assert not context.last_logits.requires_grad
+
+
+def test_a_context_that_evicted_while_decoding_answers_once(model):
+    s = EngineSettings(policy="h2o", budget=30, chunk=16, stabilizers=5, n_loc=0, evict_during_decode=True)
+    context = Context(model, s, pool_capacity(s, 10**9, 50), 1024)
+    context.feed(ids_of(100))
+    out, _ = context.ask(ids_of(4, seed=1), max_new_tokens=50)
+    assert len(out) == 50 and context.spent
+    with pytest.raises(LocretError, match="evicted while decoding"):
+        context.ask(ids_of(4, seed=1), max_new_tokens=5)

@@ -285,3 +285,27 @@ def test_max_memory_bounds_the_measured_peak(model_dir, tmp_path):
         assert float(size) * (1 if unit == "GiB" else 1 / 1024) <= float(limit), done.stderr[-300:]
     refused = run("0.35")  # below what the runtime and weights alone take: refused up front, in one line
     assert refused.returncode == 1 and refused.stderr.count("\n") == 1 and "is too small" in refused.stderr
+
+
+def test_streamed_tokenization_equals_whole_text_on_the_real_tokenizer(model_dir):
+    """SmolLM2's byte-level BPE with single digits, text cut into pieces of 1-300 characters."""
+    import random
+    from locret.text_stream import StreamEncoder
+    tok = ChatTokenizer(model_dir)
+    rng = random.Random(0)
+    words = PARITY + ["  spaced\t\tout  ", "1234567", "don't", "\n\n", "x" * 40, "😀👩‍👩‍👧", "漢字かな"]
+    text = " ".join(rng.choice(words) for _ in range(3000))
+    encoder, ids, i = StreamEncoder(tok), [], 0
+    while i < len(text):
+        n = rng.choice([1, 3, 17, 300])
+        ids += encoder.push(text[i:i + n])
+        i += n
+    assert ids + encoder.finish() == tok.encode_plain(text)
+
+
+def test_saved_context_answers_as_fresh_on_the_default_model(model_dir, capsys):
+    """bench/context_reuse.py: a loaded context gives the re-prefilled one's first token and 16 tokens."""
+    from bench import context_reuse
+    context_reuse.main(context_reuse.parse_args(["--tokens", "700", "--repeats", "1", "--dtype", "float32"]))
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert row.startswith("| 700 |") and row.endswith("| True |")
