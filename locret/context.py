@@ -163,6 +163,8 @@ class Context:
     def save(self, path, **metadata: str) -> None:
         """Write the compressed context (closing it first), with `metadata` strings (e.g. the prompt form)."""
         self.close()
+        if self.spent:
+            raise LocretError("this context evicted while decoding: it no longer holds the compressed document")
         context_file.write(self, path, metadata)
 
     @classmethod

@@ -282,3 +282,5 @@ def test_a_context_that_evicted_while_decoding_answers_once(model):
     assert len(out) == 50 and context.spent
     with pytest.raises(LocretError, match="evicted while decoding"):
         context.ask(ids_of(4, seed=1), max_new_tokens=5)
+    with pytest.raises(LocretError, match="evicted while decoding"):
+        context.save("never-written.safetensors")
