@@ -37,6 +37,7 @@ class EngineSettings:
     evict_during_decode: bool = False
     final_stabilizers: bool = True  # protect them in the last eviction before the n_loc tail too (official: no)
     seed: int = 0  # for the random policy
+    span: int = 1  # locret: each token's score is the best within span // 2 neighbours (1: the paper's)
 
     @property
     def evicts(self) -> bool:
@@ -49,6 +50,8 @@ def check_settings(s: EngineSettings, prompt_tokens: int) -> None:
         raise LocretError(f"unknown policy {s.policy!r} (choose from {', '.join(POLICIES)})")
     if s.positions not in ("compact", "original"):
         raise LocretError(f"--positions must be compact or original, not {s.positions!r}")
+    if s.span < 1 or s.span % 2 == 0:
+        raise LocretError(f"--span must be an odd number >= 1 (got {s.span})")
     if s.chunk < 1:
         raise LocretError(f"--chunk must be at least 1 (got {s.chunk})")
     if not 0 <= s.n_loc < prompt_tokens:
@@ -108,7 +111,7 @@ class Engine:
         self.pool = KVPool(model.config, capacity, dtype=p.dtype, device=p.device)
         compacts = settings.evicts and settings.positions == "compact"
         slot_rope = model.rope(torch.arange(capacity, device=p.device), p.dtype, rope_length) if compacts else None
-        self.cache = PolicyCache(self.pool, make_policy(settings.policy, settings.seed), slot_rope)
+        self.cache = PolicyCache(self.pool, make_policy(settings.policy, settings.seed, settings.span), slot_rope)
         self.evictions = 0
 
     def forward(self, tokens: list[int], scoring: bool, all_logits: bool = False) -> torch.Tensor:

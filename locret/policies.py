@@ -3,6 +3,7 @@ score per cache entry and KV head; the engine keeps the top-`budget` of them. Ea
 the scores of all S entries (kept + new): most keep the stored scores and append the chunk's."""
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +41,13 @@ class Chunk:
         return torch.cat((self.stored, new.float()), dim=-1)
 
 
-def locret(c: Chunk) -> torch.Tensor:
-    """Trained retaining heads: each token keeps the score its chunk gave it."""
-    return c.append(c.head_scores)
+def locret(c: Chunk, span: int = 1) -> torch.Tensor:
+    """Trained retaining heads: each token keeps the score its chunk gave it. With an odd `span` > 1, the best
+    score within span // 2 tokens either side, so a token the heads value keeps its neighbours (a fact whole)."""
+    scores = c.head_scores.float()  # [B, KVH, T]
+    if span > 1:
+        scores = F.max_pool1d(scores.flatten(0, 1)[:, None], span, stride=1, padding=span // 2).view(scores.shape)
+    return c.append(scores)
 
 
 def streamingllm(c: Chunk, sinks: int = 4) -> torch.Tensor:
@@ -89,10 +94,12 @@ EVICTING = {"locret": locret, "streamingllm": streamingllm, "h2o": h2o, "snapkv"
 POLICIES = ["full", *EVICTING]
 
 
-def make_policy(name: str, seed: int = 0):
+def make_policy(name: str, seed: int = 0, span: int = 1):
     """The scoring function of `name`; None for `full`, which never evicts."""
     if name == "full":
         return None
     if name not in EVICTING:
         raise LocretError(f"unknown policy {name!r} (choose from {', '.join(POLICIES)})")
+    if name == "locret" and span > 1:
+        return partial(locret, span=span)
     return Random(seed) if name == "random" else EVICTING[name]

@@ -86,3 +86,31 @@ def test_stream_bench_pipes_each_length_through_generate(tiny_chat_model, tmp_pa
         assert r["prompt_tokens"] // 32 <= r["chunks"] <= r["prompt_tokens"] // 32 + 2  # chunks of 32, then the question
         assert r["peak_bytes"] > 0 and r["prefill_tok_s"] > 0
     assert "peak memory" in capsys.readouterr().out
+
+
+def test_sensitivity_varies_one_setting_at_a_time_and_resumes(tiny_chat_model, tmp_path, capsys, monkeypatch):
+    from bench import sensitivity
+    from locret import heldout
+    text = " ".join(f"Option {i} now names the file it could not read, instead of failing quietly." for i in range(3000))
+    monkeypatch.setattr(heldout, "text", lambda split: text)
+    model = load_model(tiny_chat_model)
+    torch.manual_seed(0)
+    model.add_retaining_heads(8)
+    save_heads(model, tmp_path / "heads.safetensors", backbone="tiny")
+    flags = ["--ckpt", str(tiny_chat_model), "--heads", str(tmp_path / "heads.safetensors"), "--length", "400",
+             "--budget", "1/4", "--stabilizers", "0,1/4", "--chunks", "64", "--spans", "1,5", "--n", "2",
+             "--dtype", "float32", "--device", "cpu", "--out", str(tmp_path / "sens")]
+    sensitivity.main(sensitivity.parse_args(flags))
+    rows = [json.loads(line) for line in (tmp_path / "sens.jsonl").read_text().splitlines()]
+    # per item: full attention, the defaults (GENERIC_SETTINGS: share 1/4, chunk 1024), then one change each
+    points = [r["point"] for r in rows[:5]]
+    assert points == [None, {"stabilizers": "1/4", "chunk": 1024, "span": 1}, {"stabilizers": "0", "chunk": 1024, "span": 1},
+                      {"stabilizers": "1/4", "chunk": 64, "span": 1}, {"stabilizers": "1/4", "chunk": 1024, "span": 5}]
+    assert len(rows) == 10 and all(r["budget"] == 100 for r in rows)
+    assert all(r["top1_agreement"] == 1.0 and r["ll_gap"] == 0 for r in rows if r["point"] is None)
+    table = capsys.readouterr().out
+    assert table == (tmp_path / "sens.md").read_text() and len(table.splitlines()) == 2 + 5
+    assert "| full attention | - | - |" in table and "| 1/4 | 64 | 1 |" in table
+    sensitivity.main(sensitivity.parse_args(flags))  # everything done: nothing is added
+    assert len((tmp_path / "sens.jsonl").read_text().splitlines()) == 10
+    assert capsys.readouterr().out == table

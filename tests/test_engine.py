@@ -162,6 +162,8 @@ def test_evict_during_decode_stays_within_capacity(model):
 @pytest.mark.parametrize("change, message", [
     (dict(budget=8, stabilizers=8), r"--budget \(8\) must be larger than --stabilizers \(8\)"),
     (dict(chunk=0), "--chunk must be at least 1"),
+    (dict(span=4), "--span must be an odd number >= 1"),
+    (dict(span=0), "--span must be an odd number >= 1"),
     (dict(n_loc=50), r"--n-loc must be in \[0, prompt tokens\) = \[0, 50\)"),
     (dict(positions="sideways"), "--positions must be compact or original"),
     (dict(policy="lru"), "unknown policy 'lru'"),

@@ -174,6 +174,15 @@ def test_locret(chunk):
     assert torch.equal(out, torch.tensor(stored_then(chunk, chunk.head_scores.tolist()), dtype=torch.float32))
 
 
+@pytest.mark.parametrize("span", [3, 5])
+def test_locret_span_takes_the_best_score_among_neighbours(chunk, span):
+    scores = chunk.head_scores.tolist()
+    best = [[[max(row[max(0, t - span // 2):t + span // 2 + 1]) for t in range(T)] for row in per_b] for per_b in scores]
+    out = make_policy("locret", span=span)(chunk)
+    assert torch.equal(out, torch.tensor(stored_then(chunk, best), dtype=torch.float32))
+    assert not torch.equal(out, locret(chunk))
+
+
 def test_random(chunk):
     a, b, c = Random(7)(chunk), Random(7)(chunk), Random(8)(chunk)
     for out in (a, b, c):

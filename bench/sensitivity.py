@@ -1,0 +1,136 @@
+"""Locret's settings against held-out accuracy: stabilizer share of the budget, prefill chunk and score span,
+one at a time around the zoo's defaults, on the held-out suite's validation split (never the test split).
+
+    python bench/sensitivity.py                                   # 2K tokens, budget 1/8, n = 24 (about an hour, CPU)
+    python bench/sensitivity.py --stabilizers 0,1/4 --chunks 512 --spans 1 --n 8 --out runs/sens
+
+Each item and its full-attention reference are built once and shared by every setting. Rows are appended to
+OUT.jsonl as they come (a rerun resumes); the table (accuracy with its Wilson 95% interval, needle tokens
+kept, top-1 agreement and log-likelihood gap against full attention) goes to stdout and OUT.md."""
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict
+from fractions import Fraction
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, when run as a script
+
+import torch
+from tqdm import tqdm
+
+from eval import read_results, wilson
+from locret.devices import default_device, default_dtype
+from locret.engine import EngineSettings
+from locret.errors import run_script
+from locret.evaluation import Reference, encode_item, evaluate
+from locret.heads import load_heads
+from locret.loading import DTYPES, load_model, stop_token_ids
+from locret.official_heads import find_heads
+from locret.tasks import TASKS, make_item
+from locret.tokenizer import Tokenizer
+from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
+
+
+def grid(args, base) -> list[dict]:
+    """The defaults, then each setting varied alone (stabilizers as a share of the budget)."""
+    default = {"stabilizers": Fraction(base.stabilizers, base.budget), "chunk": base.chunk, "span": 1}
+    points = [default]
+    for name, values in (("stabilizers", args.stabilizers), ("chunk", args.chunks), ("span", args.spans)):
+        points += [default | {name: v} for v in values if v != default[name]]
+    return points
+
+
+def settings_of(point: dict, budget: int, question_tokens: int) -> EngineSettings:
+    return EngineSettings("locret", budget, point["chunk"], int(budget * point["stabilizers"]), question_tokens,
+                          span=point["span"])
+
+
+def label(point: dict) -> dict:
+    return {"stabilizers": str(point["stabilizers"]), "chunk": point["chunk"], "span": point["span"]}
+
+
+def summarize(rows: list[dict], points: list[dict]) -> list[str]:
+    md = ["| stabilizers (share of budget) | chunk | span | correct | % (95% CI) | needle kept | top-1 agree | log-lik gap |",
+          "|---|---|---|---|---|---|---|---|"]
+    for point in [None, *points]:
+        mine = [r for r in rows if r["point"] == (label(point) if point else None)]
+        if not mine:
+            continue
+        right, n = sum(r["score"] for r in mine), len(mine)
+        kept = [r["needle_retention"] for r in mine if not math.isnan(r["needle_retention"])]
+        mean = lambda key: sum(r[key] for r in mine) / n
+        low, high = wilson(right, n)
+        name = ("full attention", "-", "-") if point is None else tuple(label(point).values())
+        md.append(f"| {' | '.join(map(str, name))} | {right:g}/{n} | {100 * right / n:.0f} ({low:.0f}-{high:.0f}) | "
+                  f"{sum(kept) / max(len(kept), 1):.2f} | {mean('top1_agreement'):.2f} | {mean('ll_gap'):+.1f} |")
+    return md
+
+
+@torch.inference_mode()
+def main(args: argparse.Namespace) -> None:
+    folder, entry = resolve_checkpoint(args.ckpt)
+    device = args.device or default_device()
+    tokenizer, model = Tokenizer(folder), load_model(folder, device, DTYPES[args.dtype or default_dtype(device)])
+    load_heads(model, find_heads(args.heads, entry, model))
+    stops, points = stop_token_ids(folder, tokenizer), grid(args, entry.settings if entry else GENERIC_SETTINGS)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = read_results(out.with_suffix(".jsonl"))  # keyed by (task, length, index, policy, budget, mode)
+    budget = round(args.length * Fraction(args.budget))
+    with open(out.with_suffix(".jsonl"), "a") as log:
+        for index in tqdm(range(args.n), desc="items", file=sys.stderr):
+            item = make_item(args.task, index, args.seed, tokenizer, args.length)
+            encoded = encode_item(tokenizer, item, "completion")
+            max_new = min(TASKS[args.task].gen_tokens, 128)
+            reference = None
+            for point in [None, *points]:
+                key = (args.task, args.length, index, "locret" if point else "full", budget, json.dumps(point and label(point)))
+                if key in done:
+                    if point is None:  # the full-attention reference, as saved
+                        reference = Reference(*(torch.tensor(done[key][k]) for k in ("answer_log_probs", "answer_top1")))
+                    continue
+                settings = settings_of(point, budget, encoded.question_tokens) if point else \
+                    EngineSettings("full", n_loc=encoded.question_tokens)
+                result, reference = evaluate(model, tokenizer, item, encoded, settings, max_new, stops, reference)
+                row = {"task": args.task, "length": args.length, "index": index, **asdict(result), "budget": budget,
+                       "mode": key[-1], "point": point and label(point)}
+                if point is None:
+                    row |= {"answer_log_probs": reference.log_probs.tolist(), "answer_top1": reference.top1.tolist()}
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                done[key] = row
+    table = "\n".join(summarize(list(done.values()), points)) + "\n"
+    out.with_suffix(".md").write_text(table)
+    print(table, end="")
+
+
+def fractions(text: str) -> list[Fraction]:
+    return [Fraction(x) for x in text.split(",")]
+
+
+def integers(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=DEFAULT_MODEL, help="zoo model with retaining heads")
+    p.add_argument("--heads", default=None, help="retaining heads (default: the zoo's)")
+    p.add_argument("--task", default="heldout_val", choices=["heldout_val", "heldout_test"])
+    p.add_argument("--length", type=int, default=2048, help="prompt tokens")
+    p.add_argument("--budget", default="1/8", help="a fraction of the prompt")
+    p.add_argument("--stabilizers", type=fractions, default=fractions("0,1/8,1/4,1/2"), help="shares of the budget")
+    p.add_argument("--chunks", type=integers, default=integers("256,512,1024,2048"))
+    p.add_argument("--spans", type=integers, default=integers("1,5,9,15"), help="odd; see eval.py --span")
+    p.add_argument("--n", type=int, default=24, help="items")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/sensitivity", help="writes OUT.jsonl and OUT.md")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", choices=list(DTYPES), default=None)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    run_script(lambda: main(parse_args()))
