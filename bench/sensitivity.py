@@ -1,7 +1,7 @@
 """Locret's settings against held-out accuracy: stabilizer share of the budget, prefill chunk and score span,
 one at a time around the zoo's defaults, on the held-out suite's validation split (never the test split).
 
-    python bench/sensitivity.py                                   # 2K tokens, budget 1/8, n = 24 (about an hour, CPU)
+    python bench/sensitivity.py                                   # 2K tokens, budget 1/8, n = 24 (about 15-20 min, 2-core CPU)
     python bench/sensitivity.py --stabilizers 0,1/4 --chunks 512 --spans 1 --n 8 --out runs/sens
 
 Each item and its full-attention reference are built once and shared by every setting. Rows are appended to
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import torch
 from tqdm import tqdm
 
-from eval import read_results, wilson
+from eval import parse_budget, read_results, wilson
 from locret.devices import default_device, default_dtype
 from locret.engine import EngineSettings
 from locret.errors import run_script
@@ -78,7 +78,7 @@ def main(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = read_results(out.with_suffix(".jsonl"))  # keyed by (task, length, index, policy, budget, mode)
-    budget = round(args.length * Fraction(args.budget))
+    budget = parse_budget(args.budget, args.length)
     with open(out.with_suffix(".jsonl"), "a") as log:
         for index in tqdm(range(args.n), desc="items", file=sys.stderr):
             item = make_item(args.task, index, args.seed, tokenizer, args.length)
@@ -120,7 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heads", default=None, help="retaining heads (default: the zoo's)")
     p.add_argument("--task", default="heldout_val", choices=["heldout_val", "heldout_test"])
     p.add_argument("--length", type=int, default=2048, help="prompt tokens")
-    p.add_argument("--budget", default="1/8", help="a fraction of the prompt")
+    p.add_argument("--budget", default="1/8", help="a fraction of the prompt (1/8) or entries per KV head (512)")
     p.add_argument("--stabilizers", type=fractions, default=fractions("0,1/8,1/4,1/2"), help="shares of the budget")
     p.add_argument("--chunks", type=integers, default=integers("256,512,1024,2048"))
     p.add_argument("--spans", type=integers, default=integers("1,5,9,15"), help="odd; see eval.py --span")
