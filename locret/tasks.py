@@ -8,19 +8,18 @@ scripts/data/synthetic/{niah,variable_tracking,constants}.py and synthetic.yaml 
 a regex, not NLTK; the last noise line may be cut to a sentence so that prompts meet their token budget; vt's
 one-shot example is drawn afresh per item (RULER renames the variables of one fixed example).
 """
-import bisect
-import itertools
 import math
 import random
 import re
 import string
 import uuid
-from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from dataclasses import replace
 from typing import Callable
 
 from . import haystack, heldout
 from .errors import LocretError
+from .task_base import (ADJECTIVES, NOUNS, Item, Task, first_int_match, insert, kv_match, not_scored,
+                        string_match_all, words_of)
 from .train_values import distinct
 
 N_DEPTHS = 10  # item i puts its (first) needle at depth (i % N_DEPTHS) / (N_DEPTHS - 1)
@@ -51,63 +50,6 @@ VT_PREFIX = ("Answer: According to the chain(s) of variable assignment in the te
              "assgined the value {value}, they are: ")  # sic, as in RULER
 
 # RULER's keys are adjective-noun pairs from wonderwords' lists; these lists are our own.
-ADJECTIVES = """abrupt agile ancient arid bashful bland brisk bumpy clumsy cozy crisp curious damp dizzy dusty eager
-elegant faint fancy fierce fluffy fragile frosty giddy glossy grumpy hasty hollow humble icy jagged jolly lanky lively
-lofty lucky mellow misty modest muddy nimble odd plain polite proud quaint rapid rough rusty salty shaggy shiny silent
-sleepy slim smooth soggy solemn sour spicy steep sticky stormy sturdy sunny swift tame tender thirsty tidy tiny vivid
-wary weary witty zesty""".split()
-NOUNS = """anchor apron attic badger balcony banjo barrel beacon blossom boulder bucket cabin canal canyon cargo carrot
-castle cellar chimney cloak comet cottage crayon cricket dagger dolphin donkey easel ferry fiddle garage glacier gravel
-hammock helmet igloo kayak lantern lobster locket mango meteor mitten mustard napkin oyster paddle parrot peanut pebble
-pelican pigeon pillar puddle pumpkin quilt raft saddle scarf sled sponge squirrel stool tavern thimble tractor trumpet
-tulip turnip umbrella violin wagon walrus whistle""".split()
-
-
-@dataclass
-class Item:
-    task: str
-    context: str          # the long part: haystack with needles
-    question: str         # asked after the context
-    answer_prefix: str    # completion-form start of the answer, e.g. "The pass key is" ("" if none)
-    answers: list[str]    # gold references
-    needles: list[str]    # inserted needle texts, the first at `depth`
-    depth: float          # relative insertion depth of the first needle, 0..1
-    instruction: str = ""  # the task's preamble, before the context
-    more: list[dict] = field(default_factory=list)  # further questions on the same context: Item fields each
-
-
-@dataclass(frozen=True)
-class Task:
-    build: Callable[..., dict]  # (rng, size, depth, tokenizer) -> Item fields; size counts haystack units
-    template: str               # joins instruction, context and question
-    prefix_sep: str             # between that and the answer prefix
-    score: Callable[[str, list[str]], float]  # (prediction, answers) -> score
-    gen_tokens: int             # the recipe's generation budget
-    exact_size: bool = False    # size is the token count itself: no fitting
-
-
-# --- scorers ---------------------------------------------------------------------------------------
-
-def first_int_match(prediction: str, answers: list[str]) -> float:
-    """InfiniteBench passkey / number_string: the first run of digits must be the answer."""
-    run = re.search("[0-9]+", prediction)
-    return float(run is not None and run.group() == answers[0])
-
-
-def kv_match(prediction: str, answers: list[str]) -> float:
-    """InfiniteBench kv_retrieval: the value must be a word once each of \\n : " ' . , ? ! { } is a space."""
-    return float(answers[0] in re.sub("[\n:\"'.,?!{}]", " ", prediction).split())
-
-
-def string_match_all(prediction: str, answers: list[str]) -> float:
-    """RULER: the share of references in the prediction, ignoring case, after RULER's postprocessing."""
-    prediction = re.sub("[\x00-\x1f]", "\n", prediction.strip()).strip().lower()
-    return sum(ref.lower() in prediction for ref in answers) / len(answers)
-
-
-def not_scored(prediction: str, answers: list[str]) -> float:
-    """Perplexity is measured from log-likelihoods (eval.py); generated text is not scored."""
-    return 0.0
 
 
 # --- haystack pieces -------------------------------------------------------------------------------
@@ -118,30 +60,10 @@ def noise_lines(n_sentences: int, end: str) -> list[str]:
     return [NOISE + end] * full + [" ".join(NOISE_SENTENCES[:rest]) + end] * (rest > 0)
 
 
-@lru_cache(maxsize=2)
-def words_of(text: str) -> list[str]:
-    return text.split()
-
-
 def essay_sentences(n_words: int) -> list[str]:
     """The essay haystack's first `n_words` words, split into sentences (as RULER does, with a regex for NLTK)."""
     text = " ".join(words_of(haystack.essays())[:n_words])
     return re.split(r"(?<=[.!?])(?<!Mr\.)(?<!Mrs\.)(?<!Dr\.)(?<!St\.)\s+(?=[\"'_(]?[A-Z])", text) if text else []
-
-
-def insert(pieces: list[str], needles: list[str], depths: list[float]) -> list[str]:
-    """`pieces` with needle i at the boundary between pieces nearest to depths[i] of their joined length;
-    needles keep their order on ties."""
-    bounds = [0, *itertools.accumulate(len(p) + 1 for p in pieces)]  # + 1 for the joining separator
-
-    def slot(depth):
-        target = depth * bounds[-1]
-        j = bisect.bisect_left(bounds, target, hi=len(pieces))
-        return j - 1 if j and target - bounds[j - 1] < bounds[j] - target else j
-    out = list(pieces)
-    for j, i in sorted(((slot(d), i) for i, d in enumerate(depths)), reverse=True):
-        out.insert(j, needles[i])
-    return out
 
 
 def uuid4(rng: random.Random) -> str:
@@ -274,79 +196,6 @@ def passage(text_of: Callable[[], str]):
     return build
 
 
-# --- the held-out suite: needles phrased unlike any benchmark or training template, in R's documentation ----
-
-HELDOUT_NEEDLES = [  # (statement, question, answer cue)
-    ("Buried in this text is one odd remark: the {attr} assigned to {subj} is {value}.",
-     "What {attr} was assigned to {subj}?", "The {attr} assigned to {subj} is"),
-    ("A maintainer added, almost in passing, that {subj} goes by the {attr} {value}.",
-     "By which {attr} does {subj} go?", "{Subj} goes by the {attr}"),
-    ("(Aside: anyone who asks about {subj} should be told that the {attr} is {value}.)",
-     "What should someone asking about {subj} be told the {attr} is?", "They should be told that the {attr} is"),
-    ("It is set down here, for later, that the {attr} belonging to {subj} equals {value}.",
-     "What does the {attr} belonging to {subj} equal?", "The {attr} belonging to {subj} equals"),
-    ("During the last review, {subj} confirmed a {attr} of {value}.",
-     "Which {attr} did {subj} confirm during the last review?", "During the review, {subj} confirmed a {attr} of"),
-    ("Keep this in your head: {subj}, {attr}, {value}.",
-     "Which {attr} goes with {subj}?", "The {attr} that goes with {subj} is"),
-]
-HELDOUT_ATTRIBUTES = {"number": ["mooring slot", "ration card number", "tram route", "catalogue entry"],
-                      "words": ["call sign", "watchword", "cover phrase"],
-                      "name": ["stage name", "godparent", "landlord"],
-                      "code": ["crate marking", "ticket stub", "permit"],
-                      "date": ["harvest date", "christening day", "sailing date"]}
-HELDOUT_SUBJECTS = ["the night porter", "the second cellist", "the lighthouse keeper's niece", "the ferry pilot",
-                    "the apprentice glassblower", "the retired surveyor", "the village organist", "the junior archivist",
-                    "the quarry foreman", "the beekeeper from the valley", "the ship's cook", "the tram conductor"]
-HELDOUT_NAMES = (["Ottoline", "Benedikt", "Marisol", "Casimir", "Henrike", "Leopold", "Solveig", "Tobiah"],
-                 ["Vantongeren", "Quillfeather", "Ashcombe", "Brightwater", "Castellanos", "Drummond", "Ferreira"])
-ORDINAL = {1: "st", 2: "nd", 3: "rd", 21: "st", 22: "nd", 23: "rd"}
-MAX_HAYSTACK_WORDS = 9000  # a 7K-token prompt of R's prose takes about 5,500 words
-
-
-def heldout_value(rng, kind: str) -> str:
-    if kind == "number":
-        return str(rng.randint(10 ** 5, 10 ** 8 - 1))
-    if kind == "words":
-        return f"{rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"
-    if kind == "name":
-        return f"{rng.choice(HELDOUT_NAMES[0])} {rng.choice(HELDOUT_NAMES[1])}"
-    if kind == "code":
-        return f"{rng.choice('QWXZ')}{rng.choice('KVJY')}-{rng.randint(100, 999)}/{rng.randint(10, 99)}"
-    day = rng.randint(1, 28)
-    return f"the {day}{ORDINAL.get(day, 'th')} of {rng.choice(['March', 'June', 'October'])} {rng.randint(1801, 1899)}"
-
-
-def heldout_fact(rng, subjects: list[str]) -> dict:
-    """One fact about a subject not in `subjects` (which it joins): its statement, question, cue and value."""
-    kind = rng.choice(list(HELDOUT_ATTRIBUTES))
-    attr, subj = rng.choice(HELDOUT_ATTRIBUTES[kind]), rng.choice([x for x in HELDOUT_SUBJECTS if x not in subjects])
-    subjects.append(subj)
-    value = heldout_value(rng, kind)
-    statement, question, cue = rng.choice(HELDOUT_NEEDLES)
-    fields = dict(attr=attr, subj=subj, Subj=subj[:1].upper() + subj[1:], value=value)
-    return dict(needle=statement.format(**fields), question=question.format(**fields),
-                answer_prefix=cue.format(**fields), answers=[value])
-
-
-def heldout_needle(split: str, n_facts: int = 1):
-    """`n_facts` facts in `size` words of the split's R documentation, the first at `depth` and the others
-    spread evenly after it (depths stretched to 0.05-0.95, wrapping round). The item asks about the first;
-    `more` holds the questions about the others (eval.py --multi-question asks them all)."""
-    def build(rng, size, depth, tokenizer):
-        subjects = []
-        facts = [heldout_fact(rng, subjects) for _ in range(n_facts)]
-        words = words_of(heldout.text(split))
-        start = rng.randrange(len(words) - MAX_HAYSTACK_WORDS)
-        sentences = re.split(r"(?<=[.!?])\s+(?=[A-Z(])", " ".join(words[start:start + size])) if size else []
-        depths = [0.05 + 0.9 * ((depth + i / n_facts) % 1.0001) for i in range(n_facts)]
-        needles = [f.pop("needle") for f in facts]
-        more = [dict(f, needles=[n], depth=d) for f, n, d in zip(facts[1:], needles[1:], depths[1:])]
-        return dict(context=" ".join(insert(sentences, needles, depths)), **facts[0], needles=needles[:1],
-                    depth=depths[0], more=more)
-    return Task(build, "{context}\n\n{question}", "\n", string_match_all, 16)
-
-
 TASKS: dict[str, Task] = {  # names, settings and generation budgets as in InfiniteBench and RULER's synthetic.yaml
     "passkey": infbench(PASSKEY_INSTRUCTION, PASSKEY_NEEDLE, "What is the pass key?", "The pass key is", pass_key, 6),
     "number_string": infbench(NUMBER_INSTRUCTION, NUMBER_NEEDLE, "What is the sequence of digits?",
@@ -361,8 +210,8 @@ TASKS: dict[str, Task] = {  # names, settings and generation budgets as in Infin
     "vt": Task(vt, "{instruction}\n\n{context}\n{question}", " ", string_match_all, 30),
     "perplexity": Task(passage(lambda: haystack.essays()), "{context}", "", not_scored, 0, exact_size=True),
     # The held-out suite (eval.py --suite heldout): val for choices, test for published figures.
-    **{f"heldout_{split}": heldout_needle(split) for split in heldout.SOURCES},
-    **{f"heldout_multi_{split}": heldout_needle(split, n_facts=4) for split in heldout.SOURCES},
+    **{f"heldout_{split}": heldout.needle_task(split) for split in heldout.SOURCES},
+    **{f"heldout_multi_{split}": heldout.needle_task(split, n_facts=4) for split in heldout.SOURCES},
     **{f"heldout_text_{split}": Task(passage(lambda split=split: heldout.text(split)), "{context}", "", not_scored, 0,
                                      exact_size=True) for split in heldout.SOURCES},
 }

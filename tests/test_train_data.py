@@ -9,11 +9,10 @@ import re
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-from locret import corpora, tasks as T, train_data as td
+from locret import corpora, heldout, train_data as td
 
 
 class WordTokenizer:
@@ -154,14 +153,14 @@ def test_length_within_5_percent(target):
 
 
 def test_no_evaluation_phrases_or_heldout_templates():
-    heldout = [part.strip(" ,.:()") for statement, question, cue in T.HELDOUT_NEEDLES
+    phrases = [part.strip(" ,.:()") for statement, question, cue in heldout.NEEDLES
                for part in re.split(r"\{\w+\}", statement + question + cue) if len(part.strip(" ,.:()")) > 12]
-    assert len(heldout) > 8
+    assert len(phrases) > 8
     for i in range(150):
         sample = td.make_sample(i, 3, TOK, 200, 1500)
         text = (sample.prompt + "\n" + sample.answer).lower()
         assert not [p for p in td.EVAL_PHRASES if p.lower() in text], sample.task
-        assert not [p for p in heldout if p.lower() in text], sample.task
+        assert not [p for p in phrases if p.lower() in text], sample.task
 
 
 def test_task_mix_covers_all_tasks():
