@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from locret.devices import default_device, default_dtype
-from locret.engine import EngineSettings
+from locret.engine import EVICTIONS, EngineSettings
 from locret.errors import LocretError, run_script
 from locret.evaluation import Reference, ask_together, encode_item, evaluate
 from locret.heads import load_heads
@@ -50,7 +50,7 @@ SUITES = {
     "multiquestion": dict(tasks="heldout_multi_{split}", lengths="2048", budgets="1/8", n=24, n_loc="question"),
 }
 RESULT_SETTINGS = ("suite", "ckpt", "heads_id", "seed", "form", "chunk", "stabilizers", "n_loc", "positions", "dtype",
-                   "max_new_tokens", "unprotected_final_eviction", "span")
+                   "max_new_tokens", "unprotected_final_eviction", "span", "eviction")
 
 
 def parse_budget(text: str, length: int) -> int:
@@ -84,7 +84,7 @@ def settings_for(policy: str, budget: int, args, base, question_tokens: int) -> 
     n_loc = base.n_loc if args.n_loc is None else question_tokens if args.n_loc == "question" else int(args.n_loc)
     return EngineSettings(policy=policy, budget=budget, chunk=args.chunk or base.chunk, stabilizers=stabilizers,
                           n_loc=n_loc, positions=args.positions, final_stabilizers=not args.unprotected_final_eviction,
-                          seed=args.seed, span=args.span)
+                          seed=args.seed, span=args.span, eviction=args.eviction or base.eviction)
 
 
 def check_out_folder(out: Path, args) -> None:
@@ -324,6 +324,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--positions", choices=["compact", "original"], default="compact")
     p.add_argument("--span", type=int, default=1,
                    help="locret: each token scores the best of its span // 2 neighbours either side, odd (default: 1)")
+    p.add_argument("--eviction", choices=EVICTIONS, default=None,
+                   help="per-head (the paper's) or shared: one kept set for all layers and KV heads (default: the zoo's)")
     p.add_argument("--unprotected-final-eviction", action="store_true",
                    help="stabilizers unprotected in the last eviction before the n_loc tail (as the official code)")
     p.add_argument("--max-new-tokens", type=int, default=128,

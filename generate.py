@@ -24,7 +24,7 @@ import torch
 
 from locret.devices import check_device, default_device, default_dtype
 from locret.context import Context, GenerationStats
-from locret.engine import NEEDS_HEADS, EngineSettings, check_settings, pool_capacity
+from locret.engine import EVICTIONS, NEEDS_HEADS, EngineSettings, check_settings, pool_capacity
 from locret.errors import LocretError, run_script
 from locret.heads import load_heads
 from locret.loading import DTYPES, load_model, stop_token_ids
@@ -106,7 +106,8 @@ def engine_settings(args: argparse.Namespace, entry, prompt_tokens: int | None, 
         budget=pick(args.budget, base.budget), chunk=pick(args.chunk, base.chunk),
         stabilizers=pick(args.stabilizers, base.stabilizers), n_loc=n_loc,
         positions=args.positions or "compact", evict_during_decode=args.evict_during_decode,
-        final_stabilizers=not args.unprotected_final_eviction, seed=args.seed)
+        final_stabilizers=not args.unprotected_final_eviction, seed=args.seed,
+        eviction=pick(args.eviction, base.eviction))
 
 
 def fit_memory(model, settings: EngineSettings, args, capacity_of, upper: int) -> EngineSettings:
@@ -194,7 +195,8 @@ def answer(context: Context, tail: list[int], run: Run) -> GenerationStats:
 
 
 def report(settings: EngineSettings, stats: GenerationStats, loaded: bool = False) -> None:
-    budget = f"budget {settings.budget}" if settings.evicts else "no eviction"
+    shared = ", shared eviction" if settings.eviction == "shared" else ""
+    budget = f"budget {settings.budget}{shared}" if settings.evicts else "no eviction"
     prompt = ([f"loaded context of {stats.prompt_tokens - stats.question_tokens} tokens",
                f"question {stats.question_tokens} tokens in {stats.question_seconds:.2f} s"] if loaded else
               [f"prompt tokens {stats.prompt_tokens} in {stats.chunks} chunks"])
@@ -304,6 +306,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--positions", choices=["compact", "original"], default=None,
                    help="compact (default): kept tokens re-indexed 0..n-1 (official); original: keep absolute "
                         "positions (a stream then ends at the model's context)")
+    g.add_argument("--eviction", choices=EVICTIONS, default=None,
+                   help="per-head: each layer and KV head keeps its own best entries (the paper's); shared: all keep "
+                        "the same ones, best by mean rank (default: the zoo's; heads from train.py --target shared "
+                        "need shared)")
     g.add_argument("--max-memory", type=float, default=None,
                    help="GiB the whole process may use at its peak (runtime, weights, KV pool, activations): "
                         "use the largest budget that fits")
@@ -341,7 +347,7 @@ def check_modes(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.load_context:
         fixed = [f for f, v in [("--prompt", args.prompt), ("--save-context", args.save_context),
                                 ("--policy", args.policy), ("--budget", args.budget), ("--chunk", args.chunk),
-                                ("--stabilizers", args.stabilizers), ("--n-loc", args.n_loc),
+                                ("--stabilizers", args.stabilizers), ("--n-loc", args.n_loc), ("--eviction", args.eviction),
                                 ("--max-memory", args.max_memory), ("--evict-during-decode", args.evict_during_decode),
                                 ("--unprotected-final-eviction", args.unprotected_final_eviction)] if v]
         if fixed:

@@ -28,6 +28,7 @@ from locret.heads import save_heads
 from locret.labels import LabelRecorder
 from locret.loading import DTYPES, load_model
 from locret.loss import retaining_loss, topk_overlap
+from locret.ranking import shared_target
 from locret.tokenizer import Tokenizer
 from locret.train_data import make_sample
 from locret.zoo import DEFAULT_MODEL, resolve_checkpoint
@@ -63,11 +64,13 @@ def encode_sample(tokenizer: Tokenizer, sample) -> tuple[list[int], int]:
     return prompt + answer, len(prompt)
 
 
-def heads_forward(model, ids: list[int], prompt_len: int):
-    """One causal forward over prompt + answer -> (predictions, labels), each [L, 1, KVH, prompt_len]."""
+def heads_forward(model, ids: list[int], prompt_len: int, target: str = "cis"):
+    """One causal forward over prompt + answer -> (predictions, labels), each [L, 1, KVH, prompt_len]:
+    per-layer CIS labels, or (`shared`) one target for all layers and heads (ranking.shared_target)."""
     recorder = LabelRecorder(prompt_len)
     model(torch.tensor([ids], device=model.lm_head.weight.device), cache=recorder, last_only=True)
-    return recorder.stacked()
+    pred, label = recorder.stacked()
+    return pred, shared_target(label) if target == "shared" else label
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -122,7 +125,7 @@ def validate(model, tokenizer, args) -> tuple[float, float]:
     losses, overlaps = [], []
     for i in range(args.val_samples):
         sample = make_sample(i, args.seed + 1_000_003, tokenizer, args.min_tokens, args.max_tokens)
-        pred, label = heads_forward(model, *encode_sample(tokenizer, sample))
+        pred, label = heads_forward(model, *encode_sample(tokenizer, sample), args.target)
         losses.append(retaining_loss(pred, label, args.alpha).item())
         overlaps.append(topk_overlap(pred, label))
     return sum(losses) / len(losses), sum(overlaps) / len(overlaps)
@@ -154,7 +157,7 @@ def main(args: argparse.Namespace) -> None:
         sample = make_sample(step * rank.world + rank.index, args.seed, tokenizer, args.min_tokens, args.max_tokens)
         ids, prompt_len = encode_sample(tokenizer, sample)
         lengths.append(prompt_len)
-        pred, label = heads_forward(model, ids, prompt_len)
+        pred, label = heads_forward(model, ids, prompt_len, args.target)
         loss = retaining_loss(pred, label, args.alpha)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -193,7 +196,7 @@ PRESETS = {  # defaults by preset; any flag given wins
     "cpu": dict(steps=300, min_tokens=1024, max_tokens=6144, head_hidden=256, warmup=45, val_every=150,
                 val_samples=6, save_every=10),
 }
-SAME_ON_RESUME = ("ckpt", "head_hidden", "seed", "lr", "min_tokens", "max_tokens", "alpha", "weight_decay", "dtype")
+SAME_ON_RESUME = ("ckpt", "target", "head_hidden", "seed", "lr", "min_tokens", "max_tokens", "alpha", "weight_decay", "dtype")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -204,6 +207,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the shipped heads (cpu)")
     p.add_argument("--ckpt", default=DEFAULT_MODEL, help="backbone: zoo name, HF folder or hub id")
     p.add_argument("--out", default="heads.safetensors", help="where to write the heads (default: heads.safetensors)")
+    p.add_argument("--target", choices=["cis", "shared"], default="cis",
+                   help="cis: each layer's heads fit its causal importance scores (the paper's); shared: every head "
+                        "fits one cross-layer rank per token, for generate.py/eval.py --eviction shared")
     p.add_argument("--steps", type=int, help=f"training samples, batch 1 ({preset('steps')})")
     p.add_argument("--min-tokens", type=int, help=f"shortest generated prompt ({preset('min_tokens')})")
     p.add_argument("--max-tokens", type=int, help=f"longest generated prompt ({preset('max_tokens')})")

@@ -1,8 +1,10 @@
-"""Locret's settings against held-out accuracy: stabilizer share of the budget, prefill chunk and score span,
-one at a time around the zoo's defaults, on the held-out suite's validation split (never the test split).
+"""Locret's settings against held-out accuracy: stabilizer share of the budget, prefill chunk, score span and
+eviction mode, one at a time around the zoo's defaults, on the held-out suite's validation split (never the
+test split); with --oracle, also what perfect heads would do (the exact training labels in their place).
 
-    python bench/sensitivity.py                                   # 2K tokens, budget 1/8, n = 24 (about 15-20 min, 2-core CPU)
+    python bench/sensitivity.py                                   # 2K tokens, budget 1/8, n = 24 (about 25 min, 2-core CPU)
     python bench/sensitivity.py --stabilizers 0,1/4 --chunks 512 --spans 1 --n 8 --out runs/sens
+    python bench/sensitivity.py --stabilizers 1/4 --chunks 512 --spans 1 --evictions per-head --oracle
 
 Each item and its full-attention reference are built once and shared by every setting. Rows are appended to
 OUT.jsonl as they come (a rerun resumes); the table (accuracy with its Wilson 95% interval, needle tokens
@@ -22,38 +24,59 @@ from tqdm import tqdm
 
 from eval import parse_budget, read_results, wilson
 from locret.devices import default_device, default_dtype
-from locret.engine import EngineSettings
+from locret.engine import EVICTIONS, EngineSettings
 from locret.errors import run_script
 from locret.evaluation import Reference, encode_item, evaluate
 from locret.heads import load_heads
+from locret.labels import LabelRecorder
 from locret.loading import DTYPES, load_model, stop_token_ids
 from locret.official_heads import find_heads
+from locret.policies import Precomputed
+from locret.ranking import shared_target
 from locret.tasks import TASKS, make_item
 from locret.tokenizer import Tokenizer
 from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
 
 
 def grid(args, base) -> list[dict]:
-    """The defaults, then each setting varied alone (stabilizers as a share of the budget)."""
-    default = {"stabilizers": Fraction(base.stabilizers, base.budget), "chunk": base.chunk, "span": 1}
+    """The defaults, then each setting varied alone (stabilizers as a share of the budget); with --oracle,
+    the training labels in place of the heads, per layer (the paper's target) and shared (train.py --target)."""
+    default = {"stabilizers": Fraction(base.stabilizers, base.budget), "chunk": base.chunk, "span": 1,
+               "eviction": base.eviction, "scorer": "heads"}
     points = [default]
-    for name, values in (("stabilizers", args.stabilizers), ("chunk", args.chunks), ("span", args.spans)):
+    for name, values in (("stabilizers", args.stabilizers), ("chunk", args.chunks), ("span", args.spans),
+                         ("eviction", args.evictions)):
         points += [default | {name: v} for v in values if v != default[name]]
+    if args.oracle:
+        points += [default | {"scorer": scorer, "eviction": eviction} for scorer, eviction in ORACLES]
     return points
+
+
+ORACLES = [("labels", "per-head"), ("labels", "shared"), ("shared labels", "shared")]
 
 
 def settings_of(point: dict, budget: int, question_tokens: int) -> EngineSettings:
     return EngineSettings("locret", budget, point["chunk"], int(budget * point["stabilizers"]), question_tokens,
-                          span=point["span"])
+                          span=point["span"], eviction=point["eviction"])
 
 
 def label(point: dict) -> dict:
-    return {"stabilizers": str(point["stabilizers"]), "chunk": point["chunk"], "span": point["span"]}
+    return point | {"stabilizers": str(point["stabilizers"])}
+
+
+def oracle_scores(model, encoded) -> dict[str, torch.Tensor]:
+    """The item's training labels from one frozen forward over prompt + gold answer, [L, 1, KVH, P]:
+    each layer's own (`labels`) and the cross-layer target (`shared labels`)."""
+    recorder = LabelRecorder(len(encoded.prompt))
+    model(torch.tensor([encoded.prompt + encoded.answer], device=model.lm_head.weight.device), cache=recorder,
+          last_only=True)
+    labels = recorder.stacked()[1]
+    return {"labels": labels, "shared labels": shared_target(labels)}
 
 
 def summarize(rows: list[dict], points: list[dict]) -> list[str]:
-    md = ["| stabilizers (share of budget) | chunk | span | correct | % (95% CI) | needle kept | top-1 agree | log-lik gap |",
-          "|---|---|---|---|---|---|---|---|"]
+    md = ["| stabilizers (share of budget) | chunk | span | eviction | scores | correct | % (95% CI) | needle kept "
+          "| top-1 agree | log-lik gap |", "|---|---|---|---|---|---|---|---|---|---|"]
     for point in [None, *points]:
         mine = [r for r in rows if r["point"] == (label(point) if point else None)]
         if not mine:
@@ -62,7 +85,7 @@ def summarize(rows: list[dict], points: list[dict]) -> list[str]:
         kept = [r["needle_retention"] for r in mine if not math.isnan(r["needle_retention"])]
         mean = lambda key: sum(r[key] for r in mine) / n
         low, high = wilson(right, n)
-        name = ("full attention", "-", "-") if point is None else tuple(label(point).values())
+        name = ("full attention", "-", "-", "-", "-") if point is None else tuple(label(point).values())
         md.append(f"| {' | '.join(map(str, name))} | {right:g}/{n} | {100 * right / n:.0f} ({low:.0f}-{high:.0f}) | "
                   f"{sum(kept) / max(len(kept), 1):.2f} | {mean('top1_agreement'):.2f} | {mean('ll_gap'):+.1f} |")
     return md
@@ -84,7 +107,7 @@ def main(args: argparse.Namespace) -> None:
             item = make_item(args.task, index, args.seed, tokenizer, args.length)
             encoded = encode_item(tokenizer, item, "completion")
             max_new = min(TASKS[args.task].gen_tokens, 128)
-            reference = None
+            reference, oracle = None, None
             for point in [None, *points]:
                 key = (args.task, args.length, index, "locret" if point else "full", budget, json.dumps(point and label(point)))
                 if key in done:
@@ -93,7 +116,11 @@ def main(args: argparse.Namespace) -> None:
                     continue
                 settings = settings_of(point, budget, encoded.question_tokens) if point else \
                     EngineSettings("full", n_loc=encoded.question_tokens)
-                result, reference = evaluate(model, tokenizer, item, encoded, settings, max_new, stops, reference)
+                scorer = None
+                if point and point["scorer"] != "heads":
+                    oracle = oracle or oracle_scores(model, encoded)
+                    scorer = Precomputed(oracle[point["scorer"]])
+                result, reference = evaluate(model, tokenizer, item, encoded, settings, max_new, stops, reference, scorer)
                 row = {"task": args.task, "length": args.length, "index": index, **asdict(result), "budget": budget,
                        "mode": key[-1], "point": point and label(point)}
                 if point is None:
@@ -124,12 +151,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stabilizers", type=fractions, default=fractions("0,1/8,1/4,1/2"), help="shares of the budget")
     p.add_argument("--chunks", type=integers, default=integers("256,512,1024,2048"))
     p.add_argument("--spans", type=integers, default=integers("1,5,9,15"), help="odd; see eval.py --span")
+    p.add_argument("--evictions", type=lambda t: t.split(","), default=["per-head", "shared"],
+                   help=f"from {', '.join(EVICTIONS)}")
+    p.add_argument("--oracle", action="store_true",
+                   help="add rows where each item's exact training labels stand in for the heads (per layer, and "
+                        "shared across layers): what perfect heads for either target would keep")
     p.add_argument("--n", type=int, default=24, help="items")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/sensitivity", help="writes OUT.jsonl and OUT.md")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=list(DTYPES), default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = [e for e in args.evictions if e not in EVICTIONS]
+    if unknown:
+        p.error(f"unknown --evictions {', '.join(unknown)} (choose from {', '.join(EVICTIONS)})")
+    return args
 
 
 if __name__ == "__main__":

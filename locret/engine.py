@@ -2,7 +2,8 @@
 
 The chunk loop lives in context.py. Per chunk (as in the official Locret code): run it through the model;
 in every layer the policy scores the chunk's new entries (appending to the kept entries' stored scores);
-then each layer keeps the top-`budget` entries per KV head, the last `stabilizers` protected. The
+then each layer keeps the top-`budget` entries per KV head, the last `stabilizers` protected (or, with
+eviction `shared`, every layer and KV head keeps the same entries: the best by mean rank, ranking.py). The
 prompt's last `n_loc` tokens are prefilled without eviction; decoding does not evict unless asked to.
 
 Positions: in `original` mode a token keeps its prompt position, so keys are stored rotated and
@@ -23,6 +24,7 @@ from .kv_pool import KVPool
 from .policies import POLICIES, Chunk, make_policy
 
 
+EVICTIONS = ("per-head", "shared")
 NEEDS_HEADS = "--policy locret needs retaining heads: pass --heads FILE.safetensors"
 
 
@@ -38,6 +40,7 @@ class EngineSettings:
     final_stabilizers: bool = True  # protect them in the last eviction before the n_loc tail too (official: no)
     seed: int = 0  # for the random policy
     span: int = 1  # locret: each token's score is the best within span // 2 neighbours (1: the paper's)
+    eviction: str = "per-head"  # per-head: each layer and KV head keeps its best (the paper's) | shared: one set for all
 
     @property
     def evicts(self) -> bool:
@@ -50,6 +53,8 @@ def check_settings(s: EngineSettings, prompt_tokens: int) -> None:
         raise LocretError(f"unknown policy {s.policy!r} (choose from {', '.join(POLICIES)})")
     if s.positions not in ("compact", "original"):
         raise LocretError(f"--positions must be compact or original, not {s.positions!r}")
+    if s.eviction not in EVICTIONS:
+        raise LocretError(f"--eviction must be one of {', '.join(EVICTIONS)}, not {s.eviction!r}")
     if s.span < 1 or s.span % 2 == 0:
         raise LocretError(f"--span must be an odd number >= 1 (got {s.span})")
     if s.chunk < 1:
@@ -91,7 +96,7 @@ class PolicyCache:
         if self.scoring:
             S, T = k_all.shape[2], k.shape[2]
             scores = self.pool.scores[layer, :, :, :S]
-            chunk = Chunk(q, k_all, scores[..., :S - T], self.pool.index[layer, :, :, :S], head_scores)
+            chunk = Chunk(q, k_all, scores[..., :S - T], self.pool.index[layer, :, :, :S], head_scores, layer)
             scores.copy_(self.policy(chunk))
         return k_all, v_all
 
@@ -137,7 +142,8 @@ class Engine:
         self.pool.length, self.pool.seen = length, seen
 
     def evict(self, protect: bool = True) -> None:
-        self.pool.evict(self.settings.budget, self.settings.stabilizers if protect else 0)
+        s = self.settings
+        self.pool.evict(s.budget, s.stabilizers if protect else 0, shared=s.eviction == "shared")
         self.evictions += 1
 
     def decode_step(self, token: int) -> torch.Tensor:

@@ -85,11 +85,15 @@ def needle_retention(pool: KVPool, needles: list[range], body: int) -> float:
 
 @torch.inference_mode()
 def evaluate(model: CausalLM, tokenizer: Tokenizer, item: Item, encoded: Encoded, settings: EngineSettings,
-             max_new_tokens: int, stop_ids: set[int], reference: Reference | None) -> tuple[ItemResult, Reference]:
-    """Prefill, generate greedily and score; then teacher-force the gold answer for fidelity."""
+             max_new_tokens: int, stop_ids: set[int], reference: Reference | None, scorer=None
+             ) -> tuple[ItemResult, Reference]:
+    """Prefill, generate greedily and score; then teacher-force the gold answer for fidelity. A `scorer`
+    (a policy function) replaces the settings' policy, e.g. policies.Precomputed."""
     prompt, answer = encoded.prompt, encoded.answer
     check_settings(settings, len(prompt))
     context = Context(model, settings, pool_capacity(settings, len(prompt), max(max_new_tokens, len(answer))), len(prompt))
+    if scorer is not None:
+        context.engine.cache.policy = scorer
     body = len(prompt) - settings.n_loc
     context.feed(prompt[:body])
     context.close()

@@ -10,6 +10,7 @@ import torch
 from models import ModelConfig
 
 from .errors import LocretError
+from .ranking import shared_rank
 
 
 class KVPool:
@@ -69,14 +70,17 @@ class KVPool:
         self.length += n
         self.seen += n
 
-    def evict(self, keep: int, protect: int) -> torch.Tensor:
+    def evict(self, keep: int, protect: int, shared: bool = False) -> torch.Tensor:
         """Keep, per layer and KV head, the `keep` best-scored entries, always counting the last
-        `protect` (the stabilizers) among them. Returns the kept entries' old slots [L, B, KVH, keep]."""
-        n = self.length
-        ranked = self.scores[:, :, :, :n].clone()  # protect on a copy: stabilizers keep their real score
-        ranked[..., max(n - protect, 0):] = float("inf")
+        `protect` (the stabilizers) among them; `shared`: the same entries in every layer and KV head,
+        the best by mean percentile rank (ranking.py). Returns the kept entries' old slots [L, B, KVH, keep]."""
+        n, (L, _, H) = self.length, self.scores.shape[:3]
+        scores = self.scores[:, :, :, :n]
+        ranked = shared_rank(scores)[None, :, None] if shared else scores.clone()  # [1, B, 1, n] or [L, B, KVH, n]
+        ranked[..., max(n - protect, 0):] = float("inf")  # on a copy: stabilizers keep their real score
         kept = ranked.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values  # original order
-        for layer in range(self.k.shape[0]):
+        kept = kept.expand(L, -1, H, -1)
+        for layer in range(L):
             self.gather_front(layer, kept[layer])
         self.length = keep
         return kept

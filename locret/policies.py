@@ -19,6 +19,7 @@ class Chunk:
     stored: torch.Tensor  # [B, KVH, S - T] scores of the kept entries
     index: torch.Tensor  # [B, KVH, S] prompt position of each entry's token
     head_scores: torch.Tensor | None  # [B, KVH, T] retaining heads' output for the chunk
+    layer: int = 0
 
     @property
     def n_new(self) -> int:
@@ -87,6 +88,17 @@ class Random:
     def __call__(self, c: Chunk) -> torch.Tensor:
         B, KVH, T = c.stored.shape[0], c.stored.shape[1], c.n_new
         return c.append(torch.rand(B, KVH, T, generator=self.generator).to(c.stored.device))
+
+
+class Precomputed:
+    """Scores known in advance, [L, B, KVH, P] by layer and prompt position: an oracle's labels standing in
+    for the heads (bench/sensitivity.py --oracle). Each new entry gets its token's score in its layer."""
+
+    def __init__(self, scores: torch.Tensor):
+        self.scores = scores
+
+    def __call__(self, c: Chunk) -> torch.Tensor:
+        return c.append(self.scores[c.layer].gather(-1, c.index[..., -c.n_new:]))
 
 
 EVICTING = {"locret": locret, "streamingllm": streamingllm, "h2o": h2o, "snapkv": snapkv,

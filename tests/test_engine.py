@@ -12,7 +12,7 @@ from locret.errors import LocretError
 from locret.heads import load_heads, save_heads
 from locret.loading import load_model
 from locret.memory import estimate, largest_budget
-from locret.policies import POLICIES
+from locret.policies import POLICIES, Precomputed
 from models.rope import apply_rope
 
 CONFIGS = {"llama": tiny_llama_config, "phi3": tiny_phi3_config,
@@ -132,6 +132,41 @@ def test_eviction_keeps_budget_and_stabilizers(model):
     assert len({tuple(index[layer, 0, h].tolist()) for layer in range(2) for h in range(2)}) > 1
 
 
+@pytest.mark.parametrize("policy", ["locret", "h2o"])
+def test_shared_eviction_keeps_one_set_in_every_layer_and_head(model, policy):
+    prompt = prompt_of(100, seed=4)
+    s = EngineSettings(policy=policy, budget=24, chunk=10, stabilizers=8, n_loc=6, eviction="shared")
+    with torch.inference_mode():
+        context = Context(model, s, pool_capacity(s, len(prompt), 1), len(prompt))
+        context.prefill(prompt)
+    pool = context.engine.pool
+    index = pool.index[:, :, :, :pool.length]
+    assert pool.length == s.budget + s.n_loc and (index == index[0, 0, 0]).all()
+    body = len(prompt) - s.n_loc
+    assert index[0, 0, 0, s.budget - s.stabilizers:].tolist() == list(range(body - s.stabilizers, len(prompt)))
+    assert index[0, 0, 0, :s.budget - s.stabilizers].max() < body - s.stabilizers  # and older tokens before them
+    # with a budget covering the prompt, nothing is evicted: exactly full attention
+    roomy = replace(s, budget=128)
+    with torch.inference_mode():
+        logits = Context(model, roomy, pool_capacity(roomy, len(prompt), 1), len(prompt)).prefill(prompt)
+        torch.testing.assert_close(logits, model(torch.tensor([prompt]))[0, -1], atol=1e-5, rtol=0)
+
+
+def test_precomputed_scores_are_looked_up_by_layer_and_position(model):
+    prompt = prompt_of(100, seed=5)
+    s = EngineSettings(policy="locret", budget=24, chunk=10, stabilizers=8, n_loc=6)
+    position = torch.arange(len(prompt)).float()
+    scores = torch.stack([-position, position])[:, None, None].expand(2, 1, 2, -1)  # [L, B, KVH, P]: old first, new first
+    with torch.inference_mode():
+        context = Context(model, s, pool_capacity(s, len(prompt), 1), len(prompt))
+        context.engine.cache.policy = Precomputed(scores)
+        context.prefill(prompt)
+    index, body = context.pool.index[:, 0, :, :s.budget], len(prompt) - s.n_loc
+    stabilizers = list(range(body - s.stabilizers, body))
+    assert (index[0] == torch.tensor(list(range(s.budget - s.stabilizers)) + stabilizers)).all()  # the oldest
+    assert (index[1] == torch.arange(body - s.budget, body)).all()  # the most recent
+
+
 def test_pool_never_moves_and_has_the_same_size_for_1k_and_16k_prompts(model):
     s = EngineSettings(policy="locret", budget=64, chunk=128, stabilizers=16, n_loc=20)
     sizes = []
@@ -167,6 +202,7 @@ def test_evict_during_decode_stays_within_capacity(model):
     (dict(n_loc=50), r"--n-loc must be in \[0, prompt tokens\) = \[0, 50\)"),
     (dict(positions="sideways"), "--positions must be compact or original"),
     (dict(policy="lru"), "unknown policy 'lru'"),
+    (dict(eviction="global"), "--eviction must be one of per-head, shared"),
 ])
 def test_impossible_settings(change, message):
     with pytest.raises(LocretError, match=message):

@@ -94,6 +94,9 @@ def test_cli_evicting_policy_reports_pool_and_compression(tiny_chat_model, tmp_p
             "--stabilizers", "8", "--n-loc", "10")
     err = capsys.readouterr().err
     assert "policy snapkv (budget 32)" in err and "chunks" in err and "compression" in err and "KV pool" in err
+    run_cli(tiny_chat_model, tmp_path, "--policy", "snapkv", "--budget", "32", "--chunk", "16", "--stabilizers", "8",
+            "--eviction", "shared")
+    assert "policy snapkv (budget 32, shared eviction)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -207,3 +207,41 @@ def test_attention_mask():
     evict_and_check(pool, m, keep=2, protect=1)  # the mask follows the filled length, not the positions
     mask = pool.attention_mask(2)
     assert torch.equal(mask, torch.tensor([[True, True, True, False], [True, True, True, True]]))
+
+
+def reference_shared_evict(held: list[int], scores: list[torch.Tensor], keep: int, protect: int):
+    """One kept set for every layer and head: each (layer, head) ranks the held tokens 0..n-1 by its score, a
+    token's value is its mean rank; the last `protect` always, then the best values. -> (positions that must be
+    kept, positions that may be: those tied with the last one kept)."""
+    n = len(held)
+    mean_rank = [0.0] * n
+    for score in scores:
+        order = sorted(range(n), key=lambda s: float(score[held[s]]))
+        for rank, s in enumerate(order):
+            mean_rank[s] += rank / (n - 1) / len(scores)
+    protected = set(range(max(n - protect, 0), n))
+    rest = sorted((s for s in range(n) if s not in protected), key=lambda s: mean_rank[s], reverse=True)
+    cut = mean_rank[rest[keep - len(protected) - 1]]
+    must = protected | {s for s in rest if mean_rank[s] > cut + 1e-9}
+    tied = {s for s in rest if abs(mean_rank[s] - cut) <= 1e-9}
+    return {held[s] for s in must}, {held[s] for s in must | tied}
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_shared_eviction_keeps_the_same_best_mean_rank_entries_everywhere(batch):
+    m = Mirror(batch, total=20, dtype=torch.float32, seed=5)
+    pool = KVPool(tiny_config(), capacity=14, batch=batch)
+    write_chunk(pool, m, 0, 12)
+    for keep, protect, start, T in [(6, 2, 12, 8), (5, 0, None, None)]:
+        expected = [reference_shared_evict(m.held[0][b][0], [m.score[l, b, h] for l in range(L) for h in range(KVH)],
+                                           keep, protect) for b in range(batch)]
+        kept_slots = pool.evict(keep, protect, shared=True)
+        assert kept_slots.shape == (L, batch, KVH, keep) and pool.length == keep
+        for b, (must, may) in enumerate(expected):
+            kept = pool.index[0, b, 0, :keep].tolist()
+            assert must <= set(kept) <= may and kept == sorted(kept)
+            for l, h in [(l, h) for l in range(L) for h in range(KVH)]:
+                m.held[l][b][h] = list(kept)
+        check_pool(pool, m)  # every layer and head holds the same entries, with its own real scores
+        if start is not None:
+            write_chunk(pool, m, start, T)

@@ -1,4 +1,5 @@
-"""CIS labels against a brute-force reference built from transformers' own q/k and RoPE, and the loss."""
+"""CIS labels against a brute-force reference built from transformers' own q/k and RoPE, the loss, and the
+cross-layer ranks (ranking.py) against plain Python."""
 import math
 
 import pytest
@@ -8,6 +9,7 @@ from conftest import longrope, tiny_llama_config, tiny_phi3_config
 from locret.labels import LabelRecorder, cis_labels
 from locret.loading import load_model
 from locret.loss import retaining_loss, topk_overlap
+from locret.ranking import percentile_rank, shared_rank, shared_target
 
 
 def hf_rotated_qk(hf, tokens):
@@ -87,3 +89,32 @@ def test_topk_overlap():
     half = label.clone()
     half[..., 90:95] = -1  # 5 of the top 10 demoted
     assert topk_overlap(half, label) == 0.5
+
+
+def test_percentile_rank_and_shared_rank():
+    x = torch.tensor([[3.0, -1.0, 7.0, 0.5, 2.0]])
+    assert percentile_rank(x).tolist() == [[0.75, 0.0, 1.0, 0.25, 0.5]]
+    assert percentile_rank(torch.tensor([[2.0, 2.0, 1.0]])).tolist() == [[0.5, 1.0, 0.0]]  # a tie: by position
+    scores = torch.randn(3, 2, 4, 9, generator=torch.Generator().manual_seed(1))  # [L, B, KVH, n]
+    expected = torch.zeros(2, 9)
+    for l in range(3):
+        for b in range(2):
+            for h in range(4):
+                order = sorted(range(9), key=lambda j: float(scores[l, b, h, j]))
+                for rank, j in enumerate(order):
+                    expected[b, j] += rank / 8 / 12
+    torch.testing.assert_close(shared_rank(scores), expected)
+
+
+def test_shared_target_is_the_best_rank_in_any_layer_spread_over_0_1():
+    labels = torch.randn(4, 1, 2, 11, generator=torch.Generator().manual_seed(2))
+    target = shared_target(labels)
+    assert target.shape == labels.shape and (target == target[0, 0, 0]).all()  # one target for all
+    best = [max(sorted(labels[l, 0, h].tolist()).index(float(labels[l, 0, h, j])) for l in range(4) for h in range(2))
+            for j in range(11)]
+    t = target[0, 0, 0]
+    torch.testing.assert_close(t.sort().values, torch.arange(11) / 10)  # spread evenly
+    for i in range(11):
+        for j in range(11):
+            if best[i] > best[j]:
+                assert t[i] > t[j]

@@ -93,12 +93,31 @@ def test_resume_refuses_other_settings_and_cleans_a_half_written_state(tiny_chat
     stale = tmp_path / f".{train.state_path(out).name}.tmp-12345"
     stale.write_bytes(b"half a state file")  # a kill during the state write leaves this behind
     for flags, changed in ((["--head-hidden", "8"], "--head-hidden 16 -> 8"), (["--seed", "1"], "--seed 0 -> 1"),
-                           (["--lr", "1e-3"], "--lr 0.003 -> 0.001")):
+                           (["--lr", "1e-3"], "--lr 0.003 -> 0.001"),
+                           (["--target", "shared"], "--target cis -> shared")):
         with pytest.raises(train.LocretError, match=changed):
             run_train(tiny_chat_model, out, "--steps", "3", "--resume", *flags)
     assert not stale.exists()
     run_train(tiny_chat_model, out, "--steps", "3", "--resume")  # more steps is fine
     assert load_file(train.state_path(out)) and '"steps": 3' in load_heads(load_model(tiny_chat_model), out)["training"]
+
+
+def test_shared_target_heads_learn_it(tiny_chat_model, tmp_path, capsys):
+    model = load_model(tiny_chat_model)
+    model.add_retaining_heads(8)
+    tok = Tokenizer(tiny_chat_model)
+    ids, prompt_len = train.encode_sample(tok, make_sample(0, 5, tok, 60, 120))
+    _, cis = train.heads_forward(model, ids, prompt_len)
+    _, shared = train.heads_forward(model, ids, prompt_len, target="shared")
+    assert shared.shape == cis.shape and (shared == shared[0, 0, 0]).all()  # one target for every layer and head
+    assert shared.min() == 0 and shared.max() == 1 and not torch.equal(shared, cis)
+
+    run_train(tiny_chat_model, tmp_path / "h.safetensors", "--target", "shared", "--steps", "20", "--val-every", "10",
+              "--val-samples", "3")
+    log = capsys.readouterr().err
+    val_losses = [float(line.split("val loss ")[1].split(",")[0]) for line in log.splitlines() if "val loss" in line]
+    assert len(val_losses) == 2 and val_losses[1] < val_losses[0]
+    assert '"target": "shared"' in load_heads(load_model(tiny_chat_model), tmp_path / "h.safetensors")["training"]
 
 
 def test_label_recorder_predictions_carry_gradients_only_to_heads(tiny_chat_model):

@@ -1,0 +1,23 @@
+"""Scores made comparable across layers and KV heads: each (layer, head) ranks its tokens, and a token's
+shared score is its mean rank. Used for one kept set in every layer (`--eviction shared`) and for the
+training target of heads meant for it (`train.py --target shared`)."""
+import torch
+
+
+def percentile_rank(x: torch.Tensor) -> torch.Tensor:
+    """Each entry's rank within its row (the last dim) as a fraction in [0, 1]; ties go by position."""
+    n = x.shape[-1]
+    return x.argsort(dim=-1, stable=True).argsort(dim=-1).float() / max(n - 1, 1)
+
+
+def shared_rank(scores: torch.Tensor) -> torch.Tensor:
+    """scores [L, B, KVH, n] -> [B, n]: each token's percentile rank averaged over layers and KV heads."""
+    return percentile_rank(scores).mean(dim=(0, 2))
+
+
+def shared_target(labels: torch.Tensor) -> torch.Tensor:
+    """Per-layer labels [L, B, KVH, P] -> one target for every layer and KV head, [L, B, KVH, P]: a token's
+    best percentile rank in any of them (what some layer needs most), re-ranked over the prompt so that
+    the targets spread evenly over [0, 1]."""
+    best = percentile_rank(labels).amax(dim=(0, 2))  # [B, P]
+    return percentile_rank(best)[None, :, None].expand_as(labels)
