@@ -30,7 +30,7 @@ from locret.devices import default_device, default_dtype
 from locret.engine import EVICTIONS, EngineSettings
 from locret.errors import LocretError, run_script
 from locret.evaluation import Reference, ask_together, encode_item, evaluate
-from locret.heads import load_heads
+from locret.heads import load_heads, trained_eviction
 from locret.loading import DTYPES, load_model, stop_token_ids
 from locret.official_heads import find_heads
 from locret.policies import POLICIES
@@ -84,7 +84,8 @@ def settings_for(policy: str, budget: int, args, base, question_tokens: int) -> 
     n_loc = base.n_loc if args.n_loc is None else question_tokens if args.n_loc == "question" else int(args.n_loc)
     return EngineSettings(policy=policy, budget=budget, chunk=args.chunk or base.chunk, stabilizers=stabilizers,
                           n_loc=n_loc, positions=args.positions, final_stabilizers=not args.unprotected_final_eviction,
-                          seed=args.seed, span=args.span, eviction=args.eviction or base.eviction)
+                          seed=args.seed, span=args.span,
+                          eviction=args.eviction or (args.heads_eviction if policy == "locret" else "per-head"))
 
 
 def check_out_folder(out: Path, args) -> None:
@@ -285,6 +286,7 @@ def main(args: argparse.Namespace) -> None:
     heads = find_heads(args.heads, entry, model) if "locret" in args.policies else None
     policies = [p for p in args.policies if p != "full" and (p != "locret" or heads)]
     args.heads_id = heads_identity(heads) if policies.count("locret") else None
+    args.heads_eviction = trained_eviction(heads) if heads else "per-head"
     if heads:
         load_heads(model, heads)
     elif "locret" in args.policies:
@@ -325,7 +327,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--span", type=int, default=1,
                    help="locret: each token scores the best of its span // 2 neighbours either side, odd (default: 1)")
     p.add_argument("--eviction", choices=EVICTIONS, default=None,
-                   help="per-head (the paper's) or shared: one kept set for all layers and KV heads (default: the zoo's)")
+                   help="per-head (the paper's) or shared: one kept set for all layers and KV heads (default: locret "
+                        "as its heads were trained, train.py --target; other policies per-head)")
     p.add_argument("--unprotected-final-eviction", action="store_true",
                    help="stabilizers unprotected in the last eviction before the n_loc tail (as the official code)")
     p.add_argument("--max-new-tokens", type=int, default=128,

@@ -26,7 +26,7 @@ from locret.devices import check_device, default_device, default_dtype
 from locret.context import Context, GenerationStats
 from locret.engine import EVICTIONS, NEEDS_HEADS, EngineSettings, check_settings, pool_capacity
 from locret.errors import LocretError, run_script
-from locret.heads import load_heads
+from locret.heads import load_heads, trained_eviction
 from locret.loading import DTYPES, load_model, stop_token_ids
 from locret.official_heads import find_heads
 from locret.memory import available_bytes, estimate, format_bytes, largest_budget, peak_memory_bytes
@@ -101,13 +101,15 @@ def engine_settings(args: argparse.Namespace, entry, prompt_tokens: int | None, 
     pick = lambda value, default: default if value is None else value
     if n_loc is None:
         n_loc = pick(args.n_loc, min(base.n_loc, prompt_tokens - 1))  # a short prompt is not an error
+    policy = pick(args.policy, "locret" if has_heads(args, entry) else "full")
+    heads = heads_file(args, entry) if policy == "locret" else None
     return EngineSettings(
-        policy=pick(args.policy, "locret" if has_heads(args, entry) else "full"),
+        policy=policy,
         budget=pick(args.budget, base.budget), chunk=pick(args.chunk, base.chunk),
         stabilizers=pick(args.stabilizers, base.stabilizers), n_loc=n_loc,
         positions=args.positions or "compact", evict_during_decode=args.evict_during_decode,
         final_stabilizers=not args.unprotected_final_eviction, seed=args.seed,
-        eviction=pick(args.eviction, base.eviction))
+        eviction=pick(args.eviction, trained_eviction(heads) if heads else "per-head"))
 
 
 def fit_memory(model, settings: EngineSettings, args, capacity_of, upper: int) -> EngineSettings:
@@ -308,8 +310,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "positions (a stream then ends at the model's context)")
     g.add_argument("--eviction", choices=EVICTIONS, default=None,
                    help="per-head: each layer and KV head keeps its own best entries (the paper's); shared: all keep "
-                        "the same ones, best by mean rank (default: the zoo's; heads from train.py --target shared "
-                        "need shared)")
+                        "the same ones, best by mean rank (default: what the heads were trained for, train.py --target; "
+                        "per-head for other policies)")
     g.add_argument("--max-memory", type=float, default=None,
                    help="GiB the whole process may use at its peak (runtime, weights, KV pool, activations): "
                         "use the largest budget that fits")

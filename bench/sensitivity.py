@@ -27,7 +27,7 @@ from locret.devices import default_device, default_dtype
 from locret.engine import EVICTIONS, EngineSettings
 from locret.errors import run_script
 from locret.evaluation import Reference, encode_item, evaluate
-from locret.heads import load_heads
+from locret.heads import load_heads, trained_eviction
 from locret.labels import LabelRecorder
 from locret.loading import DTYPES, load_model, stop_token_ids
 from locret.official_heads import find_heads
@@ -38,11 +38,11 @@ from locret.tokenizer import Tokenizer
 from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
 
 
-def grid(args, base) -> list[dict]:
-    """The defaults, then each setting varied alone (stabilizers as a share of the budget); with --oracle,
+def grid(args, base, eviction: str) -> list[dict]:
+    """The defaults (eviction: what the heads were trained for), then each setting varied alone (stabilizers as a share of the budget); with --oracle,
     the training labels in place of the heads, per layer (the paper's target) and shared (train.py --target)."""
     default = {"stabilizers": Fraction(base.stabilizers, base.budget), "chunk": base.chunk, "span": 1,
-               "eviction": base.eviction, "scorer": "heads"}
+               "eviction": eviction, "scorer": "heads"}
     points = [default]
     for name, values in (("stabilizers", args.stabilizers), ("chunk", args.chunks), ("span", args.spans),
                          ("eviction", args.evictions)):
@@ -96,8 +96,10 @@ def main(args: argparse.Namespace) -> None:
     folder, entry = resolve_checkpoint(args.ckpt)
     device = args.device or default_device()
     tokenizer, model = Tokenizer(folder), load_model(folder, device, DTYPES[args.dtype or default_dtype(device)])
-    load_heads(model, find_heads(args.heads, entry, model))
-    stops, points = stop_token_ids(folder, tokenizer), grid(args, entry.settings if entry else GENERIC_SETTINGS)
+    heads = find_heads(args.heads, entry, model)
+    load_heads(model, heads)
+    stops = stop_token_ids(folder, tokenizer)
+    points = grid(args, entry.settings if entry else GENERIC_SETTINGS, trained_eviction(heads))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = read_results(out.with_suffix(".jsonl"))  # keyed by (task, length, index, policy, budget, mode)

@@ -56,6 +56,12 @@ def read_heads(path: Path) -> tuple[dict, dict]:
         raise LocretError(f"{path}: unreadable safetensors file ({e})") from None
 
 
+def trained_eviction(path: str | Path) -> str:
+    """The eviction mode the heads in `path` were trained for: shared (train.py --target shared) or per-head."""
+    training = json.loads(read_heads(Path(path))[1].get("training") or "{}")
+    return "shared" if training.get("target") == "shared" else "per-head"
+
+
 def load_heads(model: CausalLM, path: str | Path) -> dict:
     """Attach the heads in `path` to `model` (after checking they fit it); return the file's metadata."""
     path = Path(path)

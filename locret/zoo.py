@@ -11,7 +11,6 @@ class LocretSettings:
     chunk: int  # prefill chunk length
     stabilizers: int  # most recent entries always kept (n_s)
     n_loc: int  # final prompt tokens prefilled without eviction
-    eviction: str = "per-head"  # what the heads were trained for: per-head (the paper's) or shared (ranking.py)
 
 
 @dataclass(frozen=True)

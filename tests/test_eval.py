@@ -41,6 +41,26 @@ def test_quick_eval_writes_consistent_reports(tiny_chat_model, tmp_path):
     assert all(r["ll_gap"] == 0.0 and r["top1_agreement"] == 1.0 and r["needle_retention"] == 1.0 for r in full)
 
 
+def test_locret_evicts_as_its_heads_were_trained_and_heuristics_per_head(tiny_chat_model, tmp_path, monkeypatch):
+    from locret.heads import save_heads
+    from locret.kv_pool import KVPool
+    model = load_model(tiny_chat_model)
+    model.add_retaining_heads(8)
+    save_heads(model, tmp_path / "shared.safetensors", backbone="tiny", training={"target": "shared"})
+    modes, evict = [], KVPool.evict
+    monkeypatch.setattr(KVPool, "evict", lambda pool, keep, protect, shared=False: (
+        modes.append(shared), evict(pool, keep, protect, shared))[1])
+    flags = ["--heads", str(tmp_path / "shared.safetensors"), "--n", "1", "--budgets", "1/4"]
+    run_eval(tiny_chat_model, tmp_path / "a", *flags, "--policies", "locret")
+    assert modes and all(modes)
+    modes.clear()
+    run_eval(tiny_chat_model, tmp_path / "b", *flags, "--policies", "snapkv")
+    assert modes and not any(modes)
+    modes.clear()
+    run_eval(tiny_chat_model, tmp_path / "c", *flags, "--policies", "snapkv", "--eviction", "shared")
+    assert modes and all(modes)
+
+
 def test_same_seed_reproduces(tiny_chat_model, tmp_path):
     numbers = lambda rows: [(r["task"], r["policy"], r["budget"], r["score"], r["log_likelihood"], r["prediction"])
                             for r in rows]

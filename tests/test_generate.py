@@ -125,6 +125,21 @@ def test_cli_max_memory_picks_a_budget(tiny_chat_model, tmp_path, capsys, monkey
                 "--stabilizers", "8", "--budget", str(budget + 50))
 
 
+def test_cli_eviction_defaults_to_what_the_heads_were_trained_for(tiny_chat_model, tmp_path, capsys):
+    from locret.heads import save_heads
+    model = load_model(tiny_chat_model)
+    model.add_retaining_heads(8)
+    save_heads(model, tmp_path / "cis.safetensors", backbone="tiny", training={"target": "cis"})
+    save_heads(model, tmp_path / "shared.safetensors", backbone="tiny", training={"target": "shared"})
+    flags = ["--budget", "32", "--chunk", "16", "--stabilizers", "8"]
+    run_cli(tiny_chat_model, tmp_path, "--heads", str(tmp_path / "shared.safetensors"), *flags)
+    assert "policy locret (budget 32, shared eviction)" in capsys.readouterr().err
+    run_cli(tiny_chat_model, tmp_path, "--heads", str(tmp_path / "cis.safetensors"), *flags)
+    assert "policy locret (budget 32)" in capsys.readouterr().err
+    run_cli(tiny_chat_model, tmp_path, "--heads", str(tmp_path / "shared.safetensors"), "--eviction", "per-head", *flags)
+    assert "policy locret (budget 32)" in capsys.readouterr().err  # the flag wins
+
+
 def test_cli_heads_for_another_backbone(tiny_chat_model, tmp_path, save_hf):
     from conftest import tiny_llama_config
     from locret.heads import save_heads
