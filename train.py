@@ -27,7 +27,7 @@ from locret.errors import LocretError, run_script
 from locret.heads import save_heads
 from locret.labels import LabelRecorder
 from locret.loading import DTYPES, load_model
-from locret.loss import retaining_loss, topk_overlap
+from locret.loss import keep_loss, retaining_loss, topk_overlap
 from locret.ranking import shared_target
 from locret.tokenizer import Tokenizer
 from locret.train_data import make_sample
@@ -66,7 +66,7 @@ def encode_sample(tokenizer: Tokenizer, sample) -> tuple[list[int], int]:
 
 def heads_forward(model, ids: list[int], prompt_len: int, target: str = "cis"):
     """One causal forward over prompt + answer -> (predictions, labels), each [L, 1, KVH, prompt_len]:
-    per-layer CIS labels, or (`shared`) one target for all layers and heads (ranking.shared_target)."""
+    per-layer CIS labels, or (`shared`) one 0/1 target for all layers and heads (ranking.shared_target)."""
     recorder = LabelRecorder(prompt_len)
     model(torch.tensor([ids], device=model.lm_head.weight.device), cache=recorder, last_only=True)
     pred, label = recorder.stacked()
@@ -126,7 +126,7 @@ def validate(model, tokenizer, args) -> tuple[float, float]:
     for i in range(args.val_samples):
         sample = make_sample(i, args.seed + 1_000_003, tokenizer, args.min_tokens, args.max_tokens)
         pred, label = heads_forward(model, *encode_sample(tokenizer, sample), args.target)
-        losses.append(retaining_loss(pred, label, args.alpha).item())
+        losses.append(LOSSES[args.target](pred, label, args.alpha).item())
         overlaps.append(topk_overlap(pred, label))
     return sum(losses) / len(losses), sum(overlaps) / len(overlaps)
 
@@ -158,7 +158,7 @@ def main(args: argparse.Namespace) -> None:
         ids, prompt_len = encode_sample(tokenizer, sample)
         lengths.append(prompt_len)
         pred, label = heads_forward(model, ids, prompt_len, args.target)
-        loss = retaining_loss(pred, label, args.alpha)
+        loss = LOSSES[args.target](pred, label, args.alpha)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if rank.world > 1:  # data parallel: average the heads' gradients over ranks
@@ -189,6 +189,7 @@ def main(args: argparse.Namespace) -> None:
         dist.destroy_process_group()
 
 
+LOSSES = {"cis": retaining_loss, "shared": keep_loss}
 PRESETS = {  # defaults by preset; any flag given wins
     "official": dict(steps=3000, min_tokens=1024, max_tokens=10240, head_hidden=1024, warmup=None, val_every=100,
                      val_samples=8, save_every=50),
@@ -209,7 +210,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="heads.safetensors", help="where to write the heads (default: heads.safetensors)")
     p.add_argument("--target", choices=["cis", "shared"], default="cis",
                    help="cis: each layer's heads fit its causal importance scores (the paper's); shared: every head "
-                        "fits one cross-layer rank per token, for generate.py/eval.py --eviction shared")
+                        "learns which tokens one kept set for all layers needs (the top eighth by their best rank "
+                        "in any layer), for --eviction shared")
     p.add_argument("--steps", type=int, help=f"training samples, batch 1 ({preset('steps')})")
     p.add_argument("--min-tokens", type=int, help=f"shortest generated prompt ({preset('min_tokens')})")
     p.add_argument("--max-tokens", type=int, help=f"longest generated prompt ({preset('max_tokens')})")

@@ -32,7 +32,7 @@ from locret.labels import LabelRecorder
 from locret.loading import DTYPES, load_model, stop_token_ids
 from locret.official_heads import find_heads
 from locret.policies import Precomputed
-from locret.ranking import shared_target
+from locret.ranking import best_rank
 from locret.tasks import TASKS, make_item
 from locret.tokenizer import Tokenizer
 from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
@@ -66,12 +66,13 @@ def label(point: dict) -> dict:
 
 def oracle_scores(model, encoded) -> dict[str, torch.Tensor]:
     """The item's training labels from one frozen forward over prompt + gold answer, [L, 1, KVH, P]:
-    each layer's own (`labels`) and the cross-layer target (`shared labels`)."""
+    each layer's own (`labels`) and, the same for all, each token's best rank in any layer (`shared labels`:
+    the graded form of train.py --target shared)."""
     recorder = LabelRecorder(len(encoded.prompt))
     model(torch.tensor([encoded.prompt + encoded.answer], device=model.lm_head.weight.device), cache=recorder,
           last_only=True)
     labels = recorder.stacked()[1]
-    return {"labels": labels, "shared labels": shared_target(labels)}
+    return {"labels": labels, "shared labels": best_rank(labels)[None, :, None].expand_as(labels)}
 
 
 def summarize(rows: list[dict], points: list[dict]) -> list[str]:

@@ -1,15 +1,26 @@
-"""The retaining heads' objective (Locret, arXiv 2410.01805, as the official code computes it) and its metric."""
+"""The retaining heads' objective (Locret, arXiv 2410.01805, as the official code computes it), the loss for the
+shared target (train.py --target shared) and the metric."""
 import torch
 import torch.nn.functional as F
 
 
+def smoothness(pred: torch.Tensor) -> torch.Tensor:
+    """The sum over layers of the MSE between neighbouring tokens' predictions, pred [L, B, KVH, P]."""
+    return ((pred[..., :-1] - pred[..., 1:]) ** 2).flatten(1).mean(dim=1).sum()
+
+
 def retaining_loss(pred: torch.Tensor, label: torch.Tensor, alpha: float = 0.0025) -> torch.Tensor:
     """pred, label [L, B, KVH, P]. SmoothL1 (beta 1) averaged over layers, heads and tokens, plus
-    alpha times the sum over layers of the MSE between neighbouring tokens' predictions (smoothness)."""
+    alpha times the smoothness of the predictions."""
     pred = pred.float()
-    fit = F.smooth_l1_loss(pred, label, beta=1.0)
-    smooth = ((pred[..., :-1] - pred[..., 1:]) ** 2).flatten(1).mean(dim=1).sum()
-    return fit + alpha * smooth
+    return F.smooth_l1_loss(pred, label, beta=1.0) + alpha * smoothness(pred)
+
+
+def keep_loss(pred: torch.Tensor, label: torch.Tensor, alpha: float = 0.0025) -> torch.Tensor:
+    """For the 0/1 shared target (ranking.shared_target): binary cross-entropy with the predictions as
+    logits, plus alpha times their smoothness. pred, label [L, B, KVH, P]."""
+    pred = pred.float()
+    return F.binary_cross_entropy_with_logits(pred, label) + alpha * smoothness(pred)
 
 
 @torch.no_grad()

@@ -15,9 +15,13 @@ def shared_rank(scores: torch.Tensor) -> torch.Tensor:
     return percentile_rank(scores).mean(dim=(0, 2))
 
 
-def shared_target(labels: torch.Tensor) -> torch.Tensor:
-    """Per-layer labels [L, B, KVH, P] -> one target for every layer and KV head, [L, B, KVH, P]: a token's
-    best percentile rank in any of them (what some layer needs most), re-ranked over the prompt so that
-    the targets spread evenly over [0, 1]."""
-    best = percentile_rank(labels).amax(dim=(0, 2))  # [B, P]
-    return percentile_rank(best)[None, :, None].expand_as(labels)
+def best_rank(labels: torch.Tensor) -> torch.Tensor:
+    """Per-layer labels [L, B, KVH, P] -> [B, P]: a token's best percentile rank in any layer and KV head
+    (what some layer needs most), re-ranked over the prompt so that it spreads evenly over [0, 1]."""
+    return percentile_rank(percentile_rank(labels).amax(dim=(0, 2)))
+
+
+def shared_target(labels: torch.Tensor, share: float = 1 / 8) -> torch.Tensor:
+    """Per-layer labels [L, B, KVH, P] -> one 0/1 target for every layer and KV head, [L, B, KVH, P]: 1 for
+    the `share` of prompt tokens with the highest best_rank, the set a shared eviction at that budget keeps."""
+    return (best_rank(labels) >= 1 - share).float()[None, :, None].expand_as(labels)

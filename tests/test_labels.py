@@ -8,8 +8,8 @@ import torch
 from conftest import longrope, tiny_llama_config, tiny_phi3_config
 from locret.labels import LabelRecorder, cis_labels
 from locret.loading import load_model
-from locret.loss import retaining_loss, topk_overlap
-from locret.ranking import percentile_rank, shared_rank, shared_target
+from locret.loss import keep_loss, retaining_loss, topk_overlap
+from locret.ranking import best_rank, percentile_rank, shared_rank, shared_target
 
 
 def hf_rotated_qk(hf, tokens):
@@ -82,6 +82,14 @@ def test_loss_terms():
     torch.testing.assert_close(retaining_loss(pred, label, alpha=0.01), expected)
 
 
+def test_keep_loss_terms():
+    pred, label = torch.randn(3, 1, 2, 20), (torch.rand(3, 1, 2, 20) < 0.2).float()
+    p = torch.sigmoid(pred)
+    bce = -(label * p.log() + (1 - label) * (1 - p).log()).mean()
+    mse_per_layer = [((pred[l, ..., 1:] - pred[l, ..., :-1]) ** 2).mean() for l in range(3)]
+    torch.testing.assert_close(keep_loss(pred, label, alpha=0.01), bce + 0.01 * sum(mse_per_layer))
+
+
 def test_topk_overlap():
     label = torch.arange(100.0).view(1, 1, 1, 100)
     assert topk_overlap(label * 2, label) == 1.0  # same order
@@ -106,15 +114,15 @@ def test_percentile_rank_and_shared_rank():
     torch.testing.assert_close(shared_rank(scores), expected)
 
 
-def test_shared_target_is_the_best_rank_in_any_layer_spread_over_0_1():
-    labels = torch.randn(4, 1, 2, 11, generator=torch.Generator().manual_seed(2))
-    target = shared_target(labels)
+def test_shared_target_marks_the_tokens_with_the_best_rank_in_any_layer():
+    labels = torch.randn(4, 1, 2, 16, generator=torch.Generator().manual_seed(2))
+    target = shared_target(labels, share=1 / 4)
     assert target.shape == labels.shape and (target == target[0, 0, 0]).all()  # one target for all
     best = [max(sorted(labels[l, 0, h].tolist()).index(float(labels[l, 0, h, j])) for l in range(4) for h in range(2))
-            for j in range(11)]
-    t = target[0, 0, 0]
-    torch.testing.assert_close(t.sort().values, torch.arange(11) / 10)  # spread evenly
-    for i in range(11):
-        for j in range(11):
-            if best[i] > best[j]:
-                assert t[i] > t[j]
+            for j in range(16)]
+    chosen = sorted(range(16), key=lambda j: (best[j], j))[-4:]  # ties go by position, as percentile_rank does
+    assert target[0, 0, 0].tolist() == [float(j in chosen) for j in range(16)]
+    assert shared_target(labels).sum(dim=-1).max() == 2  # the default: the top eighth of 16 tokens
+    graded = best_rank(labels)[0]
+    torch.testing.assert_close(graded.sort().values, torch.arange(16) / 15)  # spread evenly over [0, 1]
+    assert graded.argsort().tolist() == sorted(range(16), key=lambda j: (best[j], j))
