@@ -286,9 +286,9 @@ def main(args: argparse.Namespace) -> None:
     heads = find_heads(args.heads, entry, model) if "locret" in args.policies else None
     policies = [p for p in args.policies if p != "full" and (p != "locret" or heads)]
     args.heads_id = heads_identity(heads) if policies.count("locret") else None
-    args.heads_eviction = trained_eviction(heads) if heads else "per-head"
+    args.heads_eviction = "per-head"
     if heads:
-        load_heads(model, heads)
+        args.heads_eviction = trained_eviction(load_heads(model, heads))
     elif "locret" in args.policies:
         print("no retaining heads for this model: skipping --policies locret (pass --heads)", file=sys.stderr)
     out = Path(args.out)

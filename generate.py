@@ -26,7 +26,7 @@ from locret.devices import check_device, default_device, default_dtype
 from locret.context import Context, GenerationStats
 from locret.engine import EVICTIONS, NEEDS_HEADS, EngineSettings, check_settings, pool_capacity
 from locret.errors import LocretError, run_script
-from locret.heads import load_heads, trained_eviction
+from locret.heads import load_heads, read_heads, trained_eviction
 from locret.loading import DTYPES, load_model, stop_token_ids
 from locret.official_heads import find_heads
 from locret.memory import available_bytes, estimate, format_bytes, largest_budget, peak_memory_bytes
@@ -103,13 +103,14 @@ def engine_settings(args: argparse.Namespace, entry, prompt_tokens: int | None, 
         n_loc = pick(args.n_loc, min(base.n_loc, prompt_tokens - 1))  # a short prompt is not an error
     policy = pick(args.policy, "locret" if has_heads(args, entry) else "full")
     heads = heads_file(args, entry) if policy == "locret" else None
+    trained = trained_eviction(read_heads(Path(heads), tensors=False)[1]) if heads else "per-head"
     return EngineSettings(
         policy=policy,
         budget=pick(args.budget, base.budget), chunk=pick(args.chunk, base.chunk),
         stabilizers=pick(args.stabilizers, base.stabilizers), n_loc=n_loc,
         positions=args.positions or "compact", evict_during_decode=args.evict_during_decode,
         final_stabilizers=not args.unprotected_final_eviction, seed=args.seed,
-        eviction=pick(args.eviction, trained_eviction(heads) if heads else "per-head"))
+        eviction=pick(args.eviction, trained))
 
 
 def fit_memory(model, settings: EngineSettings, args, capacity_of, upper: int) -> EngineSettings:

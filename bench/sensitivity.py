@@ -38,9 +38,12 @@ from locret.tokenizer import Tokenizer
 from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
 
 
+ORACLES = [("labels", "per-head"), ("labels", "shared"), ("shared labels", "shared")]  # (scores, eviction)
+
+
 def grid(args, base, eviction: str) -> list[dict]:
-    """The defaults (eviction: what the heads were trained for), then each setting varied alone (stabilizers as a share of the budget); with --oracle,
-    the training labels in place of the heads, per layer (the paper's target) and shared (train.py --target)."""
+    """The defaults (`eviction`: what the heads were trained for), then each setting varied alone (stabilizers
+    as a share of the budget); with --oracle, the training labels in place of the heads (ORACLES)."""
     default = {"stabilizers": Fraction(base.stabilizers, base.budget), "chunk": base.chunk, "span": 1,
                "eviction": eviction, "scorer": "heads"}
     points = [default]
@@ -48,11 +51,8 @@ def grid(args, base, eviction: str) -> list[dict]:
                          ("eviction", args.evictions)):
         points += [default | {name: v} for v in values if v != default[name]]
     if args.oracle:
-        points += [default | {"scorer": scorer, "eviction": eviction} for scorer, eviction in ORACLES]
+        points += [default | {"scorer": scorer, "eviction": mode} for scorer, mode in ORACLES]
     return points
-
-
-ORACLES = [("labels", "per-head"), ("labels", "shared"), ("shared labels", "shared")]
 
 
 def settings_of(point: dict, budget: int, question_tokens: int) -> EngineSettings:
@@ -97,10 +97,8 @@ def main(args: argparse.Namespace) -> None:
     folder, entry = resolve_checkpoint(args.ckpt)
     device = args.device or default_device()
     tokenizer, model = Tokenizer(folder), load_model(folder, device, DTYPES[args.dtype or default_dtype(device)])
-    heads = find_heads(args.heads, entry, model)
-    load_heads(model, heads)
-    stops = stop_token_ids(folder, tokenizer)
-    points = grid(args, entry.settings if entry else GENERIC_SETTINGS, trained_eviction(heads))
+    eviction = trained_eviction(load_heads(model, find_heads(args.heads, entry, model)))
+    stops, points = stop_token_ids(folder, tokenizer), grid(args, entry.settings if entry else GENERIC_SETTINGS, eviction)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = read_results(out.with_suffix(".jsonl"))  # keyed by (task, length, index, policy, budget, mode)

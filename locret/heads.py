@@ -43,22 +43,23 @@ def save_heads(model: CausalLM, path: str | Path, backbone: str, training: dict 
         tmp.unlink(missing_ok=True)
 
 
-def read_heads(path: Path) -> tuple[dict, dict]:
-    """(tensors, metadata) of a heads file, or one clear error."""
+def read_heads(path: Path, tensors: bool = True) -> tuple[dict, dict]:
+    """(tensors, metadata) of a heads file (no tensors unless `tensors`), or one clear error."""
     if path.is_dir():
         raise LocretError(f"heads file {path} is a directory, not a .safetensors file")
     if not path.is_file():
         raise LocretError(f"heads file {path} not found")
     try:
         with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys() if tensors}, f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise LocretError(f"{path}: unreadable safetensors file ({e})") from None
 
 
-def trained_eviction(path: str | Path) -> str:
-    """The eviction mode the heads in `path` were trained for: shared (train.py --target shared) or per-head."""
-    training = json.loads(read_heads(Path(path))[1].get("training") or "{}")
+def trained_eviction(meta: dict) -> str:
+    """The eviction mode heads were trained for, from their file's metadata: shared (train.py --target shared)
+    or per-head."""
+    training = json.loads(meta.get("training") or "{}")
     return "shared" if training.get("target") == "shared" else "per-head"
 
 

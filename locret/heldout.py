@@ -67,15 +67,15 @@ NEEDLES = [  # (statement, question, answer cue)
      "Which {attr} goes with {subj}?", "The {attr} that goes with {subj} is"),
 ]
 ATTRIBUTES = {"number": ["mooring slot", "ration card number", "tram route", "catalogue entry"],
-                      "words": ["call sign", "watchword", "cover phrase"],
-                      "name": ["stage name", "godparent", "landlord"],
-                      "code": ["crate marking", "ticket stub", "permit"],
-                      "date": ["harvest date", "christening day", "sailing date"]}
+              "words": ["call sign", "watchword", "cover phrase"],
+              "name": ["stage name", "godparent", "landlord"],
+              "code": ["crate marking", "ticket stub", "permit"],
+              "date": ["harvest date", "christening day", "sailing date"]}
 SUBJECTS = ["the night porter", "the second cellist", "the lighthouse keeper's niece", "the ferry pilot",
-                    "the apprentice glassblower", "the retired surveyor", "the village organist", "the junior archivist",
-                    "the quarry foreman", "the beekeeper from the valley", "the ship's cook", "the tram conductor"]
+            "the apprentice glassblower", "the retired surveyor", "the village organist", "the junior archivist",
+            "the quarry foreman", "the beekeeper from the valley", "the ship's cook", "the tram conductor"]
 NAMES = (["Ottoline", "Benedikt", "Marisol", "Casimir", "Henrike", "Leopold", "Solveig", "Tobiah"],
-                 ["Vantongeren", "Quillfeather", "Ashcombe", "Brightwater", "Castellanos", "Drummond", "Ferreira"])
+         ["Vantongeren", "Quillfeather", "Ashcombe", "Brightwater", "Castellanos", "Drummond", "Ferreira"])
 ORDINAL = {1: "st", 2: "nd", 3: "rd", 21: "st", 22: "nd", 23: "rd"}
 MAX_HAYSTACK_WORDS = 9000  # a 7K-token prompt of R's prose takes about 5,500 words
 
