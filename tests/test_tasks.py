@@ -2,10 +2,12 @@ import json
 import re
 import struct
 import uuid
+from pathlib import Path
 
 import pytest
 
 from locret import haystack, heldout, tasks as T, train_data as td
+from locret.task_base import words_of
 from locret.default_model import ensure_default_model
 from locret.errors import LocretError
 from locret.tokenizer import Tokenizer
@@ -287,6 +289,43 @@ def test_austen_novels_or_install_hint(tmp_path):
         assert text.startswith("SENSE AND SENSIBILITY") and text.endswith("Finis")
         assert len(text) > 3_900_000 and "It is a truth universally acknowledged" in text
         assert "special magic" not in text.lower() and "pass key" not in text.lower()
+
+
+# The first 120 lines of each novel, written by R's own tools:::makeLazyLoadDB from janeaustenr's data,
+# so the essay tasks run on the real novels' text and file format on every machine.
+AUSTEN_EXCERPT = Path(__file__).parent / "data" / "janeaustenr"
+ESSAY_TASKS = ["niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multivalue", "niah_multiquery"]
+
+
+def test_austen_excerpt_reads_as_the_six_novels():
+    text = REAL_ESSAYS(AUSTEN_EXCERPT)
+    titles = ["SENSE AND SENSIBILITY", "PRIDE AND PREJUDICE", "MANSFIELD PARK", "EMMA", "NORTHANGER ABBEY",
+              "Persuasion"]  # janeaustenr's own spelling
+    assert text.startswith("SENSE AND SENSIBILITY\n\nby Jane Austen\n\n(1811)")
+    starts = [text.index(f"\n\n{title}\n") for title in titles[1:]]  # each novel after a blank line
+    assert starts == sorted(starts)  # in order of publication
+    assert "It is a truth universally acknowledged" in text[starts[0]:starts[1]]
+
+
+@pytest.mark.parametrize("task", ESSAY_TASKS + ["perplexity"])
+def test_essay_tasks_on_the_real_novels(tok, monkeypatch, task):
+    monkeypatch.setattr(haystack, "essays", lambda: REAL_ESSAYS(AUSTEN_EXCERPT))
+    item = T.make_item(task, 3, 0, tok, 1024)
+    context = item.context
+    for needle in item.needles:
+        assert context.count(needle) == 1
+        context = context.replace(needle, "")
+    novel = " ".join(words_of(REAL_ESSAYS(AUSTEN_EXCERPT)))
+    words = " ".join(words_of(context))
+    assert 1024 - 0.02 * 1024 <= n_tokens(tok, item) <= 1024
+    if task == "perplexity":  # a passage from anywhere in the novels
+        assert words in novel and len(words) > 3000
+        return
+    assert novel.startswith(words[:-40])  # the novels' words from the start, in order, needles aside
+    sentences = T.essay_sentences(2000)
+    assert len(sentences) > 50 and not any(s.endswith(("Mr.", "Mrs.")) for s in sentences)  # "Mr. Dashwood"
+    assert not any(answer in novel for answer in item.answers)
+    assert T.score(item, " " + " ".join(item.answers)) == 1.0 and T.score(item, " Elinor") == 0.0
 
 
 # --- the held-out suite --------------------------------------------------------------------------------
