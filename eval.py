@@ -50,7 +50,8 @@ SUITES = {
     "multiquestion": dict(tasks="heldout_multi_{split}", lengths="2048", budgets="1/8", n=24, n_loc="question"),
 }
 RESULT_SETTINGS = ("suite", "ckpt", "heads_id", "seed", "form", "chunk", "stabilizers", "n_loc", "positions", "dtype",
-                   "max_new_tokens", "unprotected_final_eviction", "span", "eviction")
+                   "max_new_tokens", "unprotected_final_eviction", "span", "eviction",
+                   "shared_layers")
 
 
 def parse_budget(text: str, length: int) -> int:
@@ -85,7 +86,8 @@ def settings_for(policy: str, budget: int, args, base, question_tokens: int) -> 
     return EngineSettings(policy=policy, budget=budget, chunk=args.chunk or base.chunk, stabilizers=stabilizers,
                           n_loc=n_loc, positions=args.positions, final_stabilizers=not args.unprotected_final_eviction,
                           seed=args.seed, span=args.span,
-                          eviction=args.eviction or (args.heads_eviction if policy == "locret" else "per-head"))
+                          eviction=args.eviction or (args.heads_eviction if policy == "locret" else "per-head"),
+                          shared_layers=args.shared_layers or base.shared_layers)
 
 
 def check_out_folder(out: Path, args) -> None:
@@ -329,6 +331,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eviction", choices=EVICTIONS, default=None,
                    help="per-head (the paper's) or shared: one kept set for all layers and KV heads (default: locret "
                         "as its heads were trained, train.py --target; other policies per-head)")
+    p.add_argument("--shared-layers", default=None, metavar="FIRST-LAST",
+                   help="shared eviction ranks tokens by these layers' scores only, or all (default: the zoo's)")
     p.add_argument("--unprotected-final-eviction", action="store_true",
                    help="stabilizers unprotected in the last eviction before the n_loc tail (as the official code)")
     p.add_argument("--max-new-tokens", type=int, default=128,

@@ -110,7 +110,7 @@ def engine_settings(args: argparse.Namespace, entry, prompt_tokens: int | None, 
         stabilizers=pick(args.stabilizers, base.stabilizers), n_loc=n_loc,
         positions=args.positions or "compact", evict_during_decode=args.evict_during_decode,
         final_stabilizers=not args.unprotected_final_eviction, seed=args.seed,
-        eviction=pick(args.eviction, trained))
+        eviction=pick(args.eviction, trained), shared_layers=pick(args.shared_layers, base.shared_layers))
 
 
 def fit_memory(model, settings: EngineSettings, args, capacity_of, upper: int) -> EngineSettings:
@@ -198,7 +198,8 @@ def answer(context: Context, tail: list[int], run: Run) -> GenerationStats:
 
 
 def report(settings: EngineSettings, stats: GenerationStats, loaded: bool = False) -> None:
-    shared = ", shared eviction" if settings.eviction == "shared" else ""
+    layers = "" if settings.shared_layers == "all" else f" by layers {settings.shared_layers}"
+    shared = f", shared eviction{layers}" if settings.eviction == "shared" else ""
     budget = f"budget {settings.budget}{shared}" if settings.evicts else "no eviction"
     prompt = ([f"loaded context of {stats.prompt_tokens - stats.question_tokens} tokens",
                f"question {stats.question_tokens} tokens in {stats.question_seconds:.2f} s"] if loaded else
@@ -313,6 +314,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="per-head: each layer and KV head keeps its own best entries (the paper's); shared: all keep "
                         "the same ones, best by mean rank (default: what the heads were trained for, train.py --target; "
                         "per-head for other policies)")
+    g.add_argument("--shared-layers", default=None, metavar="FIRST-LAST",
+                   help="shared eviction ranks tokens by these layers' scores only, or all (default: the zoo's; "
+                        "all for other models)")
     g.add_argument("--max-memory", type=float, default=None,
                    help="GiB the whole process may use at its peak (runtime, weights, KV pool, activations): "
                         "use the largest budget that fits")

@@ -1,5 +1,5 @@
-"""Locret's settings against held-out accuracy: stabilizer share of the budget, prefill chunk, score span and
-eviction mode, one at a time around the zoo's defaults, on the held-out suite's validation split (never the
+"""Locret's settings against held-out accuracy: stabilizer share of the budget, prefill chunk, score span,
+eviction mode and the layers that rank a shared eviction, one at a time around the zoo's defaults, on the held-out suite's validation split (never the
 test split); with --oracle, also what perfect heads would do (the exact training labels in their place).
 
     python bench/sensitivity.py                                   # 2K tokens, budget 1/8, n = 24 (about 25 min, 2-core CPU)
@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from eval import parse_budget, read_results, wilson
 from locret.devices import default_device, default_dtype
-from locret.engine import EVICTIONS, EngineSettings
+from locret.engine import EVICTIONS, EngineSettings, layer_slice
 from locret.errors import run_script
 from locret.evaluation import Reference, encode_item, evaluate
 from locret.heads import load_heads, trained_eviction
@@ -45,10 +45,10 @@ def grid(args, base, eviction: str) -> list[dict]:
     """The defaults (`eviction`: what the heads were trained for), then each setting varied alone (stabilizers
     as a share of the budget); with --oracle, the training labels in place of the heads (ORACLES)."""
     default = {"stabilizers": Fraction(base.stabilizers, base.budget), "chunk": base.chunk, "span": 1,
-               "eviction": eviction, "scorer": "heads"}
+               "eviction": eviction, "layers": base.shared_layers, "scorer": "heads"}
     points = [default]
     for name, values in (("stabilizers", args.stabilizers), ("chunk", args.chunks), ("span", args.spans),
-                         ("eviction", args.evictions)):
+                         ("eviction", args.evictions), ("layers", args.shared_layers)):
         points += [default | {name: v} for v in values if v != default[name]]
     if args.oracle:
         points += [default | {"scorer": scorer, "eviction": mode} for scorer, mode in ORACLES]
@@ -57,7 +57,7 @@ def grid(args, base, eviction: str) -> list[dict]:
 
 def settings_of(point: dict, budget: int, question_tokens: int) -> EngineSettings:
     return EngineSettings("locret", budget, point["chunk"], int(budget * point["stabilizers"]), question_tokens,
-                          span=point["span"], eviction=point["eviction"])
+                          span=point["span"], eviction=point["eviction"], shared_layers=point["layers"])
 
 
 def label(point: dict) -> dict:
@@ -76,8 +76,8 @@ def oracle_scores(model, encoded) -> dict[str, torch.Tensor]:
 
 
 def summarize(rows: list[dict], points: list[dict]) -> list[str]:
-    md = ["| stabilizers (share of budget) | chunk | span | eviction | scores | correct | % (95% CI) | needle kept "
-          "| top-1 agree | log-lik gap |", "|---|---|---|---|---|---|---|---|---|---|"]
+    md = ["| stabilizers (share of budget) | chunk | span | eviction | layers | scores | correct | % (95% CI) "
+          "| needle kept | top-1 agree | log-lik gap |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for point in [None, *points]:
         mine = [r for r in rows if r["point"] == (label(point) if point else None)]
         if not mine:
@@ -86,7 +86,7 @@ def summarize(rows: list[dict], points: list[dict]) -> list[str]:
         kept = [r["needle_retention"] for r in mine if not math.isnan(r["needle_retention"])]
         mean = lambda key: sum(r[key] for r in mine) / n
         low, high = wilson(right, n)
-        name = ("full attention", "-", "-", "-", "-") if point is None else tuple(label(point).values())
+        name = ("full attention", "-", "-", "-", "-", "-") if point is None else tuple(label(point).values())
         md.append(f"| {' | '.join(map(str, name))} | {right:g}/{n} | {100 * right / n:.0f} ({low:.0f}-{high:.0f}) | "
                   f"{sum(kept) / max(len(kept), 1):.2f} | {mean('top1_agreement'):.2f} | {mean('ll_gap'):+.1f} |")
     return md
@@ -154,6 +154,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--spans", type=integers, default=integers("1,5,9,15"), help="odd; see eval.py --span")
     p.add_argument("--evictions", type=lambda t: t.split(","), default=["per-head", "shared"],
                    help=f"from {', '.join(EVICTIONS)}")
+    p.add_argument("--shared-layers", type=lambda t: t.split(","), default=[],
+                   help="layer ranges that rank shared eviction (e.g. all,13-22; see eval.py --shared-layers)")
     p.add_argument("--oracle", action="store_true",
                    help="add rows where each item's exact training labels stand in for the heads (per layer, and "
                         "shared across layers): what perfect heads for either target would keep")
@@ -166,6 +168,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [e for e in args.evictions if e not in EVICTIONS]
     if unknown:
         p.error(f"unknown --evictions {', '.join(unknown)} (choose from {', '.join(EVICTIONS)})")
+    for layers in args.shared_layers:
+        layer_slice(layers)  # one clear line for a malformed range
     return args
 
 

@@ -3,8 +3,9 @@
 The chunk loop lives in context.py. Per chunk (as in the official Locret code): run it through the model;
 in every layer the policy scores the chunk's new entries (appending to the kept entries' stored scores);
 then each layer keeps the top-`budget` entries per KV head, the last `stabilizers` protected (or, with
-eviction `shared`, every layer and KV head keeps the same entries: the best by mean rank, ranking.py). The
-prompt's last `n_loc` tokens are prefilled without eviction; decoding does not evict unless asked to.
+eviction `shared`, every layer and KV head keeps the same entries: the best by mean rank over all layers
+or over `shared_layers`, ranking.py). The prompt's last `n_loc` tokens are prefilled without eviction;
+decoding does not evict unless asked to.
 
 Positions: in `original` mode a token keeps its prompt position, so keys are stored rotated and
 never turned again. In `compact` mode (the official default) the kept entries are re-indexed 0..n-1
@@ -25,6 +26,16 @@ from .policies import POLICIES, Chunk, make_policy
 
 
 EVICTIONS = ("per-head", "shared")
+
+
+def layer_slice(text: str) -> slice:
+    """--shared-layers: '13-22' -> slice(13, 23), 'all' -> every layer."""
+    if text == "all":
+        return slice(None)
+    first, sep, last = text.partition("-")
+    if not (sep and first.isdigit() and last.isdigit() and int(first) <= int(last)):
+        raise LocretError(f"--shared-layers must be FIRST-LAST (e.g. 13-22) or all, not {text!r}")
+    return slice(int(first), int(last) + 1)
 NEEDS_HEADS = "--policy locret needs retaining heads: pass --heads FILE.safetensors"
 
 
@@ -41,6 +52,7 @@ class EngineSettings:
     seed: int = 0  # for the random policy
     span: int = 1  # locret: each token's score is the best within span // 2 neighbours (1: the paper's)
     eviction: str = "per-head"  # per-head: each layer and KV head keeps its best (the paper's) | shared: one set for all
+    shared_layers: str = "all"  # shared eviction ranks by these layers' scores: all or FIRST-LAST (e.g. 13-22)
 
     @property
     def evicts(self) -> bool:
@@ -55,6 +67,7 @@ def check_settings(s: EngineSettings, prompt_tokens: int) -> None:
         raise LocretError(f"--positions must be compact or original, not {s.positions!r}")
     if s.eviction not in EVICTIONS:
         raise LocretError(f"--eviction must be one of {', '.join(EVICTIONS)}, not {s.eviction!r}")
+    layer_slice(s.shared_layers)
     if s.span < 1 or s.span % 2 == 0:
         raise LocretError(f"--span must be an odd number >= 1 (got {s.span})")
     if s.chunk < 1:
@@ -111,6 +124,10 @@ class Engine:
     def __init__(self, model: CausalLM, settings: EngineSettings, capacity: int, rope_length: int):
         if settings.policy == "locret" and model.retaining_heads[0] is None:
             raise LocretError(NEEDS_HEADS)
+        last = layer_slice(settings.shared_layers).stop
+        if last and last > model.config.num_hidden_layers:
+            raise LocretError(f"--shared-layers {settings.shared_layers}: the model has layers "
+                              f"0-{model.config.num_hidden_layers - 1}")
         p = model.lm_head.weight
         self.model, self.settings, self.rope_length = model, settings, rope_length
         self.pool = KVPool(model.config, capacity, dtype=p.dtype, device=p.device)
@@ -143,7 +160,8 @@ class Engine:
 
     def evict(self, protect: bool = True) -> None:
         s = self.settings
-        self.pool.evict(s.budget, s.stabilizers if protect else 0, shared=s.eviction == "shared")
+        shared, layers = s.eviction == "shared", layer_slice(s.shared_layers)
+        self.pool.evict(s.budget, s.stabilizers if protect else 0, shared, layers)
         self.evictions += 1
 
     def decode_step(self, token: int) -> torch.Tensor:

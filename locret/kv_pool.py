@@ -70,13 +70,16 @@ class KVPool:
         self.length += n
         self.seen += n
 
-    def evict(self, keep: int, protect: int, shared: bool = False) -> torch.Tensor:
+    def evict(self, keep: int, protect: int, shared: bool = False,
+              ranking_layers: slice = slice(None)) -> torch.Tensor:
         """Keep, per layer and KV head, the `keep` best-scored entries, always counting the last
         `protect` (the stabilizers) among them; `shared`: the same entries in every layer and KV head,
-        the best by mean percentile rank (ranking.py). Returns the kept entries' old slots [L, B, KVH, keep]."""
+        the best by mean percentile rank over the `ranking_layers` (ranking.py). Returns the kept entries'
+        old slots [L, B, KVH, keep]."""
         n, (L, _, H) = self.length, self.scores.shape[:3]
         scores = self.scores[:, :, :, :n]
-        ranked = shared_rank(scores)[None, :, None] if shared else scores.clone()  # [1, B, 1, n] or [L, B, KVH, n]
+        # [1, B, 1, n] (one ranking for all) or [L, B, KVH, n]
+        ranked = shared_rank(scores[ranking_layers])[None, :, None] if shared else scores.clone()
         ranked[..., max(n - protect, 0):] = float("inf")  # on a copy: stabilizers keep their real score
         kept = ranked.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values  # original order
         kept = kept.expand(L, -1, H, -1)

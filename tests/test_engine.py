@@ -167,6 +167,32 @@ def test_precomputed_scores_are_looked_up_by_layer_and_position(model):
     assert (index[1] == torch.arange(body - s.budget, body)).all()  # the most recent
 
 
+@pytest.mark.parametrize("layers, keeps", [("0-0", "oldest"), ("1-1", "newest"), ("0-1", "either")])
+def test_shared_eviction_ranks_by_the_shared_layers_only(model, layers, keeps):
+    prompt = prompt_of(100, seed=5)
+    s = EngineSettings(policy="locret", budget=24, chunk=10, stabilizers=8, n_loc=6, eviction="shared",
+                       shared_layers=layers)
+    position = torch.arange(len(prompt)).float()
+    scores = torch.stack([-position, position])[:, None, None].expand(2, 1, 2, -1)  # layer 0: old first, 1: new first
+    with torch.inference_mode():
+        context = Context(model, s, pool_capacity(s, len(prompt), 1), len(prompt))
+        context.engine.cache.policy = Precomputed(scores)
+        context.prefill(prompt)
+    index, body = context.pool.index[:, 0, :, :s.budget], len(prompt) - s.n_loc
+    assert (index == index[0, 0]).all()  # one set everywhere
+    oldest = list(range(s.budget - s.stabilizers)) + list(range(body - s.stabilizers, body))
+    if keeps != "either":
+        assert index[0, 0].tolist() == (oldest if keeps == "oldest" else list(range(body - s.budget, body)))
+    else:  # opposite ranks tie: neither rule alone decides
+        assert index[0, 0].tolist() not in (oldest, list(range(body - s.budget, body)))
+
+
+def test_shared_layers_beyond_the_model_are_refused(model):
+    s = EngineSettings(policy="h2o", budget=24, chunk=10, stabilizers=8, n_loc=6, eviction="shared", shared_layers="1-2")
+    with pytest.raises(LocretError, match="--shared-layers 1-2: the model has layers 0-1"):
+        Engine(model, s, 64, 100)
+
+
 def test_pool_never_moves_and_has_the_same_size_for_1k_and_16k_prompts(model):
     s = EngineSettings(policy="locret", budget=64, chunk=128, stabilizers=16, n_loc=20)
     sizes = []
@@ -203,6 +229,8 @@ def test_evict_during_decode_stays_within_capacity(model):
     (dict(positions="sideways"), "--positions must be compact or original"),
     (dict(policy="lru"), "unknown policy 'lru'"),
     (dict(eviction="global"), "--eviction must be one of per-head, shared"),
+    (dict(shared_layers="13"), "--shared-layers must be FIRST-LAST"),
+    (dict(shared_layers="5-3"), "--shared-layers must be FIRST-LAST"),
 ])
 def test_impossible_settings(change, message):
     with pytest.raises(LocretError, match=message):

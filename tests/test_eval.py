@@ -48,8 +48,8 @@ def test_locret_evicts_as_its_heads_were_trained_and_heuristics_per_head(tiny_ch
     model.add_retaining_heads(8)
     save_heads(model, tmp_path / "shared.safetensors", backbone="tiny", training={"target": "shared"})
     modes, evict = [], KVPool.evict
-    monkeypatch.setattr(KVPool, "evict", lambda pool, keep, protect, shared=False: (
-        modes.append(shared), evict(pool, keep, protect, shared))[1])
+    monkeypatch.setattr(KVPool, "evict", lambda pool, keep, protect, shared=False, layers=slice(None): (
+        modes.append(shared), evict(pool, keep, protect, shared, layers))[1])
     flags = ["--heads", str(tmp_path / "shared.safetensors"), "--n", "1", "--budgets", "1/4"]
     run_eval(tiny_chat_model, tmp_path / "a", *flags, "--policies", "locret")
     assert modes and all(modes)

@@ -97,6 +97,9 @@ def test_cli_evicting_policy_reports_pool_and_compression(tiny_chat_model, tmp_p
     run_cli(tiny_chat_model, tmp_path, "--policy", "snapkv", "--budget", "32", "--chunk", "16", "--stabilizers", "8",
             "--eviction", "shared")
     assert "policy snapkv (budget 32, shared eviction)" in capsys.readouterr().err
+    run_cli(tiny_chat_model, tmp_path, "--policy", "snapkv", "--budget", "32", "--chunk", "16", "--stabilizers", "8",
+            "--eviction", "shared", "--shared-layers", "1-1")
+    assert "policy snapkv (budget 32, shared eviction by layers 1-1)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -227,15 +227,16 @@ def reference_shared_evict(held: list[int], scores: list[torch.Tensor], keep: in
     return {held[s] for s in must}, {held[s] for s in must | tied}
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_shared_eviction_keeps_the_same_best_mean_rank_entries_everywhere(batch):
+@pytest.mark.parametrize("batch, ranking_layers", [(1, range(L)), (2, range(L)), (2, range(1, 2))])
+def test_shared_eviction_keeps_the_same_best_mean_rank_entries_everywhere(batch, ranking_layers):
     m = Mirror(batch, total=20, dtype=torch.float32, seed=5)
     pool = KVPool(tiny_config(), capacity=14, batch=batch)
     write_chunk(pool, m, 0, 12)
     for keep, protect, start, T in [(6, 2, 12, 8), (5, 0, None, None)]:
-        expected = [reference_shared_evict(m.held[0][b][0], [m.score[l, b, h] for l in range(L) for h in range(KVH)],
-                                           keep, protect) for b in range(batch)]
-        kept_slots = pool.evict(keep, protect, shared=True)
+        ranking = [[m.score[l, b, h] for l in ranking_layers for h in range(KVH)] for b in range(batch)]
+        expected = [reference_shared_evict(m.held[0][b][0], ranking[b], keep, protect) for b in range(batch)]
+        layers = slice(ranking_layers.start, ranking_layers.stop)
+        kept_slots = pool.evict(keep, protect, shared=True, ranking_layers=layers)
         assert kept_slots.shape == (L, batch, KVH, keep) and pool.length == keep
         for b, (must, may) in enumerate(expected):
             kept = pool.index[0, b, 0, :keep].tolist()
