@@ -122,3 +122,26 @@ def test_sensitivity_varies_one_setting_at_a_time_and_resumes(tiny_chat_model, t
     sensitivity.main(sensitivity.parse_args(flags))  # everything done: nothing is added
     assert len((tmp_path / "sens.jsonl").read_text().splitlines()) == 20
     assert capsys.readouterr().out == table
+
+
+def test_layers_ranks_needles_per_layer_and_range(tiny_chat_model, tmp_path, capsys, monkeypatch):
+    from bench import layers
+    from locret import heldout
+    from locret.errors import LocretError
+    text = " ".join(f"Option {i} now names the file it could not read, instead of failing quietly." for i in range(3000))
+    monkeypatch.setattr(heldout, "text", lambda split: text)
+    model = load_model(tiny_chat_model)
+    torch.manual_seed(0)
+    model.add_retaining_heads(8)
+    save_heads(model, tmp_path / "heads.safetensors", backbone="tiny")
+    flags = ["--ckpt", str(tiny_chat_model), "--heads", str(tmp_path / "heads.safetensors"), "--length", "400",
+             "--n", "3", "--ranges", "all,1-1", "--dtype", "float32", "--device", "cpu", "--out", str(tmp_path / "l")]
+    layers.main(layers.parse_args(flags))
+    table = capsys.readouterr().out
+    assert table == (tmp_path / "l.md").read_text() and table.startswith("| ranked by | needle tokens in the top 0.125 (3 items)")
+    values = {row.split(" | ")[0][2:]: float(row.split(" | ")[1][:-2]) for row in table.splitlines()[2:]}
+    assert list(values) == ["layer 0", "layer 1", "all", "1-1", "labels (best rank in any layer)"]
+    assert all(0 <= v <= 1 for v in values.values()) and values["1-1"] == values["layer 1"]  # a one-layer range
+    assert len(set(values.values())) > 1  # layers, ranges and labels rank differently
+    with pytest.raises(LocretError, match="--ranges 0-5: the model has layers 0-1"):
+        layers.main(layers.parse_args(flags[:-8] + ["--ranges", "0-5"] + flags[-6:]))

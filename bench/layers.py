@@ -1,0 +1,97 @@
+"""Which layers' retaining heads find held-out needles: for each layer, and for ranges of layers, the share of
+needle tokens among the prompt's top eighth when tokens are ranked as a shared eviction ranks them (mean
+percentile rank over the layers' KV heads), in one full forward per item of the held-out suite's
+validation split (never the test split). What `--shared-layers` is chosen from.
+
+    python bench/layers.py                                    # default model and heads, 2K tokens, n = 24
+    python bench/layers.py --ranges all,13-22 --n 8 --out runs/layers
+
+The last row is the training labels' own ranking (a token's best rank in any layer: train.py --target shared),
+what perfect heads would reach. Table to stdout and OUT.md."""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, when run as a script
+
+import torch
+from tqdm import tqdm
+
+from locret.devices import default_device, default_dtype
+from locret.engine import layer_slice
+from locret.errors import LocretError, run_script
+from locret.evaluation import encode_item
+from locret.heads import load_heads
+from locret.labels import LabelRecorder
+from locret.loading import DTYPES, load_model
+from locret.official_heads import find_heads
+from locret.ranking import best_rank, percentile_rank, shared_rank
+from locret.tasks import make_item
+from locret.tokenizer import Tokenizer
+from locret.zoo import DEFAULT_MODEL, resolve_checkpoint
+
+
+def needle_share(score: torch.Tensor, needle: list[int], share: float) -> float:
+    """score [P]: the share of `needle` positions among the prompt's top `share` by it."""
+    return (percentile_rank(score)[needle] >= 1 - share).float().mean().item()
+
+
+@torch.inference_mode()
+def main(args: argparse.Namespace) -> None:
+    folder, entry = resolve_checkpoint(args.ckpt)
+    device = args.device or default_device()
+    tokenizer, model = Tokenizer(folder), load_model(folder, device, DTYPES[args.dtype or default_dtype(device)])
+    heads = find_heads(args.heads, entry, model)
+    if heads is None:
+        raise LocretError(f"{args.ckpt} has no retaining heads: pass --heads FILE.safetensors")
+    load_heads(model, heads)
+    n_layers = model.config.num_hidden_layers
+    rows = {f"layer {layer}": f"{layer}-{layer}" for layer in range(n_layers)} | {r: r for r in args.ranges}
+    for name in args.ranges:
+        if (layer_slice(name).stop or 0) > n_layers:
+            raise LocretError(f"--ranges {name}: the model has layers 0-{n_layers - 1}")
+    shares = {row: [] for row in [*rows, "labels (best rank in any layer)"]}
+    for index in tqdm(range(args.n), desc="items", file=sys.stderr):
+        encoded = encode_item(tokenizer, make_item("heldout_val", index, args.seed, tokenizer, args.length), "completion")
+        body = len(encoded.prompt) - encoded.question_tokens  # the question is never evicted
+        needle = [i for span in encoded.needles for i in span if i < body]
+        if not needle:
+            continue
+        recorder = LabelRecorder(len(encoded.prompt))
+        model(torch.tensor([encoded.prompt + encoded.answer], device=device), cache=recorder, last_only=True)
+        scores, labels = (t[..., :body].float() for t in recorder.stacked())  # [L, 1, KVH, body] each
+        for row, layers in rows.items():
+            shares[row].append(needle_share(shared_rank(scores[layer_slice(layers)])[0], needle, args.share))
+        shares["labels (best rank in any layer)"].append(needle_share(best_rank(labels)[0], needle, args.share))
+    items = len(shares["labels (best rank in any layer)"])
+    md = [f"| ranked by | needle tokens in the top {args.share:g} ({items} items) |", "|---|---|"]
+    md += [f"| {row} | {sum(v) / max(items, 1):.2f} |" for row, v in shares.items()]
+    table = "\n".join(md) + "\n"
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).with_suffix(".md").write_text(table)
+    print(table, end="")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=DEFAULT_MODEL, help="zoo model or folder")
+    p.add_argument("--heads", default=None, help="retaining heads (default: the zoo's)")
+    p.add_argument("--ranges", type=lambda t: t.split(","), default=["all", "13-22"],
+                   help="layer ranges to rank together, as --shared-layers takes them (default: all,13-22)")
+    p.add_argument("--length", type=int, default=2048, help="prompt tokens")
+    p.add_argument("--share", type=float, default=1 / 8, help="the top share of the prompt counted (default: 1/8)")
+    p.add_argument("--n", type=int, default=24, help="items")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/layers", help="writes OUT.md")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", choices=list(DTYPES), default=None)
+    args = p.parse_args(argv)
+    if args.n < 1 or not 0 < args.share < 1:
+        p.error("need --n >= 1 and 0 < --share < 1")
+    for name in args.ranges:
+        layer_slice(name)  # one clear line for a malformed range
+    return args
+
+
+if __name__ == "__main__":
+    run_script(main, parse_args)
