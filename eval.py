@@ -50,8 +50,7 @@ SUITES = {
     "multiquestion": dict(tasks="heldout_multi_{split}", lengths="2048", budgets="1/8", n=24, n_loc="question"),
 }
 RESULT_SETTINGS = ("suite", "ckpt", "heads_id", "seed", "form", "chunk", "stabilizers", "n_loc", "positions", "dtype",
-                   "max_new_tokens", "unprotected_final_eviction", "span", "eviction",
-                   "shared_layers")
+                   "max_new_tokens", "unprotected_final_eviction", "span", "eviction", "shared_layers")
 
 
 def parse_budget(text: str, length: int) -> int:

@@ -48,8 +48,7 @@ def main(args: argparse.Namespace) -> None:
     n_layers = model.config.num_hidden_layers
     rows = {f"layer {layer}": f"{layer}-{layer}" for layer in range(n_layers)} | {r: r for r in args.ranges}
     for name in args.ranges:
-        if (layer_slice(name).stop or 0) > n_layers:
-            raise LocretError(f"--ranges {name}: the model has layers 0-{n_layers - 1}")
+        layer_slice(name, n_layers, "--ranges")
     shares = {row: [] for row in [*rows, "labels (best rank in any layer)"]}
     for index in tqdm(range(args.n), desc="items", file=sys.stderr):
         encoded = encode_item(tokenizer, make_item("heldout_val", index, args.seed, tokenizer, args.length), "completion")
@@ -89,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.n < 1 or not 0 < args.share < 1:
         p.error("need --n >= 1 and 0 < --share < 1")
     for name in args.ranges:
-        layer_slice(name)  # one clear line for a malformed range
+        layer_slice(name, flag="--ranges")  # one clear line for a malformed range
     return args
 
 

@@ -1,6 +1,7 @@
 """Locret's settings against held-out accuracy: stabilizer share of the budget, prefill chunk, score span,
-eviction mode and the layers that rank a shared eviction, one at a time around the zoo's defaults, on the held-out suite's validation split (never the
-test split); with --oracle, also what perfect heads would do (the exact training labels in their place).
+eviction mode and the layers that rank a shared eviction, one at a time around the zoo's defaults, on the
+held-out suite's validation split (never the test split); with --oracle, also what perfect heads would do
+(the exact training labels in their place).
 
     python bench/sensitivity.py                                   # 2K tokens, budget 1/8, n = 24 (about 25 min, 2-core CPU)
     python bench/sensitivity.py --stabilizers 0,1/4 --chunks 512 --spans 1 --n 8 --out runs/sens

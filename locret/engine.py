@@ -28,13 +28,16 @@ from .policies import POLICIES, Chunk, make_policy
 EVICTIONS = ("per-head", "shared")
 
 
-def layer_slice(text: str) -> slice:
-    """--shared-layers: '13-22' -> slice(13, 23), 'all' -> every layer."""
+def layer_slice(text: str, n_layers: int | None = None, flag: str = "--shared-layers") -> slice:
+    """'13-22' -> slice(13, 23), 'all' -> every layer; one clear error for a malformed range or (given
+    `n_layers`) one beyond the model."""
     if text == "all":
         return slice(None)
     first, sep, last = text.partition("-")
     if not (sep and first.isdigit() and last.isdigit() and int(first) <= int(last)):
-        raise LocretError(f"--shared-layers must be FIRST-LAST (e.g. 13-22) or all, not {text!r}")
+        raise LocretError(f"{flag} must be FIRST-LAST (e.g. 13-22) or all, not {text!r}")
+    if n_layers is not None and int(last) >= n_layers:
+        raise LocretError(f"{flag} {text}: the model has layers 0-{n_layers - 1}")
     return slice(int(first), int(last) + 1)
 NEEDS_HEADS = "--policy locret needs retaining heads: pass --heads FILE.safetensors"
 
@@ -124,10 +127,7 @@ class Engine:
     def __init__(self, model: CausalLM, settings: EngineSettings, capacity: int, rope_length: int):
         if settings.policy == "locret" and model.retaining_heads[0] is None:
             raise LocretError(NEEDS_HEADS)
-        last = layer_slice(settings.shared_layers).stop
-        if last and last > model.config.num_hidden_layers:
-            raise LocretError(f"--shared-layers {settings.shared_layers}: the model has layers "
-                              f"0-{model.config.num_hidden_layers - 1}")
+        self.ranking_layers = layer_slice(settings.shared_layers, model.config.num_hidden_layers)
         p = model.lm_head.weight
         self.model, self.settings, self.rope_length = model, settings, rope_length
         self.pool = KVPool(model.config, capacity, dtype=p.dtype, device=p.device)
@@ -160,8 +160,7 @@ class Engine:
 
     def evict(self, protect: bool = True) -> None:
         s = self.settings
-        shared, layers = s.eviction == "shared", layer_slice(s.shared_layers)
-        self.pool.evict(s.budget, s.stabilizers if protect else 0, shared, layers)
+        self.pool.evict(s.budget, s.stabilizers if protect else 0, s.eviction == "shared", self.ranking_layers)
         self.evictions += 1
 
     def decode_step(self, token: int) -> torch.Tensor:

@@ -88,8 +88,9 @@ def test_stream_bench_pipes_each_length_through_generate(tiny_chat_model, tmp_pa
     assert "peak memory" in capsys.readouterr().out
 
 
-def test_sensitivity_varies_one_setting_at_a_time_and_resumes(tiny_chat_model, tmp_path, capsys, monkeypatch):
-    from bench import sensitivity
+@pytest.fixture
+def heldout_heads(tiny_chat_model, tmp_path, monkeypatch) -> list[str]:
+    """A held-out haystack of plain prose for the tiny model, random heads saved for it: the benches' first flags."""
     from locret import heldout
     text = " ".join(f"Option {i} now names the file it could not read, instead of failing quietly." for i in range(3000))
     monkeypatch.setattr(heldout, "text", lambda split: text)
@@ -97,10 +98,14 @@ def test_sensitivity_varies_one_setting_at_a_time_and_resumes(tiny_chat_model, t
     torch.manual_seed(0)
     model.add_retaining_heads(8)
     save_heads(model, tmp_path / "heads.safetensors", backbone="tiny")
-    flags = ["--ckpt", str(tiny_chat_model), "--heads", str(tmp_path / "heads.safetensors"), "--length", "400",
-             "--budget", "1/4", "--stabilizers", "0,1/4", "--chunks", "64", "--spans", "1,5", "--shared-layers", "all,1-1",
-             "--n", "2", "--oracle",
-             "--dtype", "float32", "--device", "cpu", "--out", str(tmp_path / "sens")]
+    return ["--ckpt", str(tiny_chat_model), "--heads", str(tmp_path / "heads.safetensors"), "--length", "400",
+            "--dtype", "float32", "--device", "cpu"]
+
+
+def test_sensitivity_varies_one_setting_at_a_time_and_resumes(heldout_heads, tmp_path, capsys):
+    from bench import sensitivity
+    flags = heldout_heads + ["--budget", "1/4", "--stabilizers", "0,1/4", "--chunks", "64", "--spans", "1,5",
+                             "--shared-layers", "all,1-1", "--n", "2", "--oracle", "--out", str(tmp_path / "sens")]
     sensitivity.main(sensitivity.parse_args(flags))
     rows = [json.loads(line) for line in (tmp_path / "sens.jsonl").read_text().splitlines()]
     # per item: full attention, the defaults (GENERIC_SETTINGS: share 1/4, chunk 1024), one change each, the oracles
@@ -124,19 +129,11 @@ def test_sensitivity_varies_one_setting_at_a_time_and_resumes(tiny_chat_model, t
     assert capsys.readouterr().out == table
 
 
-def test_layers_ranks_needles_per_layer_and_range(tiny_chat_model, tmp_path, capsys, monkeypatch):
+def test_layers_ranks_needles_per_layer_and_range(heldout_heads, tmp_path, capsys):
     from bench import layers
-    from locret import heldout
     from locret.errors import LocretError
-    text = " ".join(f"Option {i} now names the file it could not read, instead of failing quietly." for i in range(3000))
-    monkeypatch.setattr(heldout, "text", lambda split: text)
-    model = load_model(tiny_chat_model)
-    torch.manual_seed(0)
-    model.add_retaining_heads(8)
-    save_heads(model, tmp_path / "heads.safetensors", backbone="tiny")
-    flags = ["--ckpt", str(tiny_chat_model), "--heads", str(tmp_path / "heads.safetensors"), "--length", "400",
-             "--n", "3", "--ranges", "all,1-1", "--dtype", "float32", "--device", "cpu", "--out", str(tmp_path / "l")]
-    layers.main(layers.parse_args(flags))
+    flags = heldout_heads + ["--n", "3", "--out", str(tmp_path / "l")]
+    layers.main(layers.parse_args(flags + ["--ranges", "all,1-1"]))
     table = capsys.readouterr().out
     assert table == (tmp_path / "l.md").read_text() and table.startswith("| ranked by | needle tokens in the top 0.125 (3 items)")
     values = {row.split(" | ")[0][2:]: float(row.split(" | ")[1][:-2]) for row in table.splitlines()[2:]}
@@ -144,4 +141,6 @@ def test_layers_ranks_needles_per_layer_and_range(tiny_chat_model, tmp_path, cap
     assert all(0 <= v <= 1 for v in values.values()) and values["1-1"] == values["layer 1"]  # a one-layer range
     assert len(set(values.values())) > 1  # layers, ranges and labels rank differently
     with pytest.raises(LocretError, match="--ranges 0-5: the model has layers 0-1"):
-        layers.main(layers.parse_args(flags[:-8] + ["--ranges", "0-5"] + flags[-6:]))
+        layers.main(layers.parse_args(flags + ["--ranges", "0-5"]))
+    with pytest.raises(LocretError, match="--ranges must be FIRST-LAST"):
+        layers.parse_args(flags + ["--ranges", "5"])
