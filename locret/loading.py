@@ -58,13 +58,18 @@ def safetensors_files(folder: Path) -> list[Path]:
     raise LocretError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
-def read_tensors(files: list[Path], device: str) -> dict[str, torch.Tensor]:
+def read_tensors(files: list[Path], device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of `files`, each turned to `dtype` as it is read. The file is memory-mapped and reopened
+    for each tensor, so its pages are let go as we go: the peak is the converted weights plus one tensor,
+    not the whole file on top of them (an fp32 file loaded in bf16 held both)."""
     tensors = {}
     for path in files:
         try:
-            with safe_open(path, framework="pt", device=device) as f:  # memory-mapped
-                for name in f.keys():
-                    tensors[name] = f.get_tensor(name)
+            with safe_open(path, framework="pt", device=device) as f:
+                names = list(f.keys())
+            for name in names:
+                with safe_open(path, framework="pt", device=device) as f:
+                    tensors[name] = f.get_tensor(name).to(dtype)
         except (SafetensorError, OSError) as e:
             raise LocretError(f"{path}: unreadable safetensors file ({e})") from None
     return tensors
@@ -105,10 +110,10 @@ def load_model(folder: str | Path, device: str = "cpu", dtype: torch.dtype = tor
             model = MODEL_TYPES[cfg["model_type"]](config)
     except (KeyError, ValueError, TypeError, ZeroDivisionError) as e:
         raise LocretError(f"{folder / 'config.json'}: invalid config ({type(e).__name__}: {e})") from None
-    tensors = read_tensors(safetensors_files(folder), device)
+    tensors = read_tensors(safetensors_files(folder), device, dtype)
     check_tensors(model, tensors, folder)
     check_finite(tensors, folder)
-    model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False, assign=True)
+    model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
     with torch.device(device):  # buffers are not in the checkpoint: compute them on the real device
         model.model.rotary_emb = RotaryEmbedding(config.rope, config.head_dim)

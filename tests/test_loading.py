@@ -36,6 +36,27 @@ def test_dtype(folder, dtype):
     assert model(torch.randint(0, 128, (1, 5))).dtype == dtype
 
 
+PEAK_AT_LOAD = """
+import sys, torch
+from locret.loading import load_model
+from locret.memory import rss_bytes
+model = load_model(sys.argv[1], dtype=torch.bfloat16)
+print(rss_bytes("VmHWM") - rss_bytes())  # the peak above what the loaded model holds
+"""
+
+
+def test_bf16_load_of_an_fp32_file_never_holds_the_file_too(save_hf):
+    """Weights are converted one tensor at a time and the file's mapped pages let go: loading an fp32 file
+    in bf16 peaks at what the loaded model holds, not at that plus the whole file."""
+    _, folder = save_hf(tiny_llama_config(vocab_size=2048, hidden_size=512, intermediate_size=1024,
+                                          num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8))
+    file_bytes = (folder / "model.safetensors").stat().st_size
+    assert file_bytes > 80 * 2**20  # large beside the process's own noise
+    run = subprocess.run([sys.executable, "-c", PEAK_AT_LOAD, str(folder)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout) < 0.25 * file_bytes
+
+
 def test_missing_config(tmp_path):
     with pytest.raises(LocretError, match="no config.json"):
         load_model(tmp_path)
