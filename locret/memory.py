@@ -9,6 +9,7 @@ from models import CausalLM
 
 from .errors import LocretError
 from .kv_pool import KVPool
+from .policies import QUERY_BLOCK
 
 
 def rss_bytes(field: str = "VmRSS") -> int:
@@ -57,8 +58,8 @@ class MemoryEstimate:
 
 def activation_bytes(model: CausalLM, tokens: int, attended: int, policy: str) -> int:
     """Upper bound on one layer's working memory for `tokens` queries over `attended` entries (they are
-    freed layer by layer): hidden states, q/k/v, MLP, attention weights (twice: logits and softmax,
-    again for policies that read attention), compact mode's keys turned to their slots (with RoPE's
+    freed layer by layer): hidden states, q/k/v, MLP, attention weights (twice: logits and softmax; for
+    policies that read attention, again for a block of queries and the keys in fp32), compact mode's keys turned to their slots (with RoPE's
     temporaries) and its cos/sin table, retaining head, and the last token's logits."""
     c, item = model.config, model.lm_head.weight.element_size()
     hidden = 4 * tokens * c.hidden_size * item
@@ -66,8 +67,9 @@ def activation_bytes(model: CausalLM, tokens: int, attended: int, policy: str) -
     mlp = 3 * tokens * c.intermediate_size * item
     attention = 2 * c.num_attention_heads * tokens * attended * 4
     rotated_keys = 4 * c.num_key_value_heads * attended * c.head_dim * item + 2 * attended * c.head_dim * item
-    if policy in ("h2o", "snapkv", "tova"):
-        attention *= 2
+    if policy in ("h2o", "snapkv", "tova"):  # policies.py: QUERY_BLOCK queries at a time
+        attention += 2 * c.num_attention_heads * min(tokens, QUERY_BLOCK) * attended * 4
+        attention += c.num_key_value_heads * attended * c.head_dim * 4
     heads = [h for h in model.retaining_heads if h is not None]
     head = tokens * heads[0].fc1.out_features * item if heads else 0
     return hidden + qkv + mlp + attention + rotated_keys + head + c.vocab_size * 4

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 from .errors import LocretError
 
+QUERY_BLOCK = 64  # queries per step when a policy sums attention over a whole chunk (memory.py counts it)
+
 
 @dataclass
 class Chunk:
@@ -28,14 +30,23 @@ class Chunk:
     def attention(self, last: int | None = None) -> torch.Tensor:
         """Softmax attention of the chunk's last `last` queries (all by default) over every entry,
         grouped by KV head: [B, KVH, G, T', S], G query heads per KV head. Only chunk x pool."""
-        q = self.q if last is None else self.q[:, :, -last:]
-        B, H, Tq, D = q.shape
+        return self.attention_rows(self.n_new - (last or self.n_new), self.n_new)
+
+    def attention_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Softmax attention of the chunk's queries start..stop-1 over every entry: [B, KVH, G, stop - start, S]."""
+        B, H, _, D = self.q.shape
         S, KVH = self.k.shape[2], self.k.shape[1]
-        q = q.reshape(B, KVH, H // KVH, Tq, D)  # query head h reads KV head h // G
-        logits = q.float() @ self.k.float()[:, :, None].transpose(-1, -2) / math.sqrt(D)  # [B, KVH, G, Tq, S]
-        first_query = S - Tq  # slot of the first of these queries; each sees every slot up to its own
-        visible = torch.arange(S, device=q.device) <= first_query + torch.arange(Tq, device=q.device)[:, None]
+        q = self.q[:, :, start:stop].float().reshape(B, KVH, -1, D)  # [B, KVH, G * Tq, D]: head h reads KV head h // G
+        logits = (q @ self.k.float().transpose(-1, -2) / math.sqrt(D)).view(B, KVH, H // KVH, stop - start, S)
+        first_query = S - self.n_new + start  # slot of the first of these queries; each sees every slot up to its own
+        visible = torch.arange(S, device=q.device) <= first_query + torch.arange(stop - start, device=q.device)[:, None]
         return logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+
+    def received(self, block: int = QUERY_BLOCK) -> torch.Tensor:
+        """Attention each entry received from all the chunk's queries, summed over them and the GQA group:
+        [B, KVH, S], `block` queries at a time so the transient stays [B, KVH, G, block, S] for any chunk."""
+        T = self.n_new
+        return sum(self.attention_rows(i, min(i + block, T)).sum(dim=(2, 3)) for i in range(0, T, block))
 
     def append(self, new: torch.Tensor) -> torch.Tensor:
         """Stored scores followed by the chunk's `new` [B, KVH, T]."""
@@ -58,8 +69,7 @@ def streamingllm(c: Chunk, sinks: int = 4) -> torch.Tensor:
 
 def h2o(c: Chunk) -> torch.Tensor:
     """Heavy hitters: attention each entry has received from all queries so far, summed over the GQA group."""
-    received = c.attention().sum(dim=(2, 3))  # [B, KVH, S]
-    return F.pad(c.stored, (0, c.n_new)) + received
+    return F.pad(c.stored, (0, c.n_new)) + c.received()
 
 
 def snapkv(c: Chunk, window: int = 32, kernel: int = 7) -> torch.Tensor:

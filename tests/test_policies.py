@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from locret.errors import LocretError
-from locret.policies import POLICIES, Chunk, Random, h2o, knorm, locret, make_policy, snapkv, streamingllm, tova
+from locret.policies import POLICIES, QUERY_BLOCK, Chunk, Random, h2o, knorm, locret, make_policy, snapkv, streamingllm, tova
 
 B, KVH, G, D, S, T = 2, 2, 2, 8, 12, 5
 H = KVH * G
@@ -85,6 +85,31 @@ def test_chunk_attention_of_last_queries(chunk, ref, last):
     assert att.shape == (B, KVH, G, last, S)
     expected = [[[ref[b][kv * G + g][T - last:] for g in range(G)] for kv in range(KVH)] for b in range(B)]
     close(att, expected)
+
+
+@pytest.mark.parametrize("block", [1, 2, T - 1, T, 64])
+def test_received_attention_in_blocks_of_queries(chunk, ref, block):
+    """Summed a few queries at a time (the transient bound): the same as over the whole chunk at once."""
+    expected = [[[sum(ref[b][kv * G + g][i][j] for g in range(G) for i in range(T)) for j in range(S)]
+                 for kv in range(KVH)] for b in range(B)]
+    close(chunk.received(block=block), expected)
+
+
+def test_h2o_on_a_chunk_longer_than_the_query_block(monkeypatch):
+    """h2o over a chunk of more queries than one block sums every block, each at most QUERY_BLOCK queries
+    (what memory.py counts): equal to one full softmax."""
+    g = torch.Generator().manual_seed(3)
+    T_long, S_long = 300, 340  # several blocks of QUERY_BLOCK queries
+    q, k = torch.randn(1, H, T_long, D, generator=g), torch.randn(1, KVH, S_long, D, generator=g)
+    c = Chunk(q=q, k=k, stored=torch.zeros(1, KVH, S_long - T_long), index=torch.arange(S_long).expand(1, KVH, -1),
+              head_scores=None)
+    logits = q.double().view(1, KVH, G, T_long, D) @ k.double()[:, :, None].transpose(-1, -2) / math.sqrt(D)
+    visible = torch.arange(S_long) <= S_long - T_long + torch.arange(T_long)[:, None]
+    expected = logits.masked_fill(~visible, float("-inf")).softmax(-1).sum(dim=(2, 3))
+    blocks, attention_rows = [], Chunk.attention_rows
+    monkeypatch.setattr(Chunk, "attention_rows", lambda self, i, j: blocks.append((i, j)) or attention_rows(self, i, j))
+    close(h2o(c), expected)
+    assert blocks == [(i, min(i + QUERY_BLOCK, T_long)) for i in range(0, T_long, QUERY_BLOCK)] and len(blocks) >= 3
 
 
 def test_chunk_attention_in_bf16():
