@@ -50,7 +50,7 @@ SUITES = {
     "multiquestion": dict(tasks="heldout_multi_{split}", lengths="2048", budgets="1/8", n=24, n_loc="question"),
 }
 RESULT_SETTINGS = ("suite", "ckpt", "heads_id", "seed", "form", "chunk", "stabilizers", "n_loc", "positions", "dtype",
-                   "max_new_tokens", "unprotected_final_eviction", "span", "eviction", "shared_layers")
+                   "max_new_tokens", "unprotected_final_eviction", "span", "eviction", "shared_layers", "defaults")
 
 
 def parse_budget(text: str, length: int) -> int:
@@ -78,9 +78,9 @@ def read_results(path: Path) -> dict[tuple, dict]:
 
 
 def settings_for(policy: str, budget: int, args, base, question_tokens: int) -> EngineSettings:
-    """Stabilizers default to a quarter of the budget, so small budgets stay valid; --n-loc question
+    """Stabilizers default to the zoo's share of the budget, so small budgets stay valid; --n-loc question
     keeps just the item's question (and answer cue) out of eviction."""
-    stabilizers = args.stabilizers if args.stabilizers is not None else budget // 4
+    stabilizers = args.stabilizers if args.stabilizers is not None else budget * base.stabilizers // base.budget
     n_loc = base.n_loc if args.n_loc is None else question_tokens if args.n_loc == "question" else int(args.n_loc)
     return EngineSettings(policy=policy, budget=budget, chunk=args.chunk or base.chunk, stabilizers=stabilizers,
                           n_loc=n_loc, positions=args.positions, final_stabilizers=not args.unprotected_final_eviction,
@@ -292,6 +292,7 @@ def main(args: argparse.Namespace) -> None:
         args.heads_eviction = trained_eviction(load_heads(model, heads))
     elif "locret" in args.policies:
         print("no retaining heads for this model: skipping --policies locret (pass --heads)", file=sys.stderr)
+    args.defaults = asdict(base)  # what "the zoo's" means for every setting left out: recorded with the results
     out = Path(args.out)
     check_out_folder(out, args)
     if args.suite == "multiquestion":
@@ -320,7 +321,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--form", choices=["completion", "chat"], default="completion",
                    help="completion: InfiniteBench's base-model form ending in the answer prefix (default)")
     p.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: the zoo's)")
-    p.add_argument("--stabilizers", type=int, default=None, help="default: a quarter of each budget")
+    p.add_argument("--stabilizers", type=int, default=None,
+                   help="most recent entries always kept (default: the zoo's share of each budget: 1/8 for the default model)")
     p.add_argument("--n-loc", default=None,
                    help="tokens kept out of eviction at the prompt's end, or 'question' for each item's question "
                         "(default: the zoo's; the heldout suite: question)")

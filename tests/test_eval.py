@@ -142,6 +142,20 @@ def test_rerun_with_other_settings_is_refused(tiny_chat_model, tmp_path):
         run_eval(tiny_chat_model, tmp_path / "file")
 
 
+def test_unset_settings_follow_the_zoo_and_a_change_of_its_defaults_is_refused(tiny_chat_model, tmp_path, monkeypatch):
+    """Left out, stabilizers are the zoo's share of each budget and chunk the zoo's; the defaults in effect are
+    recorded with the results, so a rerun after they change cannot mix old rows with new ones."""
+    from dataclasses import replace
+    args = cli.parse_args(["--budgets", "1/8"])
+    base = replace(cli.GENERIC_SETTINGS, budget=1024, chunk=96, stabilizers=128)  # a share of 1/8
+    settings = cli.settings_for("snapkv", 512, args, base, question_tokens=10)
+    assert (settings.stabilizers, settings.chunk) == (64, 96)
+    run_eval(tiny_chat_model, tmp_path / "a")
+    monkeypatch.setattr(cli, "GENERIC_SETTINGS", replace(cli.GENERIC_SETTINGS, stabilizers=cli.GENERIC_SETTINGS.stabilizers // 2))
+    with pytest.raises(LocretError, match="defaults differ"):
+        run_eval(tiny_chat_model, tmp_path / "a")
+
+
 def test_resume_survives_a_truncated_last_line(tiny_chat_model, tmp_path):
     whole = run_eval(tiny_chat_model, tmp_path / "a")
     log = tmp_path / "a" / "results.jsonl"
