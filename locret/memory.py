@@ -59,8 +59,9 @@ class MemoryEstimate:
 def activation_bytes(model: CausalLM, tokens: int, attended: int, policy: str) -> int:
     """Upper bound on one layer's working memory for `tokens` queries over `attended` entries (they are
     freed layer by layer): hidden states, q/k/v, MLP, attention weights (twice: logits and softmax; for
-    policies that read attention, again for a block of queries and the keys in fp32), compact mode's keys turned to their slots (with RoPE's
-    temporaries) and its cos/sin table, retaining head, and the last token's logits."""
+    policies that read attention, again for a block of queries, and the keys in fp32), compact mode's
+    keys turned to their slots (with RoPE's temporaries) and its cos/sin table, retaining head, and the
+    last token's logits."""
     c, item = model.config, model.lm_head.weight.element_size()
     hidden = 4 * tokens * c.hidden_size * item
     qkv = 2 * tokens * c.qkv_size * item
