@@ -31,6 +31,9 @@ from locret.tokenizer import Tokenizer
 from locret.zoo import DEFAULT_MODEL, resolve_checkpoint
 
 
+LABELS = "labels (best rank in any layer)"  # the last row: the training target's own ranking
+
+
 def needle_share(score: torch.Tensor, needle: list[int], share: float) -> float:
     """score [P]: the share of `needle` positions among the prompt's top `share` by it."""
     return (percentile_rank(score)[needle] >= 1 - share).float().mean().item()
@@ -46,10 +49,9 @@ def main(args: argparse.Namespace) -> None:
         raise LocretError(f"{args.ckpt} has no retaining heads: pass --heads FILE.safetensors")
     load_heads(model, heads)
     n_layers = model.config.num_hidden_layers
-    rows = {f"layer {layer}": f"{layer}-{layer}" for layer in range(n_layers)} | {r: r for r in args.ranges}
-    for name in args.ranges:
-        layer_slice(name, n_layers, "--ranges")
-    shares = {row: [] for row in [*rows, "labels (best rank in any layer)"]}
+    rows = {f"layer {layer}": slice(layer, layer + 1) for layer in range(n_layers)}
+    rows |= {name: layer_slice(name, n_layers, "--ranges") for name in args.ranges}  # parsed once, checked
+    shares = {row: [] for row in [*rows, LABELS]}
     for index in tqdm(range(args.n), desc="items", file=sys.stderr):
         encoded = encode_item(tokenizer, make_item("heldout_val", index, args.seed, tokenizer, args.length), "completion")
         body = len(encoded.prompt) - encoded.question_tokens  # the question is never evicted
@@ -60,9 +62,9 @@ def main(args: argparse.Namespace) -> None:
         model(torch.tensor([encoded.prompt + encoded.answer], device=device), cache=recorder, last_only=True)
         scores, labels = (t[..., :body].float() for t in recorder.stacked())  # [L, 1, KVH, body] each
         for row, layers in rows.items():
-            shares[row].append(needle_share(shared_rank(scores[layer_slice(layers)])[0], needle, args.share))
-        shares["labels (best rank in any layer)"].append(needle_share(best_rank(labels)[0], needle, args.share))
-    items = len(shares["labels (best rank in any layer)"])
+            shares[row].append(needle_share(shared_rank(scores[layers])[0], needle, args.share))
+        shares[LABELS].append(needle_share(best_rank(labels)[0], needle, args.share))
+    items = len(shares[LABELS])
     md = [f"| ranked by | needle tokens in the top {args.share:g} ({items} items) |", "|---|---|"]
     md += [f"| {row} | {sum(v) / max(items, 1):.2f} |" for row, v in shares.items()]
     table = "\n".join(md) + "\n"
