@@ -144,3 +144,32 @@ def test_layers_ranks_needles_per_layer_and_range(heldout_heads, tmp_path, capsy
         layers.main(layers.parse_args(flags + ["--ranges", "0-5"]))
     with pytest.raises(LocretError, match="--ranges must be FIRST-LAST"):
         layers.parse_args(flags + ["--ranges", "5"])
+
+
+def test_profile_splits_prefill_and_decode_by_component(tiny_chat_model, tmp_path, capsys):
+    from bench import profile
+    model = load_model(tiny_chat_model)
+    torch.manual_seed(0)
+    model.add_retaining_heads(8)
+    save_heads(model, tmp_path / "heads.safetensors", backbone="tiny")
+    common = ["--ckpt", str(tiny_chat_model), "--length", "300", "--budget", "64", "--chunk", "32", "--stabilizers", "16",
+              "--n-loc", "12", "--decode-tokens", "3", "--dtype", "float32"]
+    out = tmp_path / "locret.json"
+    profile.main(profile.parse_args([*common, "--heads", str(tmp_path / "heads.safetensors"), "--out", str(out)]))
+    r = json.loads(out.read_text())
+    assert r["chunks"] == 10 and r["decode_steps"] == 3  # 288 body tokens in chunks of 32, then the n_loc tail
+    for phase in ("prefill", "decode"):
+        parts = r[phase]
+        assert list(parts) == list(profile.COMPONENTS)
+        assert sum(parts.values()) == pytest.approx(r[f"{phase}_seconds"])
+        assert all(parts[name] > 0 for name in ("MLP", "attention projections", "retaining heads", "attention (RoPE, sdpa)",
+                                                "cache write, re-rotation", "norms", "LM head"))
+        assert parts["other"] >= 0
+    assert r["prefill"]["policy scoring"] > 0 and r["prefill"]["eviction"] > 0
+    assert r["decode"]["policy scoring"] == 0 and r["decode"]["eviction"] == 0  # decoding neither scores nor evicts
+    table = capsys.readouterr().out
+    assert table == out.with_suffix(".md").read_text() and "| policy scoring |" in table and "| **total** |" in table
+
+    profile.main(profile.parse_args([*common, "--policy", "full", "--out", str(tmp_path / "full.json")]))
+    full = json.loads((tmp_path / "full.json").read_text())
+    assert full["prefill"]["retaining heads"] == full["prefill"]["policy scoring"] == full["prefill"]["eviction"] == 0

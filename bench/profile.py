@@ -1,0 +1,185 @@
+"""Where prefill and decode time goes: one chunked generation over a long prompt, timed by component.
+
+    python bench/profile.py                                   # default model, 32K tokens, budget 2048, chunk 512
+    python bench/profile.py --length 8192 --dtype float32 --policy streamingllm
+
+Components (exclusive times, so they add up to the whole): the MLP, the attention projections (q, k, v, o),
+the retaining heads, attention itself (RoPE on the queries and sdpa), the cache write with the re-rotation of
+the kept keys to their slots, policy scoring, eviction (ranking, top-k, gathering the kept entries), the
+norms, the LM head, and the rest (embedding, RoPE tables, the mask, Python). Timed with wall-clock hooks,
+which is exact on CPU, where every op runs before the next starts; on CUDA each hook synchronizes first.
+Prompts are seeded random token ids. Prints a markdown table (and writes it to --out, with the JSON)."""
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, when run as a script
+
+import torch
+
+from bench.memory_speed import make_prompt
+from locret.context import Context
+from locret.devices import default_dtype
+from locret.engine import NEEDS_HEADS, EngineSettings, check_settings, pool_capacity
+from locret.errors import LocretError, run_script
+from locret.heads import load_heads, trained_eviction
+from locret.loading import DTYPES, load_model
+from locret.zoo import DEFAULT_MODEL, resolve_checkpoint
+from models.base import RMSNorm
+
+COMPONENTS = ("MLP", "attention projections", "retaining heads", "attention (RoPE, sdpa)", "cache write, re-rotation",
+              "policy scoring", "eviction", "norms", "LM head", "other")
+
+
+class Timers:
+    """Seconds spent inside each timed region, by name; regions may nest (a parent includes its children)."""
+
+    def __init__(self, device: torch.device):
+        self.seconds, self.starts, self.device = defaultdict(float), [], device
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            t0 = self.now()
+            out = fn(*args, **kwargs)
+            self.seconds[name] += self.now() - t0
+            return out
+        return timed
+
+    def hook(self, module: torch.nn.Module, name: str) -> None:
+        module.register_forward_pre_hook(lambda *_: self.starts.append(self.now()))
+        module.register_forward_hook(lambda *_: self.seconds.__setitem__(name, self.seconds[name] + self.now() - self.starts.pop()))
+
+    def reset(self) -> None:
+        self.seconds.clear()
+
+
+def instrument(model, timers: Timers) -> None:
+    """Time every module that is its own component; attention's own work is what its children leave."""
+    for block in model.model.layers:
+        attn = block.self_attn
+        timers.hook(block.mlp, "MLP")
+        timers.hook(attn, "attention total")
+        for name, child in attn.named_children():
+            timers.hook(child, "retaining heads" if name == "retaining_head" else "attention projections")
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            timers.hook(module, "norms")
+    timers.hook(model.lm_head, "LM head")
+
+
+def instrument_engine(context: Context, timers: Timers) -> None:
+    engine, cache = context.engine, context.engine.cache
+    if cache.policy is not None:
+        cache.policy = timers.wrap("policy scoring", cache.policy)
+    cache.update = timers.wrap("cache update", cache.update)
+    engine.evict = timers.wrap("eviction", engine.evict)
+
+
+def breakdown(seconds: dict, total: float) -> dict:
+    """Inclusive timers -> exclusive components that sum to `total`."""
+    s = defaultdict(float, seconds)
+    parts = {name: s[name] for name in ("MLP", "attention projections", "retaining heads", "policy scoring",
+                                        "eviction", "norms", "LM head")}
+    parts["cache write, re-rotation"] = s["cache update"] - s["policy scoring"]
+    parts["attention (RoPE, sdpa)"] = (s["attention total"] - s["attention projections"] - s["retaining heads"]
+                                       - s["cache update"])
+    parts["other"] = total - sum(parts.values())
+    return {name: parts[name] for name in COMPONENTS}
+
+
+def profile(model, prompt: list[int], settings: EngineSettings, decode_tokens: int, timers: Timers) -> dict:
+    """One generation: the prefill's components (all chunks) and the decode steps' (the first new token excluded)."""
+    check_settings(settings, len(prompt))
+    capacity = pool_capacity(settings, len(prompt), decode_tokens)
+    context = Context(model, settings, capacity, len(prompt), progress=True, total=len(prompt))
+    instrument_engine(context, timers)
+    body = len(prompt) - settings.n_loc
+    timers.reset()
+    t0 = timers.now()
+    context.feed(prompt[:body])
+    logits = context.start(prompt[body:])
+    prefill = timers.now() - t0
+    prefill_parts = breakdown(timers.seconds, prefill)
+    timers.reset()
+    token, t0 = int(logits.argmax()), timers.now()
+    with torch.inference_mode():
+        for _ in range(decode_tokens):
+            token = int(context.engine.decode_step(token).argmax())
+    decode = timers.now() - t0
+    return dict(prompt_tokens=len(prompt), chunks=context.chunks + 1, prefill_seconds=prefill,
+                decode_steps=decode_tokens, decode_seconds=decode, prefill=prefill_parts,
+                decode=breakdown(timers.seconds, decode))
+
+
+def markdown(r: dict) -> str:
+    per_chunk, per_step = r["prefill_seconds"] / r["chunks"], r["decode_seconds"] / max(r["decode_steps"], 1)
+    lines = ["| component | prefill ms / chunk | prefill % | decode ms / step | decode % |", "|---|---|---|---|---|"]
+    for name in COMPONENTS:
+        p, d = r["prefill"][name], r["decode"][name]
+        lines.append(f"| {name} | {1e3 * p / r['chunks']:.1f} | {100 * p / r['prefill_seconds']:.1f} | "
+                     f"{1e3 * d / max(r['decode_steps'], 1):.2f} | {100 * d / max(r['decode_seconds'], 1e-12):.1f} |")
+    lines.append(f"| **total** | **{1e3 * per_chunk:.1f}** | 100 | **{1e3 * per_step:.2f}** | 100 |")
+    lines.append(f"\n{r['prompt_tokens']} prompt tokens in {r['chunks']} chunks: prefill "
+                 f"{r['prompt_tokens'] / r['prefill_seconds']:.0f} tok/s; decode {1 / per_step:.1f} tok/s")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> None:
+    torch.set_grad_enabled(False)
+    folder, entry = resolve_checkpoint(args.ckpt)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
+    model = load_model(folder, device=args.device, dtype=dtype)
+    eviction = "per-head"
+    if args.policy == "locret":
+        heads = args.heads or (entry.heads if entry else None)
+        if heads is None:
+            raise LocretError(NEEDS_HEADS)
+        eviction = trained_eviction(load_heads(model, heads))
+    timers = Timers(device)
+    instrument(model, timers)
+    settings = EngineSettings(policy=args.policy, budget=args.budget, chunk=args.chunk, stabilizers=args.stabilizers,
+                              n_loc=args.n_loc, eviction=eviction,
+                              shared_layers=entry.settings.shared_layers if entry else "all")
+    prompt = make_prompt(model.config.vocab_size, args.length, args.seed)
+    result = profile(model, prompt, settings, args.decode_tokens, timers)
+    result.update(model=str(args.ckpt), dtype=str(dtype).removeprefix("torch."), device=str(device),
+                  threads=torch.get_num_threads(), settings=vars(settings))
+    table = markdown(result)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        out.with_suffix(".md").write_text(table + "\n")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=DEFAULT_MODEL, help=f"zoo name or HF-layout folder (default: {DEFAULT_MODEL})")
+    p.add_argument("--heads", default=None, help="retaining heads for locret (default: the zoo entry's); their "
+                   "training picks the eviction mode, the zoo entry the layers that rank a shared one")
+    p.add_argument("--policy", default="locret", help="any evicting policy, or full (default: %(default)s)")
+    p.add_argument("--length", type=int, default=32768, help="prompt tokens (default: %(default)s)")
+    p.add_argument("--budget", type=int, default=2048, help="default: %(default)s")
+    p.add_argument("--chunk", type=int, default=512, help="default: %(default)s")
+    p.add_argument("--stabilizers", type=int, default=256, help="default: %(default)s")
+    p.add_argument("--n-loc", type=int, default=100, help="default: %(default)s")
+    p.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="prompt seed (default: 0)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bfloat16 where the device has it")
+    p.add_argument("--out", default=None, help="JSON path; the table goes next to it as .md")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    run_script(lambda: main(parse_args()))
