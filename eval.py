@@ -84,7 +84,7 @@ def settings_for(policy: str, budget: int, args, base, question_tokens: int) -> 
     n_loc = base.n_loc if args.n_loc is None else question_tokens if args.n_loc == "question" else int(args.n_loc)
     return EngineSettings(policy=policy, budget=budget, chunk=args.chunk or base.chunk, stabilizers=stabilizers,
                           n_loc=n_loc, positions=args.positions, final_stabilizers=not args.unprotected_final_eviction,
-                          seed=args.seed, span=args.span,
+                          seed=args.seed, span=base.span if args.span is None else args.span,
                           eviction=args.eviction or (args.heads_eviction if policy == "locret" else "per-head"),
                           shared_layers=args.shared_layers or base.shared_layers)
 
@@ -327,8 +327,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tokens kept out of eviction at the prompt's end, or 'question' for each item's question "
                         "(default: the zoo's; the heldout suite: question)")
     p.add_argument("--positions", choices=["compact", "original"], default="compact")
-    p.add_argument("--span", type=int, default=1,
-                   help="locret: each token scores the best of its span // 2 neighbours either side, odd (default: 1)")
+    p.add_argument("--span", type=int, default=None,
+                   help="locret: each token scores the best of its span // 2 neighbours either side, odd "
+                        "(default: the zoo's: 9 for the default model, else 1)")
     p.add_argument("--eviction", choices=EVICTIONS, default=None,
                    help="per-head (the paper's) or shared: one kept set for all layers and KV heads (default: locret "
                         "as its heads were trained, train.py --target; other policies per-head)")

@@ -109,7 +109,7 @@ def engine_settings(args: argparse.Namespace, entry, prompt_tokens: int | None, 
         budget=pick(args.budget, base.budget), chunk=pick(args.chunk, base.chunk),
         stabilizers=pick(args.stabilizers, base.stabilizers), n_loc=n_loc,
         positions=args.positions or "compact", evict_during_decode=args.evict_during_decode,
-        final_stabilizers=not args.unprotected_final_eviction, seed=args.seed,
+        final_stabilizers=not args.unprotected_final_eviction, seed=args.seed, span=pick(args.span, base.span),
         eviction=pick(args.eviction, trained), shared_layers=pick(args.shared_layers, base.shared_layers))
 
 
@@ -200,7 +200,8 @@ def answer(context: Context, tail: list[int], run: Run) -> GenerationStats:
 def report(settings: EngineSettings, stats: GenerationStats, loaded: bool = False) -> None:
     layers = "" if settings.shared_layers == "all" else f" by layers {settings.shared_layers}"
     shared = f", shared eviction{layers}" if settings.eviction == "shared" else ""
-    budget = f"budget {settings.budget}{shared}" if settings.evicts else "no eviction"
+    span = f", span {settings.span}" if settings.policy == "locret" and settings.span > 1 else ""
+    budget = f"budget {settings.budget}{shared}{span}" if settings.evicts else "no eviction"
     prompt = ([f"loaded context of {stats.prompt_tokens - stats.question_tokens} tokens",
                f"question {stats.question_tokens} tokens in {stats.question_seconds:.2f} s"] if loaded else
               [f"prompt tokens {stats.prompt_tokens} in {stats.chunks} chunks"])
@@ -317,6 +318,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--shared-layers", default=None, metavar="FIRST-LAST",
                    help="shared eviction ranks tokens by these layers' scores only, or all (default: the zoo's; "
                         "all for other models)")
+    g.add_argument("--span", type=int, default=None,
+                   help="locret: each token scores the best of its span // 2 neighbours either side, so a fact "
+                        "is kept whole; odd (default: the zoo's; 1, the paper's, for other models)")
     g.add_argument("--max-memory", type=float, default=None,
                    help="GiB the whole process may use at its peak (runtime, weights, KV pool, activations): "
                         "use the largest budget that fits")

@@ -45,7 +45,7 @@ ORACLES = [("labels", "per-head"), ("labels", "shared"), ("shared labels", "shar
 def grid(args, base, eviction: str) -> list[dict]:
     """The defaults (`eviction`: what the heads were trained for), then each setting varied alone (stabilizers
     as a share of the budget); with --oracle, the training labels in place of the heads (ORACLES)."""
-    default = {"stabilizers": Fraction(base.stabilizers, base.budget), "chunk": base.chunk, "span": 1,
+    default = {"stabilizers": Fraction(base.stabilizers, base.budget), "chunk": base.chunk, "span": base.span,
                "eviction": eviction, "layers": base.shared_layers, "scorer": "heads"}
     points = [default]
     for name, values in (("stabilizers", args.stabilizers), ("chunk", args.chunks), ("span", args.spans),

