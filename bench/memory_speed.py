@@ -1,8 +1,10 @@
 """Memory and speed of generation against prompt length: full attention, Locret and StreamingLLM side by
-side in one run (and transformers' own generate with --transformers, the heads' cost with --heads-overhead).
+side in one run (and transformers' own generate with --transformers, the heads' cost with --heads-overhead,
+kvpress's post-prefill presses at the same budget with --kvpress).
 
     python bench/memory_speed.py                                  # 4K..64K tokens on the default model, CPU
     python bench/memory_speed.py --lengths 4096,8192 --decode-tokens 8
+    python bench/memory_speed.py --kvpress ../kvpress-venv/bin/python --presses snapkv,streamingllm
     python bench/memory_speed.py --device cuda --emulate-gib 24   # Llama-3.1-8B / Phi-3-mini shapes, random bf16
 
 CPU: each grid point runs in a fresh process, so its peak RSS (VmHWM) is its own. GPU: one process, peak
@@ -121,9 +123,45 @@ def transformers_point(p: dict) -> dict:
                 **speeds(p["length"], t[1] - t[0], len(t) - 1, t[-1] - t[1]))
 
 
+KVPRESS = {"snapkv": "SnapKVPress", "streamingllm": "StreamingLLMPress", "tova": "TOVAPress", "knorm": "KnormPress",
+           "expected-attention": "ExpectedAttentionPress"}  # --presses name -> kvpress class
+
+
+def kvpress_point(p: dict) -> dict:
+    """A kvpress press on transformers, as its pipeline runs it: the context (all but the n_loc tail) prefilled
+    in one forward and each layer's cache compressed after it to the same budget, then the tail and greedy
+    decoding at the true positions. Runs under the python of kvpress's own venv (--kvpress)."""
+    import kvpress
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        p["folder"], dtype=DTYPES[p["dtype"]], attn_implementation="sdpa").eval()
+    ids = torch.tensor([make_prompt(model.config.vocab_size, p["length"], p["seed"])])
+    body = p["length"] - p["n_loc"]
+    press = getattr(kvpress, KVPRESS[p["press"]])(compression_ratio=1 - p["budget"] / body)
+    cache, loaded, n = transformers.DynamicCache(), rss_bytes(), p["decode_tokens"]
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        with press(model):
+            model.model(input_ids=ids[:, :body], past_key_values=cache)
+        kept = cache.get_seq_length()
+        positions = torch.arange(body, p["length"])[None]
+        token = model(input_ids=ids[:, body:], past_key_values=cache, position_ids=positions, logits_to_keep=1).logits[0, -1].argmax()
+        t1 = time.perf_counter()
+        for i in range(1, n):
+            token = model(input_ids=token.view(1, 1), past_key_values=cache,
+                          position_ids=torch.tensor([[p["length"] + i - 1]])).logits[0, -1].argmax()
+        t2 = time.perf_counter()
+    return dict(kept_after_prefill=kept + p["n_loc"], rss_loaded_bytes=loaded, peak_bytes=rss_bytes("VmHWM"),
+                **speeds(p["length"], t1 - t0, n, t2 - t1))
+
+
+WORKERS = {"engine": engine_point, "transformers": transformers_point, "kvpress": kvpress_point}
+
+
 def spawn(point: dict) -> dict:
-    """Run one point in a fresh process; it prints its measurements as a JSON line."""
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(point)],
+    """Run one point in a fresh process (under `point["python"]` if given); it prints its measurements as a JSON line."""
+    python = point.get("python", sys.executable)
+    done = subprocess.run([python, str(Path(__file__).resolve()), "--worker", json.dumps(point)],
                           capture_output=True, text=True)
     if done.returncode < 0:
         return {"error": f"killed by signal {-done.returncode}"}
@@ -140,9 +178,12 @@ def cpu_points(args, folder: Path, heads: str | None, with_transformers: bool):
     for length in args.lengths:
         for run, policy in runs:
             budget = length if run == NO_EVICT else args.budget if policy != "full" else None
-            yield dict(common, run=run, policy=policy, length=length, budget=budget)
+            yield dict(common, run=run, worker="engine", policy=policy, length=length, budget=budget)
         if with_transformers:
-            yield dict(common, run="transformers", policy="full", length=length, budget=None)
+            yield dict(common, run="transformers", worker="transformers", policy="full", length=length, budget=None)
+        for press in args.presses if args.kvpress else []:
+            yield dict(common, run=f"kvpress-{press}", worker="kvpress", python=args.kvpress, press=press, policy=press,
+                       length=length, budget=args.budget)
 
 
 def cpu_bench(args, record) -> None:
@@ -261,7 +302,8 @@ def speed_ratios(rows: list[dict]) -> list[dict]:
     for model, n in dict.fromkeys((m, n) for m, _, n in ok):
         at = lambda run: ok.get((model, run, n))
         line = dict(model=model, prompt_tokens=n)
-        for a, b in (("locret", "full"), ("locret", "transformers"), ("full", "transformers")):
+        presses = [run for m, run, length in ok if (m, length) == (model, n) and run.startswith("kvpress-")]
+        for a, b in (("locret", "full"), ("locret", "transformers"), ("full", "transformers"), *(("locret", r) for r in presses)):
             if at(a) and at(b):
                 for phase in ("prefill", "decode"):
                     line[f"{phase}_{a}_vs_{b}"] = at(a)[f"{phase}_tok_s"] / at(b)[f"{phase}_tok_s"]
@@ -358,7 +400,7 @@ def save(rows: list[dict], args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> None:
     if args.worker:
         point = json.loads(args.worker)
-        print(json.dumps((transformers_point if point["run"] == "transformers" else engine_point)(point)), flush=True)
+        print(json.dumps(WORKERS[point["worker"]](point)), flush=True)
         return
     rows = []
 
@@ -389,6 +431,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="prompt seed (default: 0)")
     p.add_argument("--transformers", action="store_true",
                    help="CPU: also run transformers' generate (sdpa, full cache) on the same folder and prompts")
+    p.add_argument("--kvpress", default=None, metavar="PYTHON",
+                   help="CPU: also run kvpress's presses at the same budget, under this python (a venv of its own with "
+                        "kvpress installed: its transformers pin differs from ours)")
+    p.add_argument("--presses", default="snapkv", help=f"with --kvpress, from {', '.join(KVPRESS)} (default: %(default)s)")
     p.add_argument("--heads-overhead", action="store_true",
                    help=f"CPU: also run locret with budget = prompt ({NO_EVICT}): the heads' cost over full")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
@@ -409,11 +455,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.device == "cuda" and args.lengths == GRID["lengths"]:
         args.lengths = GPU_LENGTHS
     args.lengths = [int(x) for x in str(args.lengths).split(",")]
-    args.policies = args.policies.split(",")
+    args.policies, args.presses = args.policies.split(","), args.presses.split(",")
     args.dtype = "bfloat16" if args.device == "cuda" else args.dtype or default_dtype("cpu")
     args.plot = args.plot or str(Path(args.out).with_suffix(".png"))
     if unknown := [x for x in args.policies if x not in POLICIES]:
         p.error(f"unknown policy: {', '.join(unknown)}")
+    if unknown := [x for x in args.presses if x not in KVPRESS]:
+        p.error(f"unknown press: {', '.join(unknown)} (choose from {', '.join(KVPRESS)})")
+    if args.kvpress and not Path(args.kvpress).is_file():
+        p.error(f"--kvpress {args.kvpress}: no such python")
     if args.decode_tokens < 2:
         p.error("--decode-tokens must be at least 2 (decode speed is measured after the first token)")
     return args

@@ -146,8 +146,8 @@ def test_layers_ranks_needles_per_layer_and_range(heldout_heads, tmp_path, capsy
         layers.parse_args(flags + ["--ranges", "5"])
 
 
-def test_profile_splits_prefill_and_decode_by_component(tiny_chat_model, tmp_path, capsys):
-    from bench import profile
+def test_breakdown_splits_prefill_and_decode_by_component(tiny_chat_model, tmp_path, capsys):
+    from bench import breakdown
     model = load_model(tiny_chat_model)
     torch.manual_seed(0)
     model.add_retaining_heads(8)
@@ -155,12 +155,12 @@ def test_profile_splits_prefill_and_decode_by_component(tiny_chat_model, tmp_pat
     common = ["--ckpt", str(tiny_chat_model), "--length", "300", "--budget", "64", "--chunk", "32", "--stabilizers", "16",
               "--n-loc", "12", "--decode-tokens", "3", "--dtype", "float32"]
     out = tmp_path / "locret.json"
-    profile.main(profile.parse_args([*common, "--heads", str(tmp_path / "heads.safetensors"), "--out", str(out)]))
+    breakdown.main(breakdown.parse_args([*common, "--heads", str(tmp_path / "heads.safetensors"), "--out", str(out)]))
     r = json.loads(out.read_text())
     assert r["chunks"] == 10 and r["decode_steps"] == 3  # 288 body tokens in chunks of 32, then the n_loc tail
     for phase in ("prefill", "decode"):
         parts = r[phase]
-        assert list(parts) == list(profile.COMPONENTS)
+        assert list(parts) == list(breakdown.COMPONENTS)
         assert sum(parts.values()) == pytest.approx(r[f"{phase}_seconds"])
         assert all(parts[name] > 0 for name in ("MLP", "attention projections", "retaining heads", "attention (RoPE, sdpa)",
                                                 "cache write, re-rotation", "norms", "LM head"))
@@ -170,6 +170,49 @@ def test_profile_splits_prefill_and_decode_by_component(tiny_chat_model, tmp_pat
     table = capsys.readouterr().out
     assert table == out.with_suffix(".md").read_text() and "| policy scoring |" in table and "| **total** |" in table
 
-    profile.main(profile.parse_args([*common, "--policy", "full", "--out", str(tmp_path / "full.json")]))
+    breakdown.main(breakdown.parse_args([*common, "--policy", "full", "--out", str(tmp_path / "full.json")]))
     full = json.loads((tmp_path / "full.json").read_text())
     assert full["prefill"]["retaining heads"] == full["prefill"]["policy scoring"] == full["prefill"]["eviction"] == 0
+
+
+FAKE_KVPRESS = '''
+"""Stands in for kvpress (its own venv in real use): keeps each layer's last entries after the prefill."""
+from contextlib import contextmanager
+
+
+class SnapKVPress:
+    def __init__(self, compression_ratio):
+        self.compression_ratio = compression_ratio
+
+    def compress(self, module, args, kwargs, output):
+        layer = kwargs["past_key_values"].layers[module.layer_idx]
+        keep = round(layer.keys.shape[2] * (1 - self.compression_ratio))
+        layer.keys, layer.values = layer.keys[:, :, -keep:], layer.values[:, :, -keep:]
+
+    @contextmanager
+    def __call__(self, model):
+        hooks = [l.self_attn.register_forward_hook(self.compress, with_kwargs=True) for l in model.model.layers]
+        yield
+        for h in hooks:
+            h.remove()
+'''
+
+
+def test_kvpress_runs_under_its_own_python_beside_ours(tiny_chat_model, tmp_path):
+    import sys
+    (tmp_path / "fake" / "kvpress").mkdir(parents=True)
+    (tmp_path / "fake" / "kvpress" / "__init__.py").write_text(FAKE_KVPRESS)
+    python = tmp_path / "python"  # another venv's python: here ours, seeing the fake kvpress
+    python.write_text(f'#!/bin/sh\nPYTHONPATH={tmp_path / "fake"} exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    out = tmp_path / "bench.json"
+    bench.main(bench.parse_args(["--quick", "--ckpt", str(tiny_chat_model), "--policies", "full", "--dtype", "float32",
+                                 "--kvpress", str(python), "--out", str(out), "--plot", str(tmp_path / "m.png")]))
+    result = json.loads(out.read_text())
+    rows = [r for r in result["rows"] if r["run"] == "kvpress-snapkv"]
+    assert [r["prompt_tokens"] for r in rows] == [256, 512] and all("error" not in r for r in rows), rows
+    assert all(r["kept_after_prefill"] == 64 + 16 for r in rows)  # the same budget as ours, plus the n_loc tail
+    assert all(r["peak_bytes"] >= r["rss_loaded_bytes"] > 0 and r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 for r in rows)
+    assert "| kvpress-snapkv | 512 |" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--kvpress", str(python), "--presses", "nosuchpress"])

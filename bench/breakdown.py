@@ -1,7 +1,7 @@
 """Where prefill and decode time goes: one chunked generation over a long prompt, timed by component.
 
-    python bench/profile.py                                   # default model, 32K tokens, budget 2048, chunk 512
-    python bench/profile.py --length 8192 --dtype float32 --policy streamingllm
+    python bench/breakdown.py                                   # default model, 32K tokens, budget 2048, chunk 512
+    python bench/breakdown.py --length 8192 --dtype float32 --policy streamingllm
 
 Components (exclusive times, so they add up to the whole): the MLP, the attention projections (q, k, v, o),
 the retaining heads, attention itself (RoPE on the queries and sdpa), the cache write with the re-rotation of
@@ -95,7 +95,7 @@ def breakdown(seconds: dict, total: float) -> dict:
     return {name: parts[name] for name in COMPONENTS}
 
 
-def profile(model, prompt: list[int], settings: EngineSettings, decode_tokens: int, timers: Timers) -> dict:
+def run_timed(model, prompt: list[int], settings: EngineSettings, decode_tokens: int, timers: Timers) -> dict:
     """One generation: the prefill's components (all chunks) and the decode steps' (the first new token excluded)."""
     check_settings(settings, len(prompt))
     capacity = pool_capacity(settings, len(prompt), decode_tokens)
@@ -150,7 +150,7 @@ def main(args: argparse.Namespace) -> None:
                               n_loc=args.n_loc, eviction=eviction,
                               shared_layers=entry.settings.shared_layers if entry else "all")
     prompt = make_prompt(model.config.vocab_size, args.length, args.seed)
-    result = profile(model, prompt, settings, args.decode_tokens, timers)
+    result = run_timed(model, prompt, settings, args.decode_tokens, timers)
     result.update(model=str(args.ckpt), dtype=str(dtype).removeprefix("torch."), device=str(device),
                   threads=torch.get_num_threads(), settings=vars(settings))
     table = markdown(result)
