@@ -182,4 +182,4 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    run_script(lambda: main(parse_args()))
+    run_script(main, parse_args)

@@ -1,6 +1,9 @@
 """bench/memory_speed.py --quick end to end on a tiny random model: every point measured in its own
 process, pools exactly as predicted, fixed for evicting policies, growing for full attention."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,6 +176,9 @@ def test_breakdown_splits_prefill_and_decode_by_component(tiny_chat_model, tmp_p
     breakdown.main(breakdown.parse_args([*common, "--policy", "full", "--out", str(tmp_path / "full.json")]))
     full = json.loads((tmp_path / "full.json").read_text())
     assert full["prefill"]["retaining heads"] == full["prefill"]["policy scoring"] == full["prefill"]["eviction"] == 0
+    script = Path(breakdown.__file__)  # as a command: bad input is one line, not a traceback
+    done = subprocess.run([sys.executable, str(script), "--ckpt", str(tmp_path / "missing")], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.startswith("error: unknown model") and len(done.stderr.splitlines()) == 1
 
 
 FAKE_KVPRESS = '''
@@ -199,7 +205,6 @@ class SnapKVPress:
 
 
 def test_kvpress_runs_under_its_own_python_beside_ours(tiny_chat_model, tmp_path):
-    import sys
     (tmp_path / "fake" / "kvpress").mkdir(parents=True)
     (tmp_path / "fake" / "kvpress" / "__init__.py").write_text(FAKE_KVPRESS)
     python = tmp_path / "python"  # another venv's python: here ours, seeing the fake kvpress
