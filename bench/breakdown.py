@@ -133,10 +133,9 @@ def markdown(r: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
-    torch.set_grad_enabled(False)
     folder, entry = resolve_checkpoint(args.ckpt)
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
+    dtype = DTYPES[args.dtype or default_dtype(args.device)]
     model = load_model(folder, device=args.device, dtype=dtype)
     eviction = "per-head"
     if args.policy == "locret":

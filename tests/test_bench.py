@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bench import memory_speed as bench
+from locret.devices import default_dtype
 from locret.heads import save_heads
 from locret.loading import load_model
 
@@ -156,9 +157,10 @@ def test_breakdown_splits_prefill_and_decode_by_component(tiny_chat_model, tmp_p
     model.add_retaining_heads(8)
     save_heads(model, tmp_path / "heads.safetensors", backbone="tiny")
     common = ["--ckpt", str(tiny_chat_model), "--length", "300", "--budget", "64", "--chunk", "32", "--stabilizers", "16",
-              "--n-loc", "12", "--decode-tokens", "3", "--dtype", "float32"]
+              "--n-loc", "12", "--decode-tokens", "3"]
     out = tmp_path / "locret.json"
-    breakdown.main(breakdown.parse_args([*common, "--heads", str(tmp_path / "heads.safetensors"), "--out", str(out)]))
+    breakdown.main(breakdown.parse_args([*common, "--dtype", "float32", "--heads", str(tmp_path / "heads.safetensors"),
+                                         "--out", str(out)]))
     r = json.loads(out.read_text())
     assert r["chunks"] == 10 and r["decode_steps"] == 3  # 288 body tokens in chunks of 32, then the n_loc tail
     for phase in ("prefill", "decode"):
@@ -175,6 +177,7 @@ def test_breakdown_splits_prefill_and_decode_by_component(tiny_chat_model, tmp_p
 
     breakdown.main(breakdown.parse_args([*common, "--policy", "full", "--out", str(tmp_path / "full.json")]))
     full = json.loads((tmp_path / "full.json").read_text())
+    assert full["dtype"] == default_dtype("cpu")  # no --dtype: the device's default
     assert full["prefill"]["retaining heads"] == full["prefill"]["policy scoring"] == full["prefill"]["eviction"] == 0
     script = Path(breakdown.__file__)  # as a command: bad input is one line, not a traceback
     done = subprocess.run([sys.executable, str(script), "--ckpt", str(tmp_path / "missing")], capture_output=True, text=True)
