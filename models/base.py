@@ -48,6 +48,14 @@ class RetainingHead(nn.Module):
         return self.fc2(F.silu(self.fc1(qkv))).transpose(1, 2)
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """sdpa with GQA: q [B, H, T, D], k, v [B, KVH, S, D] -> [B, H, T, D]. One bf16 query on CPU (a decoding
+    step) attends in fp32: CPU sdpa runs it about 4x slower in bf16 (README: Performance)."""
+    if q.shape[2] == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+
+
 class Attention(nn.Module):
     """Causal GQA attention. Subclasses define `project(x) -> q, k, v`, flat and before RoPE."""
 
@@ -76,7 +84,7 @@ class Attention(nn.Module):
         else:  # the cache decides how keys are stored; it returns them rotated
             k, v = cache.update(self.layer_idx, q, k, v, scores, (cos, sin))  # [B, KVH, S, D]: cached + these T
         causal = mask is None and T > 1  # no mask: causal among the new tokens; a single one sees every key
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        y = attend(q, k, v, mask, causal)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

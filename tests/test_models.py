@@ -3,12 +3,14 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import longrope, tiny_llama_config, tiny_phi3_config, tiny_qwen2_config
 from locret.engine import PolicyCache
 from locret.kv_pool import KVPool
 from locret.loading import load_model
 from models import config_from_hf
+from models.base import attend
 from models.rope import apply_rope
 
 CONFIGS = {
@@ -137,3 +139,19 @@ def test_retaining_heads_are_optional_and_score_each_kv_head(save_hf):
         layer.self_attn.retaining_head = None
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), logits_with_heads, atol=0, rtol=0)  # heads never change logits
+
+
+def test_one_bf16_query_on_cpu_attends_in_fp32():
+    """A decoding step in bf16 on CPU attends in fp32 (CPU sdpa is slow in bf16 there): its output is the
+    float64 reference rounded once to bf16, and multi-query chunks still use the model dtype's sdpa."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 6, 1, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    reference = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True)
+    out = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, False)
+    assert out.dtype == torch.bfloat16
+    exact = F.scaled_dot_product_attention(q.bfloat16().double(), k.bfloat16().double(), v.bfloat16().double(), enable_gqa=True)
+    assert torch.allclose(out.double(), exact, rtol=2 ** -8, atol=1e-6)  # one bf16 rounding of the exact result
+    assert torch.allclose(out.double(), reference, atol=2e-2)  # and near the fp64 result of the unrounded inputs
+    chunk = attend(q.expand(1, 6, 3, 16).bfloat16(), k.bfloat16(), v.bfloat16(), None, True)
+    assert torch.equal(chunk, F.scaled_dot_product_attention(q.expand(1, 6, 3, 16).bfloat16(), k.bfloat16(), v.bfloat16(),
+                                                             is_causal=True, enable_gqa=True))
