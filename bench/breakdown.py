@@ -27,7 +27,7 @@ from locret.engine import NEEDS_HEADS, EngineSettings, check_settings, pool_capa
 from locret.errors import LocretError, run_script
 from locret.heads import load_heads, trained_eviction
 from locret.loading import DTYPES, load_model
-from locret.zoo import DEFAULT_MODEL, resolve_checkpoint
+from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
 from models.base import RMSNorm
 
 COMPONENTS = ("MLP", "attention projections", "retaining heads", "attention (RoPE, sdpa)", "cache write, re-rotation",
@@ -120,12 +120,12 @@ def run_timed(model, prompt: list[int], settings: EngineSettings, decode_tokens:
 
 
 def markdown(r: dict) -> str:
-    per_chunk, per_step = r["prefill_seconds"] / r["chunks"], r["decode_seconds"] / max(r["decode_steps"], 1)
+    per_chunk, per_step = r["prefill_seconds"] / r["chunks"], r["decode_seconds"] / r["decode_steps"]
     lines = ["| component | prefill ms / chunk | prefill % | decode ms / step | decode % |", "|---|---|---|---|---|"]
     for name in COMPONENTS:
         p, d = r["prefill"][name], r["decode"][name]
         lines.append(f"| {name} | {1e3 * p / r['chunks']:.1f} | {100 * p / r['prefill_seconds']:.1f} | "
-                     f"{1e3 * d / max(r['decode_steps'], 1):.2f} | {100 * d / max(r['decode_seconds'], 1e-12):.1f} |")
+                     f"{1e3 * d / r['decode_steps']:.2f} | {100 * d / r['decode_seconds']:.1f} |")
     lines.append(f"| **total** | **{1e3 * per_chunk:.1f}** | 100 | **{1e3 * per_step:.2f}** | 100 |")
     lines.append(f"\n{r['prompt_tokens']} prompt tokens in {r['chunks']} chunks: prefill "
                  f"{r['prompt_tokens'] / r['prefill_seconds']:.0f} tok/s; decode {1 / per_step:.1f} tok/s")
@@ -145,9 +145,9 @@ def main(args: argparse.Namespace) -> None:
         eviction = trained_eviction(load_heads(model, heads))
     timers = Timers(device)
     instrument(model, timers)
+    zoo = entry.settings if entry else GENERIC_SETTINGS  # how Locret ranks and scores: the zoo's, as generate.py
     settings = EngineSettings(policy=args.policy, budget=args.budget, chunk=args.chunk, stabilizers=args.stabilizers,
-                              n_loc=args.n_loc, eviction=eviction,
-                              shared_layers=entry.settings.shared_layers if entry else "all")
+                              n_loc=args.n_loc, eviction=eviction, shared_layers=zoo.shared_layers, span=zoo.span)
     prompt = make_prompt(model.config.vocab_size, args.length, args.seed)
     result = run_timed(model, prompt, settings, args.decode_tokens, timers)
     result.update(model=str(args.ckpt), dtype=str(dtype).removeprefix("torch."), device=str(device),
@@ -165,7 +165,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=DEFAULT_MODEL, help=f"zoo name or HF-layout folder (default: {DEFAULT_MODEL})")
     p.add_argument("--heads", default=None, help="retaining heads for locret (default: the zoo entry's); their "
-                   "training picks the eviction mode, the zoo entry the layers that rank a shared one")
+                   "training picks the eviction mode, the zoo entry the layers that rank a shared one and the span")
     p.add_argument("--policy", default="locret", help="any evicting policy, or full (default: %(default)s)")
     p.add_argument("--length", type=int, default=32768, help="prompt tokens (default: %(default)s)")
     p.add_argument("--budget", type=int, default=2048, help="default: %(default)s")
@@ -177,7 +177,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bfloat16 where the device has it")
     p.add_argument("--out", default=None, help="JSON path; the table goes next to it as .md")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.decode_tokens < 1:
+        p.error("--decode-tokens must be at least 1")
+    return args
 
 
 if __name__ == "__main__":

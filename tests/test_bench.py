@@ -182,6 +182,8 @@ def test_breakdown_splits_prefill_and_decode_by_component(tiny_chat_model, tmp_p
     script = Path(breakdown.__file__)  # as a command: bad input is one line, not a traceback
     done = subprocess.run([sys.executable, str(script), "--ckpt", str(tmp_path / "missing")], capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.startswith("error: unknown model") and len(done.stderr.splitlines()) == 1
+    with pytest.raises(SystemExit):
+        breakdown.parse_args(["--decode-tokens", "0"])
 
 
 FAKE_KVPRESS = '''
