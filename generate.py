@@ -34,7 +34,7 @@ from locret.policies import POLICIES
 from locret.sampling import Sampling
 from locret.text_stream import read_blocks
 from locret.tokenizer import Tokenizer
-from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, ZooEntry, resolve_checkpoint
+from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, ZooEntry, local_heads, resolve_checkpoint
 
 
 def read_prompt(source: str) -> str:
@@ -84,14 +84,9 @@ class Run:
         return not self.args.no_chat
 
 
-def heads_file(args: argparse.Namespace, entry) -> str | None:
-    """--heads, else the heads the zoo ships for this model, if any."""
-    return args.heads or (entry.heads if entry else None)
-
-
 def has_heads(args: argparse.Namespace, entry) -> bool:
     """Heads are given, shipped, or published by the paper's authors for this zoo model."""
-    return heads_file(args, entry) is not None or (entry is not None and entry.official_heads is not None)
+    return local_heads(args.heads, entry) is not None or (entry is not None and entry.official_heads is not None)
 
 
 def engine_settings(args: argparse.Namespace, entry, prompt_tokens: int | None, n_loc: int | None = None) -> EngineSettings:
@@ -102,7 +97,7 @@ def engine_settings(args: argparse.Namespace, entry, prompt_tokens: int | None, 
     if n_loc is None:
         n_loc = pick(args.n_loc, min(base.n_loc, prompt_tokens - 1))  # a short prompt is not an error
     policy = pick(args.policy, "locret" if has_heads(args, entry) else "full")
-    heads = heads_file(args, entry) if policy == "locret" else None
+    heads = local_heads(args.heads, entry) if policy == "locret" else None
     trained = trained_eviction(read_heads(Path(heads), tensors=False)[1]) if heads else "per-head"
     return EngineSettings(
         policy=policy,

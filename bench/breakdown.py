@@ -27,7 +27,7 @@ from locret.engine import NEEDS_HEADS, EngineSettings, check_settings, pool_capa
 from locret.errors import LocretError, run_script
 from locret.heads import load_heads, trained_eviction
 from locret.loading import DTYPES, load_model
-from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
+from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, local_heads, resolve_checkpoint
 from models.base import RMSNorm
 
 COMPONENTS = ("MLP", "attention projections", "retaining heads", "attention (RoPE, sdpa)", "cache write, re-rotation",
@@ -139,7 +139,7 @@ def main(args: argparse.Namespace) -> None:
     model = load_model(folder, device=args.device, dtype=dtype)
     eviction = "per-head"
     if args.policy == "locret":
-        heads = args.heads or (entry.heads if entry else None)
+        heads = local_heads(args.heads, entry)
         if heads is None:
             raise LocretError(NEEDS_HEADS)
         eviction = trained_eviction(load_heads(model, heads))

@@ -36,7 +36,7 @@ from locret.kv_pool import KVPool
 from locret.loading import DTYPES, load_model, read_config
 from locret.memory import estimate, rss_bytes
 from locret.policies import POLICIES
-from locret.zoo import DEFAULT_MODEL, LLAMA_OFFICIAL, PHI3_OFFICIAL, resolve_checkpoint
+from locret.zoo import DEFAULT_MODEL, LLAMA_OFFICIAL, PHI3_OFFICIAL, local_heads, resolve_checkpoint
 from models import MODEL_TYPES, ModelConfig, config_from_hf
 from models.rope import RotaryEmbedding
 
@@ -188,7 +188,7 @@ def cpu_points(args, folder: Path, heads: str | None, with_transformers: bool):
 
 def cpu_bench(args, record) -> None:
     folder, entry = resolve_checkpoint(args.ckpt)
-    heads = args.heads or (entry.heads if entry else None)
+    heads = local_heads(args.heads, entry)
     if heads is None and ("locret" in args.policies or args.heads_overhead):
         raise LocretError(NEEDS_HEADS)
     for policy in args.policies:  # bad settings: one error now, not one per point

@@ -11,7 +11,7 @@ from models import CausalLM
 from .default_model import cache_root
 from .errors import LocretError
 from .heads import save_heads
-from .zoo import ZooEntry, hub_error
+from .zoo import ZooEntry, hub_error, local_heads
 
 # `model.layers.3.self_attn.fc1.weight`, with any prefix before `layers` and `self_attn.` optional.
 KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn\.)?(fc1|fc2)\.weight$")
@@ -125,8 +125,9 @@ def ensure_official_heads(entry: ZooEntry, model: CausalLM) -> Path:
 
 def find_heads(heads: str | None, entry: ZooEntry | None, model: CausalLM) -> str | Path | None:
     """`--heads`, else the heads shipped in the zoo, else the paper's official heads (fetched once)."""
-    if heads or (entry is not None and entry.heads):
-        return heads or entry.heads
+    given = local_heads(heads, entry)
+    if given:
+        return given
     if entry is not None and entry.official_heads:
         return ensure_official_heads(entry, model)
     return None

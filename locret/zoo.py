@@ -45,6 +45,11 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 GENERIC_SETTINGS = LocretSettings(budget=2048, chunk=1024, stabilizers=512, n_loc=100)  # models not in the zoo
 
 
+def local_heads(heads: str | None, entry: ZooEntry | None) -> str | None:
+    """`--heads`, else the heads the zoo ships for this model, else None (no download involved)."""
+    return heads or (entry.heads if entry else None)
+
+
 def hub_error(what: str, e: Exception, fix: str) -> LocretError:
     """One line for a failed hub download (offline, gated, unknown repo: huggingface-hub raises many kinds)."""
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

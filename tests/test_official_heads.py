@@ -11,7 +11,7 @@ from locret.errors import LocretError
 from locret.heads import load_heads
 from locret.loading import load_model
 from locret.official_heads import convert_official_heads, ensure_official_heads, read_official_heads
-from locret.zoo import ZOO
+from locret.zoo import ZOO, local_heads
 
 CONFIGS = {"llama": tiny_llama_config, "phi3": tiny_phi3_config}
 HIDDEN, QKV, KVH, LAYERS = 24, 128, 2, 2  # tiny configs: q 4x16 + k 2x16 + v 2x16
@@ -154,3 +154,15 @@ def test_ensure_downloads_and_converts_once(save_hf, tmp_path, monkeypatch):
     fresh = load_model(folder)
     assert load_heads(fresh, first)["backbone"] == "meta-llama/Llama-3.1-8B-Instruct"
     assert torch.equal(fresh.retaining_heads[1].fc2.weight, official_weights()[1][1].float())
+
+
+def test_find_heads_prefers_given_then_shipped_then_official(monkeypatch):
+    monkeypatch.setattr(official_heads, "ensure_official_heads", lambda entry, model: f"official:{entry.name}")
+    shipped, official, plain = ZOO["smollm2-135m-instruct"], ZOO["llama-3.1-8b-instruct"], ZOO["llama-3.2-1b-instruct"]
+    assert local_heads("mine.safetensors", shipped) == "mine.safetensors"
+    assert local_heads(None, shipped) == shipped.heads and shipped.heads.endswith(".safetensors")
+    assert local_heads(None, official) is None and local_heads(None, None) is None
+    assert official_heads.find_heads("mine.safetensors", official, None) == "mine.safetensors"
+    assert official_heads.find_heads(None, shipped, None) == shipped.heads
+    assert official_heads.find_heads(None, official, None) == "official:llama-3.1-8b-instruct"
+    assert official_heads.find_heads(None, plain, None) is None and official_heads.find_heads(None, None, None) is None
