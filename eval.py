@@ -50,7 +50,7 @@ SUITES = {
     "multiquestion": dict(tasks="heldout_multi_{split}", lengths="2048", budgets="1/8", n=24, n_loc="question"),
 }
 RESULT_SETTINGS = ("suite", "ckpt", "heads_id", "seed", "form", "chunk", "stabilizers", "n_loc", "positions", "dtype",
-                   "max_new_tokens", "unprotected_final_eviction", "span", "eviction", "shared_layers", "defaults")
+                   "max_new_tokens", "unprotected_final_eviction", "span", "eviction", "shared_layers", "kv_int8", "defaults")
 
 
 def parse_budget(text: str, length: int) -> int:
@@ -86,7 +86,7 @@ def settings_for(policy: str, budget: int, args, base, question_tokens: int) -> 
                           n_loc=n_loc, positions=args.positions, final_stabilizers=not args.unprotected_final_eviction,
                           seed=args.seed, span=base.span if args.span is None else args.span,
                           eviction=args.eviction or (args.heads_eviction if policy == "locret" else "per-head"),
-                          shared_layers=args.shared_layers or base.shared_layers)
+                          shared_layers=args.shared_layers or base.shared_layers, kv_int8=bool(args.kv_int8))
 
 
 def check_out_folder(out: Path, args) -> None:
@@ -337,6 +337,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="shared eviction ranks tokens by these layers' scores only, or all (default: the zoo's)")
     p.add_argument("--unprotected-final-eviction", action="store_true",
                    help="stabilizers unprotected in the last eviction before the n_loc tail (as the official code)")
+    p.add_argument("--kv-int8", action="store_true", default=None,
+                   help="store K and V as int8 with one scale per entry: about half the pool's bytes")
     p.add_argument("--max-new-tokens", type=int, default=128,
                    help="cap on each task's generation budget from its recipe (default: 128)")
     p.add_argument("--suite", choices=list(SUITES), default="default",

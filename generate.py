@@ -105,7 +105,8 @@ def engine_settings(args: argparse.Namespace, entry, prompt_tokens: int | None, 
         stabilizers=pick(args.stabilizers, base.stabilizers), n_loc=n_loc,
         positions=args.positions or "compact", evict_during_decode=args.evict_during_decode,
         final_stabilizers=not args.unprotected_final_eviction, seed=args.seed, span=pick(args.span, base.span),
-        eviction=pick(args.eviction, trained), shared_layers=pick(args.shared_layers, base.shared_layers))
+        eviction=pick(args.eviction, trained), shared_layers=pick(args.shared_layers, base.shared_layers),
+        kv_int8=args.kv_int8)
 
 
 def fit_memory(model, settings: EngineSettings, args, capacity_of, upper: int) -> EngineSettings:
@@ -201,7 +202,7 @@ def report(settings: EngineSettings, stats: GenerationStats, loaded: bool = Fals
                f"question {stats.question_tokens} tokens in {stats.question_seconds:.2f} s"] if loaded else
               [f"prompt tokens {stats.prompt_tokens} in {stats.chunks} chunks"])
     speed = [] if loaded else [f"prefill {stats.prompt_tokens / max(stats.prefill_seconds, 1e-9):.1f} tok/s"]
-    parts = [f"policy {settings.policy} ({budget})", *prompt, f"KV pool {format_bytes(stats.pool_bytes)}",
+    parts = [f"policy {settings.policy} ({budget})", *prompt, f"KV pool {format_bytes(stats.pool_bytes)}{' (int8)' * settings.kv_int8}",
              f"compression {stats.compression:.1f}x", *speed,
              f"decode {stats.new_tokens} tokens, {stats.new_tokens / max(stats.decode_seconds, 1e-9):.1f} tok/s",
              f"peak memory {format_bytes(stats.peak_memory_bytes)}"]
@@ -319,6 +320,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--max-memory", type=float, default=None,
                    help="GiB the whole process may use at its peak (runtime, weights, KV pool, activations): "
                         "use the largest budget that fits")
+    g.add_argument("--kv-int8", action="store_true",
+                   help="store K and V as int8 with one scale per entry: about half the pool's bytes")
     g.add_argument("--evict-during-decode", action="store_true", help="keep evicting while generating")
     g.add_argument("--unprotected-final-eviction", action="store_true",
                    help="do not protect the stabilizers in the last eviction before the n_loc tail (as the "

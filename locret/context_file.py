@@ -18,6 +18,7 @@ from .heads import head_tensors
 
 FORMAT = "locret-context/1"
 POOL_TENSORS = ("k", "v", "scores", "index")
+SCALE_TENSORS = ("k_scale", "v_scale")  # int8 pools (--kv-int8)
 
 
 def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
@@ -46,12 +47,12 @@ def write(context, path: str | Path, extra: dict[str, str]) -> None:
     pool, n, settings = context.pool, context.pool.length, context.settings
     backbone, heads = identities(context.engine.model)
     metadata = {**extra, "format": FORMAT, "model": backbone, "heads": heads if settings.policy == "locret" else "",
-                "dtype": dtype_name(pool.k.dtype), "settings": json.dumps(asdict(settings)),
+                "dtype": dtype_name(pool.dtype), "settings": json.dumps(asdict(settings)),
                 "rope_length": str(context.engine.rope_length), "seen": str(pool.seen), "tokens": str(context.tokens)}
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file({name: getattr(pool, name)[:, :, :, :n].contiguous() for name in POOL_TENSORS}, tmp, metadata=metadata)
+        save_file({name: t[:, :, :, :n].contiguous() for name, t in pool.stored().items()}, tmp, metadata=metadata)
         os.replace(tmp, path)
     except OSError as e:
         raise LocretError(f"cannot write context {path}: {e.strerror}") from None
@@ -69,8 +70,8 @@ def read(path: str | Path, model: CausalLM, positions: str | None) -> tuple[dict
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:
                 raise LocretError(f"{path}: not a locret context file (no {FORMAT} metadata)")
-            tensors = {k: f.get_tensor(k) for k in POOL_TENSORS}
-        settings = EngineSettings(**json.loads(meta["settings"]))
+            settings = EngineSettings(**json.loads(meta["settings"]))
+            tensors = {k: f.get_tensor(k) for k in POOL_TENSORS + SCALE_TENSORS * settings.kv_int8}
     except (SafetensorError, OSError, KeyError, TypeError, ValueError) as e:
         raise LocretError(f"{path}: unreadable context file ({type(e).__name__}: {e})") from None
     missing = sorted({"dtype", "model", "heads", "rope_length", "seen", "tokens"} - meta.keys())
@@ -98,6 +99,10 @@ def check_shapes(path: Path, tensors: dict, model: CausalLM) -> None:
     c = model.config
     L, H, D = c.num_hidden_layers, c.num_key_value_heads, c.head_dim
     n = tensors["k"].shape[3] if tensors["k"].dim() == 5 else -1
-    expected = {"k": (L, 1, H, n, D), "v": (L, 1, H, n, D), "scores": (L, 1, H, n), "index": (L, 1, H, n)}
+    per_entry = {name: (L, 1, H, n) for name in tensors if name not in ("k", "v")}  # scores, index, int8 scales
+    expected = {"k": (L, 1, H, n, D), "v": (L, 1, H, n, D)} | per_entry
     if n < 1 or any(tuple(tensors[k].shape) != shape for k, shape in expected.items()):
         raise LocretError(f"{path}: pool tensors do not fit this model ({L} layers, {H} KV heads of {D})")
+    stored = torch.int8 if "k_scale" in tensors else model.lm_head.weight.dtype
+    if tensors["k"].dtype != stored or tensors["v"].dtype != stored:
+        raise LocretError(f"{path}: K and V are stored as {dtype_name(tensors['k'].dtype)}, expected {dtype_name(stored)}")

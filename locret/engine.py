@@ -56,6 +56,7 @@ class EngineSettings:
     span: int = 1  # locret: each token's score is the best within span // 2 neighbours (1: the paper's)
     eviction: str = "per-head"  # per-head: each layer and KV head keeps its best (the paper's) | shared: one set for all
     shared_layers: str = "all"  # shared eviction ranks by these layers' scores: all or FIRST-LAST (e.g. 13-22)
+    kv_int8: bool = False  # store K and V as int8 with one scale per entry (int8.py)
 
     @property
     def evicts(self) -> bool:
@@ -130,7 +131,7 @@ class Engine:
         self.ranking_layers = layer_slice(settings.shared_layers, model.config.num_hidden_layers)
         p = model.lm_head.weight
         self.model, self.settings, self.rope_length = model, settings, rope_length
-        self.pool = KVPool(model.config, capacity, dtype=p.dtype, device=p.device)
+        self.pool = KVPool(model.config, capacity, dtype=p.dtype, device=p.device, int8=settings.kv_int8)
         compacts = settings.evicts and settings.positions == "compact"
         slot_rope = model.rope(torch.arange(capacity, device=p.device), p.dtype, rope_length) if compacts else None
         self.cache = PolicyCache(self.pool, make_policy(settings.policy, settings.seed, settings.span), slot_rope)

@@ -4,38 +4,45 @@ Per layer: K and V [batch, kv_heads, capacity, head_dim], one score per entry (w
 said it is worth) and the prompt index of the token it holds; K before RoPE in compact mode with
 eviction, else rotated (engine.py). Only KV heads are stored. New
 entries are written into the free tail; eviction keeps the top entries per KV head, in their
-original order, gathered into the front of the same buffers through a preallocated scratch."""
+original order, gathered into the front of the same buffers through a preallocated scratch.
+With `int8`, K and V are stored as int8 with one fp32 scale per entry (int8.py) and each read
+returns them in the model's dtype."""
 import torch
 
 from models import ModelConfig
 
 from .errors import LocretError
+from .int8 import dequantize, quantize
 from .ranking import shared_rank
 
 
 class KVPool:
     def __init__(self, config: ModelConfig, capacity: int, batch: int = 1,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", int8: bool = False):
         L, H, D = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
-        self.k = torch.zeros(L, batch, H, capacity, D, dtype=dtype, device=device)
-        self.v = torch.zeros(L, batch, H, capacity, D, dtype=dtype, device=device)
+        stored = torch.int8 if int8 else dtype
+        self.k = torch.zeros(L, batch, H, capacity, D, dtype=stored, device=device)
+        self.v = torch.zeros(L, batch, H, capacity, D, dtype=stored, device=device)
         self.scores = torch.zeros(L, batch, H, capacity, dtype=torch.float32, device=device)
         self.index = torch.zeros(L, batch, H, capacity, dtype=torch.int64, device=device)
-        self.scratch = torch.zeros(batch, H, capacity, D, dtype=dtype, device=device)  # one layer's K or V
-        self.capacity = capacity
+        self.scratch = torch.zeros(batch, H, capacity, D, dtype=stored, device=device)  # one layer's K or V
+        # int8: K's and V's scale per entry; entry-sized buffers, listed with scores and index
+        self.scales = tuple(torch.zeros(L, batch, H, capacity, device=device) for _ in range(2 * int8))
+        self.capacity, self.dtype = capacity, dtype
         self.length = 0  # filled entries, the same in every layer and head
         self.seen = 0  # tokens written so far: the prompt index of the next one
 
     @staticmethod
-    def bytes_needed(config: ModelConfig, capacity: int, batch: int, dtype: torch.dtype) -> int:
+    def bytes_needed(config: ModelConfig, capacity: int, batch: int, dtype: torch.dtype, int8: bool = False) -> int:
         """What the constructor allocates, known before anything runs."""
         L, H, D = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
-        kv = (2 * L + 1) * batch * H * capacity * D * dtype.itemsize  # K, V and the scratch
-        return kv + L * batch * H * capacity * (4 + 8)  # scores (fp32) and token indices (int64)
+        kv = (2 * L + 1) * batch * H * capacity * D * (1 if int8 else dtype.itemsize)  # K, V and the scratch
+        per_entry = 4 + 8 + (2 * 4 if int8 else 0)  # score (fp32), token index (int64), int8: K and V scales
+        return kv + L * batch * H * capacity * per_entry
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in (self.k, self.v, self.scores, self.index, self.scratch))
+        return sum(t.nbytes for t in (self.k, self.v, self.scores, self.index, self.scratch, *self.scales))
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, KVH, T, D] after the filled entries; return K, V [B, KVH, length + T, D]."""
@@ -43,10 +50,21 @@ class KVPool:
         end = self.length + T
         if end > self.capacity:
             raise LocretError(f"KV pool full: {end} entries needed, capacity {self.capacity}")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        self.index[layer, :, :, self.length:end] = torch.arange(self.seen, self.seen + T, device=k.device)
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        new = slice(self.length, end)
+        if self.scales:
+            for buf, scale, x in zip((self.k, self.v), self.scales, (k, v)):
+                buf[layer, :, :, new], scale[layer, :, :, new] = quantize(x)
+        else:
+            self.k[layer, :, :, new], self.v[layer, :, :, new] = k, v
+        self.index[layer, :, :, new] = torch.arange(self.seen, self.seen + T, device=k.device)
+        return self.read(layer, end)
+
+    def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`layer`'s first `end` K, V [B, KVH, end, D] in the model's dtype (int8: dequantized copies)."""
+        k, v = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        if not self.scales:
+            return k, v
+        return tuple(dequantize(t, scale[layer, :, :, :end], self.dtype) for t, scale in zip((k, v), self.scales))
 
     def attention_mask(self, n_new: int) -> torch.Tensor | None:
         """[n_new, length + n_new] bool: new tokens see all filled entries and, causally, each other.
@@ -58,11 +76,17 @@ class KVPool:
         keys = torch.arange(self.length + n_new, device=device)
         return keys[None, :] <= self.length + torch.arange(n_new, device=device)[:, None]
 
+    def stored(self) -> dict[str, torch.Tensor]:
+        """Every per-layer buffer but the scratch, by name: k, v [L, B, KVH, capacity, D], scores, index
+        (and, int8, k_scale, v_scale) [L, B, KVH, capacity]."""
+        named = {"k": self.k, "v": self.v, "scores": self.scores, "index": self.index}
+        return named | dict(zip(("k_scale", "v_scale"), self.scales))
+
     def load(self, saved: dict[str, torch.Tensor], seen: int) -> None:
-        """Fill the front with saved entries: k, v [L, B, KVH, n, D], scores, index [L, B, KVH, n]."""
+        """Fill the front with saved entries (`stored()`'s names, n entries each)."""
         n = saved["k"].shape[3]
-        for name in ("k", "v", "scores", "index"):
-            getattr(self, name)[:, :, :, :n] = saved[name]
+        for name, buf in self.stored().items():
+            buf[:, :, :, :n] = saved[name]
         self.length, self.seen = n, seen
 
     def advance(self, n: int) -> None:
@@ -96,5 +120,5 @@ class KVPool:
             scratch = self.scratch[:, :, :keep]
             torch.gather(buf, 2, rows, out=scratch)
             buf[:, :, :keep] = scratch
-        for buf in (self.scores[layer], self.index[layer]):
-            buf[..., :keep] = buf.gather(-1, slots)  # score-sized: no scratch needed
+        for buf in (self.scores[layer], self.index[layer], *(scale[layer] for scale in self.scales)):
+            buf[..., :keep] = buf.gather(-1, slots)  # entry-sized: no scratch needed

@@ -193,6 +193,30 @@ def test_saved_context_from_other_model_heads_dtype_or_positions_is_refused(mode
         Context.load(path, model, 30, positions="original")
 
 
+def test_int8_context_round_trips_and_a_tampered_one_is_refused(model, tmp_path):
+    s = replace(SETTINGS, kv_int8=True)
+    context = streamed_context(model, ids_of(250), 30, s)
+    question = ids_of(7, seed=4)
+    path = tmp_path / "c.safetensors"
+    loaded, _ = save_and_load(model, context, path)
+    for name, t in context.pool.stored().items():
+        assert torch.equal(loaded.pool.stored()[name][:, :, :, :s.budget], t[:, :, :, :s.budget]), name
+    assert loaded.pool.k.dtype == torch.int8 and loaded.settings.kv_int8
+    assert loaded.ask(question, 12)[0] == context.ask(question, 12)[0]
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(path)
+    save_file({**tensors, "k": tensors["k"].float()}, tmp_path / "float.safetensors", metadata=meta)
+    with pytest.raises(LocretError, match="K and V are stored as float32, expected int8"):
+        Context.load(tmp_path / "float.safetensors", model, 30)
+    del tensors["v_scale"]
+    save_file(tensors, tmp_path / "unscaled.safetensors", metadata=meta)
+    with pytest.raises(LocretError, match="unreadable context file"):
+        Context.load(tmp_path / "unscaled.safetensors", model, 30)
+
+
 @pytest.mark.parametrize("content, message", [
     (b"not safetensors", "unreadable context file"),
     (None, "not found"),

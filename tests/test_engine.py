@@ -315,3 +315,25 @@ def test_final_eviction_protects_stabilizers_unless_asked_not_to(model):
     all_kept = lambda index: (index[..., None] == last).any(dim=-2).all(dim=-1)  # [L, B, KVH]: every one kept
     assert all_kept(kept[True]).all()
     assert not all_kept(kept[False]).all()  # knorm drops some of them in some layer or head
+
+
+@pytest.mark.parametrize("positions", ["compact", "original"])
+def test_int8_pool_stays_close_to_full_attention_and_evicts_as_planned(model, positions):
+    """Int8 K and V (one scale per entry): near full attention when nothing is evicted, not equal to it
+    (the values really are rounded); with eviction, the pool stays int8 and static, and memory is estimated."""
+    prompt = prompt_of(40)
+    s = EngineSettings(policy="locret", budget=64, chunk=7, stabilizers=4, n_loc=5, positions=positions, kv_int8=True)
+    with torch.inference_mode():
+        context = Context(model, s, pool_capacity(s, len(prompt), 6), len(prompt))
+        logits = context.prefill(prompt)
+        full = model(torch.tensor([prompt]))[0, -1]
+    error = (logits - full).abs().max().item()
+    assert 0 < error < 0.01 * full.abs().max().item()
+    assert context.pool.k.dtype == torch.int8 and len(context.pool.scales) == 2
+    small = replace(s, budget=16)
+    out, stats = generate(model, prompt_of(200, seed=2), small, max_new_tokens=6)
+    plain, plain_stats = generate(model, prompt_of(200, seed=2), replace(small, kv_int8=False), max_new_tokens=6)
+    assert len(out) == 6 and stats.chunks == plain_stats.chunks and stats.pool_bytes < plain_stats.pool_bytes
+    capacity = pool_capacity(small, 200, 6)
+    assert estimate(model, small, capacity).pool == stats.pool_bytes
+    assert estimate(model, small, capacity).activations > estimate(model, replace(small, kv_int8=False), capacity).activations

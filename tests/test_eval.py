@@ -137,6 +137,8 @@ def test_rerun_with_other_settings_is_refused(tiny_chat_model, tmp_path):
         run_eval(tiny_chat_model, tmp_path / "a", "--seed", "1")
     with pytest.raises(LocretError, match="n_loc differ"):
         run_eval(tiny_chat_model, tmp_path / "a", "--n-loc", "21")
+    with pytest.raises(LocretError, match="kv_int8 differ"):
+        run_eval(tiny_chat_model, tmp_path / "a", "--kv-int8")
     (tmp_path / "file").write_text("")
     with pytest.raises(LocretError, match="is a file"):
         run_eval(tiny_chat_model, tmp_path / "file")
@@ -215,3 +217,14 @@ def test_multi_question_suite_asks_one_context_what_separate_compressions_ask(ti
     assert {(t["policy"], t["mode"], t["n"]) for t in table} == {
         (p, m, "8") for p in ("full", "knorm") for m in ("shared", "separate")}
     assert all(float(t["seconds_per_doc"]) > 0 for t in table)
+
+
+def test_int8_pool_rows_hold_half_the_bytes_and_old_folders_resume(tiny_chat_model, tmp_path):
+    plain = run_eval(tiny_chat_model, tmp_path / "plain", "--policies", "snapkv", "--budgets", "1/4")
+    int8 = run_eval(tiny_chat_model, tmp_path / "int8", "--policies", "snapkv", "--budgets", "1/4", "--kv-int8")
+    assert json.loads((tmp_path / "int8" / "settings.json").read_text())["kv_int8"] is True
+    pool = lambda rows: [r["pool_bytes"] for r in rows if r["policy"] == "snapkv"]
+    assert pool(int8) and all(i < 0.75 * p for i, p in zip(pool(int8), pool(plain)))
+    settings = tmp_path / "plain" / "settings.json"  # a folder from before the flag: no kv_int8 recorded
+    settings.write_text(json.dumps({k: v for k, v in json.loads(settings.read_text()).items() if k != "kv_int8"}))
+    assert run_eval(tiny_chat_model, tmp_path / "plain", "--policies", "snapkv", "--budgets", "1/4") == plain

@@ -100,6 +100,9 @@ def test_cli_evicting_policy_reports_pool_and_compression(tiny_chat_model, tmp_p
     run_cli(tiny_chat_model, tmp_path, "--policy", "snapkv", "--budget", "32", "--chunk", "16", "--stabilizers", "8",
             "--eviction", "shared", "--shared-layers", "1-1")
     assert "policy snapkv (budget 32, shared eviction by layers 1-1)" in capsys.readouterr().err
+    run_cli(tiny_chat_model, tmp_path, "--policy", "snapkv", "--budget", "32", "--chunk", "16", "--stabilizers", "8",
+            "--kv-int8")
+    assert "(int8) |" in capsys.readouterr().err
     from locret.context import GenerationStats
     stats = GenerationStats(100, 2, 3, 40, 1.0, 10, 0.1, 0.5, 1024, 2048)
     for policy, span, shown in (("locret", 9, "policy locret (budget 32, span 9)"), ("locret", 1, "policy locret (budget 32)"),

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from locret.errors import LocretError
+from locret.int8 import dequantize, quantize
 from locret.kv_pool import KVPool
 from models import ModelConfig
 
@@ -246,3 +247,52 @@ def test_shared_eviction_keeps_the_same_best_mean_rank_entries_everywhere(batch,
         check_pool(pool, m)  # every layer and head holds the same entries, with its own real scores
         if start is not None:
             write_chunk(pool, m, start, T)
+
+
+def test_int8_round_trip_is_within_half_a_step_of_each_entry_own_scale():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 50, 64, generator=g)
+    x[0, 1, 7] *= 1000  # an outlier entry: its own scale, nobody else's
+    x[1, 2, 3] = 0  # an all-zero entry stays zero
+    values, scale = quantize(x)
+    assert values.dtype == torch.int8 and scale.shape == (2, 3, 50) and scale.dtype == torch.float32
+    torch.testing.assert_close(scale, x.abs().amax(dim=-1).clamp(min=torch.finfo(torch.float32).tiny) / 127)
+    back = dequantize(values, scale, torch.float32)
+    assert ((back - x).abs() <= scale[..., None] / 2 * (1 + 1e-5)).all()
+    assert torch.equal(back[1, 2, 3], torch.zeros(64))
+    others = torch.ones(2, 3, 50, dtype=torch.bool)
+    others[0, 1, 7] = False
+    assert ((back - x).abs().amax(dim=-1)[others] < 0.03).all()  # randn entries: max |x| ~ 3, step 3 / 127
+    assert dequantize(values, scale, torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_int8_pool_evicts_the_same_entries_and_keeps_their_scales(batch):
+    """An int8 pool keeps what a float pool keeps, and each kept entry reads back as its own quantized row."""
+    m = Mirror(batch, total=14, dtype=torch.float32, seed=5)
+    pools = [KVPool(tiny_config(), capacity=14, batch=batch), KVPool(tiny_config(), capacity=14, batch=batch, int8=True)]
+    for pool in pools:
+        for layer in range(L):
+            k_all, v_all = pool.write(layer, m.k[layer], m.v[layer])
+            pool.scores[layer] = m.score[layer]
+        pool.advance(14)
+    assert pools[1].k.dtype == torch.int8 and k_all.dtype == torch.float32  # reads come back in the model dtype
+    torch.testing.assert_close(k_all, dequantize(*quantize(m.k[L - 1]), torch.float32))
+    kept = [pool.evict(keep=6, protect=2) for pool in pools]
+    assert torch.equal(kept[0], kept[1]) and torch.equal(pools[0].index, pools[1].index)
+    for layer in range(L):
+        rows = kept[1][layer][..., None].expand(-1, -1, -1, D)
+        expected = [dequantize(*quantize(t[layer].gather(2, rows)), torch.float32) for t in (m.k, m.v)]
+        for got, want in zip(pools[1].read(layer, 6), expected):
+            assert torch.equal(got, want)
+
+
+def test_int8_pool_bytes():
+    config = tiny_config(head_dim=64)
+    pool = KVPool(config, capacity=40, batch=2, dtype=torch.bfloat16, int8=True)
+    assert KVPool.bytes_needed(config, 40, 2, torch.bfloat16, int8=True) == pool.nbytes
+    direct = (2 * L + 1) * 2 * KVH * 40 * 64 * 1 + L * 2 * KVH * 40 * (4 + 8 + 4 + 4)
+    assert pool.nbytes == direct
+    kv_bytes = lambda p: sum(t.nbytes for t in (p.k, p.v, *p.scales))
+    bf16 = KVPool(config, capacity=40, batch=2, dtype=torch.bfloat16)
+    assert kv_bytes(pool) / kv_bytes(bf16) == (64 + 4) / 128  # K and V: about half of bf16 at head_dim 64
