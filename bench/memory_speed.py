@@ -1,6 +1,6 @@
 """Memory and speed of generation against prompt length: full attention, Locret and StreamingLLM side by
 side in one run (and transformers' own generate with --transformers, the heads' cost with --heads-overhead,
-kvpress's post-prefill presses at the same budget with --kvpress).
+kvpress's post-prefill presses at the same budget with --kvpress, Locret with an int8 pool with --kv-int8).
 
     python bench/memory_speed.py                                  # 4K..64K tokens on the default model, CPU
     python bench/memory_speed.py --lengths 4096,8192 --decode-tokens 8
@@ -44,6 +44,7 @@ GRID = dict(lengths="4096,8192,16384,32768,65536", budget=2048, chunk=512, stabi
 QUICK = dict(lengths="256,512", budget=64, chunk=32, stabilizers=16, n_loc=16, decode_tokens=4)
 GPU_LENGTHS = "32768,65536,131072"
 NO_EVICT = "locret-noevict"  # locret's heads scoring with budget = prompt: nothing is evicted
+INT8 = "locret-int8"  # locret with K and V stored as int8 (--kv-int8)
 
 # Published shapes (config.json of meta-llama/Llama-3.1-8B-Instruct, microsoft/Phi-3-mini-128k-instruct).
 LLAMA_31_8B = dict(
@@ -82,10 +83,10 @@ def engine_point(p: dict) -> dict:
     model = load_model(p["folder"], "cpu", DTYPES[p["dtype"]])
     if p["policy"] == "locret":  # heads attached only here: other policies must not pay for them
         load_heads(model, p["heads"])
-    settings = EngineSettings(p["policy"], p["budget"], p["chunk"], p["stabilizers"], p["n_loc"])
+    settings = EngineSettings(p["policy"], p["budget"], p["chunk"], p["stabilizers"], p["n_loc"], kv_int8=p["run"] == INT8)
     prompt = make_prompt(model.config.vocab_size, p["length"], p["seed"])
     capacity = pool_capacity(settings, len(prompt), p["decode_tokens"])
-    predicted = KVPool.bytes_needed(model.config, capacity, 1, model.lm_head.weight.dtype)
+    predicted = KVPool.bytes_needed(model.config, capacity, 1, model.lm_head.weight.dtype, settings.kv_int8)
     estimate_bytes = estimate(model, settings, capacity).total
     loaded = rss_bytes()
     _, stats = generate(model, prompt, settings, p["decode_tokens"])  # no stop ids: exactly decode_tokens
@@ -173,6 +174,7 @@ def spawn(point: dict) -> dict:
 def cpu_points(args, folder: Path, heads: str | None, with_transformers: bool):
     """Per length, every run back to back, so that drift on a noisy machine hits them alike."""
     runs = [(policy, policy) for policy in args.policies] + ([(NO_EVICT, "locret")] if args.heads_overhead else [])
+    runs += [(INT8, "locret")] if args.kv_int8 else []
     common = dict(folder=str(folder), heads=heads, dtype=args.dtype, chunk=args.chunk, stabilizers=args.stabilizers,
                   n_loc=args.n_loc, decode_tokens=args.decode_tokens, seed=args.seed)
     for length in args.lengths:
@@ -189,7 +191,7 @@ def cpu_points(args, folder: Path, heads: str | None, with_transformers: bool):
 def cpu_bench(args, record) -> None:
     folder, entry = resolve_checkpoint(args.ckpt)
     heads = local_heads(args.heads, entry)
-    if heads is None and ("locret" in args.policies or args.heads_overhead):
+    if heads is None and ("locret" in args.policies or args.heads_overhead or args.kv_int8):
         raise LocretError(NEEDS_HEADS)
     for policy in args.policies:  # bad settings: one error now, not one per point
         check_settings(EngineSettings(policy, args.budget, args.chunk, args.stabilizers, args.n_loc), min(args.lengths))
@@ -437,6 +439,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--presses", default="snapkv", help=f"with --kvpress, from {', '.join(KVPRESS)} (default: %(default)s)")
     p.add_argument("--heads-overhead", action="store_true",
                    help=f"CPU: also run locret with budget = prompt ({NO_EVICT}): the heads' cost over full")
+    p.add_argument("--kv-int8", action="store_true", help="CPU: also Locret with an int8 KV pool (run locret-int8)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cpu: --ckpt on the grid; cuda: Llama-3.1-8B and Phi-3-mini shapes, random weights")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,

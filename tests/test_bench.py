@@ -13,7 +13,7 @@ from locret.devices import default_dtype
 from locret.heads import save_heads
 from locret.loading import load_model
 
-RUNS = ("full", "locret", "streamingllm", bench.NO_EVICT)
+RUNS = ("full", "locret", "streamingllm", bench.NO_EVICT, bench.INT8)
 ENGINE_FIELDS = ("model", "policy", "kv_bytes_per_token", "pool_capacity", "predicted_pool_bytes",
                  "pool_bytes", "estimate_bytes", "kept_after_prefill", "rss_loaded_bytes", "peak_bytes",
                  "prefill_seconds", "decode_seconds", "prefill_tok_s", "decode_tok_s")
@@ -27,7 +27,7 @@ def test_quick_grid(tiny_chat_model, tmp_path, capsys):
     out, png = tmp_path / "bench.json", tmp_path / "memory.png"
     bench.main(bench.parse_args(["--quick", "--ckpt", str(tiny_chat_model), "--heads", str(tmp_path / "heads.safetensors"),
                                  "--dtype", "float32", "--transformers", "--heads-overhead",
-                                 "--out", str(out), "--plot", str(png)]))
+                                 "--kv-int8", "--out", str(out), "--plot", str(png)]))
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert [(r["prompt_tokens"], r["run"]) for r in rows] == [(n, run) for n in (256, 512) for run in (*RUNS, "transformers")]
@@ -42,7 +42,9 @@ def test_quick_grid(tiny_chat_model, tmp_path, capsys):
     pool = lambda run: [r["pool_bytes"] for r in rows if r["run"] == run]
     assert pool("locret") == pool("streamingllm") and len(set(pool("locret"))) == 1
     assert pool("full")[1] > pool("full")[0] and pool(bench.NO_EVICT) == pool("full")
-    assert [r["kept_after_prefill"] for r in rows if r["run"] == "locret"] == [64 + 16] * 2  # budget + n_loc tail
+    assert len(set(pool(bench.INT8))) == 1 and pool(bench.INT8)[0] < 0.75 * pool("locret")[0]  # int8 K, V (+ scales)
+    for run in ("locret", bench.INT8):
+        assert [r["kept_after_prefill"] for r in rows if r["run"] == run] == [64 + 16] * 2  # budget + n_loc tail
 
     ratios = {line["prompt_tokens"]: line for line in result["speed_ratios"]}
     assert sorted(ratios) == [256, 512]
