@@ -26,8 +26,8 @@ class KVPool:
         self.scores = torch.zeros(L, batch, H, capacity, dtype=torch.float32, device=device)
         self.index = torch.zeros(L, batch, H, capacity, dtype=torch.int64, device=device)
         self.scratch = torch.zeros(batch, H, capacity, D, dtype=stored, device=device)  # one layer's K or V
-        # int8: K's and V's scale per entry; entry-sized buffers, listed with scores and index
-        self.scales = tuple(torch.zeros(L, batch, H, capacity, device=device) for _ in range(2 * int8))
+        entry_scale = lambda: torch.zeros(L, batch, H, capacity, dtype=torch.float32, device=device)
+        self.scales = (entry_scale(), entry_scale()) if int8 else ()  # int8: K's and V's scale per entry
         self.capacity, self.dtype = capacity, dtype
         self.length = 0  # filled entries, the same in every layer and head
         self.seen = 0  # tokens written so far: the prompt index of the next one
