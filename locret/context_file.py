@@ -15,6 +15,7 @@ from models import CausalLM
 from .engine import EngineSettings
 from .errors import LocretError
 from .heads import head_tensors
+from .int8 import group_size
 
 FORMAT = "locret-context/1"
 POOL_TENSORS = ("k", "v", "scores", "index")
@@ -99,8 +100,8 @@ def check_shapes(path: Path, tensors: dict, model: CausalLM) -> None:
     c = model.config
     L, H, D = c.num_hidden_layers, c.num_key_value_heads, c.head_dim
     n = tensors["k"].shape[3] if tensors["k"].dim() == 5 else -1
-    per_entry = {name: (L, 1, H, n) for name in tensors if name not in ("k", "v")}  # scores, index, int8 scales
-    expected = {"k": (L, 1, H, n, D), "v": (L, 1, H, n, D)} | per_entry
+    scales = {name: (L, 1, H, n, D // group_size(D)) for name in SCALE_TENSORS if name in tensors}  # int8
+    expected = {"k": (L, 1, H, n, D), "v": (L, 1, H, n, D), "scores": (L, 1, H, n), "index": (L, 1, H, n)} | scales
     if n < 1 or any(tuple(tensors[k].shape) != shape for k, shape in expected.items()):
         raise LocretError(f"{path}: pool tensors do not fit this model ({L} layers, {H} KV heads of {D})")
     stored = torch.int8 if "k_scale" in tensors else model.lm_head.weight.dtype

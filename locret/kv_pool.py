@@ -5,14 +5,14 @@ said it is worth) and the prompt index of the token it holds; K before RoPE in c
 eviction, else rotated (engine.py). Only KV heads are stored. New
 entries are written into the free tail; eviction keeps the top entries per KV head, in their
 original order, gathered into the front of the same buffers through a preallocated scratch.
-With `int8`, K and V are stored as int8 with one fp32 scale per entry (int8.py) and each read
-returns them in the model's dtype."""
+With `int8`, K and V are stored as int8 with an fp16 scale per group of values (int8.py) and each
+read returns them in the model's dtype."""
 import torch
 
 from models import ModelConfig
 
 from .errors import LocretError
-from .int8 import dequantize, quantize
+from .int8 import SCALE_DTYPE, dequantize, group_size, quantize
 from .ranking import shared_rank
 
 
@@ -26,8 +26,8 @@ class KVPool:
         self.scores = torch.zeros(L, batch, H, capacity, dtype=torch.float32, device=device)
         self.index = torch.zeros(L, batch, H, capacity, dtype=torch.int64, device=device)
         self.scratch = torch.zeros(batch, H, capacity, D, dtype=stored, device=device)  # one layer's K or V
-        entry_scale = lambda: torch.zeros(L, batch, H, capacity, dtype=torch.float32, device=device)
-        self.scales = (entry_scale(), entry_scale()) if int8 else ()  # int8: K's and V's scale per entry
+        scales = lambda: torch.zeros(L, batch, H, capacity, D // group_size(D), dtype=SCALE_DTYPE, device=device)
+        self.scales = (scales(), scales()) if int8 else ()  # int8: K's and V's scales per group of values
         self.capacity, self.dtype = capacity, dtype
         self.length = 0  # filled entries, the same in every layer and head
         self.seen = 0  # tokens written so far: the prompt index of the next one
@@ -37,8 +37,8 @@ class KVPool:
         """What the constructor allocates, known before anything runs."""
         L, H, D = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
         kv = (2 * L + 1) * batch * H * capacity * D * (1 if int8 else dtype.itemsize)  # K, V and the scratch
-        per_entry = 4 + 8 + (2 * 4 if int8 else 0)  # score (fp32), token index (int64), int8: K and V scales
-        return kv + L * batch * H * capacity * per_entry
+        scales = 2 * L * batch * H * capacity * D // group_size(D) * SCALE_DTYPE.itemsize if int8 else 0
+        return kv + scales + L * batch * H * capacity * (4 + 8)  # scores (fp32) and token indices (int64)
 
     @property
     def nbytes(self) -> int:
@@ -78,7 +78,7 @@ class KVPool:
 
     def stored(self) -> dict[str, torch.Tensor]:
         """Every per-layer buffer but the scratch, by name: k, v [L, B, KVH, capacity, D], scores, index
-        (and, int8, k_scale, v_scale) [L, B, KVH, capacity]."""
+        [L, B, KVH, capacity] and, int8, k_scale, v_scale [L, B, KVH, capacity, D // group]."""
         named = {"k": self.k, "v": self.v, "scores": self.scores, "index": self.index}
         return named | dict(zip(("k_scale", "v_scale"), self.scales))
 
@@ -120,5 +120,7 @@ class KVPool:
             scratch = self.scratch[:, :, :keep]
             torch.gather(buf, 2, rows, out=scratch)
             buf[:, :, :keep] = scratch
-        for buf in (self.scores[layer], self.index[layer], *(scale[layer] for scale in self.scales)):
+        for buf in (self.scores[layer], self.index[layer]):
             buf[..., :keep] = buf.gather(-1, slots)  # entry-sized: no scratch needed
+        for buf in (scale[layer] for scale in self.scales):  # [B, KVH, capacity, D // group]: small
+            buf[:, :, :keep] = buf.gather(2, slots[..., None].expand(-1, -1, -1, buf.shape[-1]))
