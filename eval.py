@@ -338,7 +338,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--unprotected-final-eviction", action="store_true",
                    help="stabilizers unprotected in the last eviction before the n_loc tail (as the official code)")
     p.add_argument("--kv-int8", action="store_true", default=None,
-                   help="store K and V as int8 with one scale per entry: about half the pool's bytes")
+                   help="store K and V as int8, an fp16 scale per 16 values: 56%% of bf16's bytes")
     p.add_argument("--max-new-tokens", type=int, default=128,
                    help="cap on each task's generation budget from its recipe (default: 128)")
     p.add_argument("--suite", choices=list(SUITES), default="default",

@@ -56,7 +56,7 @@ class EngineSettings:
     span: int = 1  # locret: each token's score is the best within span // 2 neighbours (1: the paper's)
     eviction: str = "per-head"  # per-head: each layer and KV head keeps its best (the paper's) | shared: one set for all
     shared_layers: str = "all"  # shared eviction ranks by these layers' scores: all or FIRST-LAST (e.g. 13-22)
-    kv_int8: bool = False  # store K and V as int8 with one scale per entry (int8.py)
+    kv_int8: bool = False  # store K and V as int8, an fp16 scale per group of 16 values (int8.py)
 
     @property
     def evicts(self) -> bool:

@@ -16,7 +16,7 @@ def group_size(head_dim: int) -> int:
 
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., D] -> (int8 values [..., D], fp16 scales [..., D // group]); x = values * scale to within
-    scale / 2 (for groups whose absolute maximum is above 127 x fp16's smallest normal number)."""
+    scale / 2 (a scale is at least fp16's smallest normal number, so an all-zero group stays zero)."""
     D = x.shape[-1]
     groups = x.float().unflatten(-1, (D // group_size(D), group_size(D)))  # [..., D // g, g]
     scale = (groups.abs().amax(dim=-1) / 127).clamp(SMALLEST_SCALE, torch.finfo(SCALE_DTYPE).max).to(SCALE_DTYPE)
