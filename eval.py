@@ -337,6 +337,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="shared eviction ranks tokens by these layers' scores only, or all (default: the zoo's)")
     p.add_argument("--unprotected-final-eviction", action="store_true",
                    help="stabilizers unprotected in the last eviction before the n_loc tail (as the official code)")
+    # None when not given, as in folders from before the flag (their settings.json lacks it)
     p.add_argument("--kv-int8", action="store_true", default=None,
                    help="store K and V as int8, an fp16 scale per 16 values: 56%% of bf16's bytes")
     p.add_argument("--max-new-tokens", type=int, default=128,

@@ -16,10 +16,9 @@ from .engine import EngineSettings
 from .errors import LocretError
 from .heads import head_tensors
 from .int8 import group_size
+from .kv_pool import POOL_TENSORS, SCALE_TENSORS
 
 FORMAT = "locret-context/1"
-POOL_TENSORS = ("k", "v", "scores", "index")
-SCALE_TENSORS = ("k_scale", "v_scale")  # int8 pools (--kv-int8)
 
 
 def fingerprint(tensors: dict[str, torch.Tensor]) -> str:

@@ -15,6 +15,9 @@ from .errors import LocretError
 from .int8 import SCALE_DTYPE, dequantize, group_size, quantize
 from .ranking import shared_rank
 
+POOL_TENSORS = ("k", "v", "scores", "index")  # what `stored()` names, and a saved context holds
+SCALE_TENSORS = ("k_scale", "v_scale")  # and, in an int8 pool, these
+
 
 class KVPool:
     def __init__(self, config: ModelConfig, capacity: int, batch: int = 1,
@@ -79,8 +82,7 @@ class KVPool:
     def stored(self) -> dict[str, torch.Tensor]:
         """Every per-layer buffer but the scratch, by name: k, v [L, B, KVH, capacity, D], scores, index
         [L, B, KVH, capacity] and, int8, k_scale, v_scale [L, B, KVH, capacity, D // group]."""
-        named = {"k": self.k, "v": self.v, "scores": self.scores, "index": self.index}
-        return named | dict(zip(("k_scale", "v_scale"), self.scales))
+        return dict(zip(POOL_TENSORS + SCALE_TENSORS, (self.k, self.v, self.scores, self.index, *self.scales)))
 
     def load(self, saved: dict[str, torch.Tensor], seen: int) -> None:
         """Fill the front with saved entries (`stored()`'s names, n entries each)."""
