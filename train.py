@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -24,14 +25,15 @@ from tqdm import tqdm
 
 from locret.devices import check_device, default_device, default_dtype
 from locret.errors import LocretError, run_script
-from locret.heads import save_heads
+from locret.head_inputs import chunked_head_inputs, evicted_settings
+from locret.heads import load_heads, read_heads, save_heads
 from locret.labels import LabelRecorder
 from locret.loading import DTYPES, load_model
 from locret.loss import keep_loss, retaining_loss, topk_overlap
 from locret.ranking import shared_target
 from locret.tokenizer import Tokenizer
 from locret.train_data import make_sample
-from locret.zoo import DEFAULT_MODEL, resolve_checkpoint
+from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
 
 
 @dataclass
@@ -64,12 +66,19 @@ def encode_sample(tokenizer: Tokenizer, sample) -> tuple[list[int], int]:
     return prompt + answer, len(prompt)
 
 
-def heads_forward(model, ids: list[int], prompt_len: int, target: str = "cis"):
+def heads_forward(model, ids: list[int], prompt_len: int, target: str = "cis", evicted: tuple | None = None):
     """One causal forward over prompt + answer -> (predictions, labels), each [L, 1, KVH, prompt_len]:
-    per-layer CIS labels, or (`shared`) one 0/1 target for all layers and heads (ranking.shared_target)."""
+    per-layer CIS labels, or (`shared`) one 0/1 target for all layers and heads (ranking.shared_target).
+    With `evicted` (zoo settings, budget fraction), the predictions come from the head inputs of a chunked
+    prefill of the prompt under that budget instead (head_inputs.py): what the heads see at inference."""
     recorder = LabelRecorder(prompt_len)
-    model(torch.tensor([ids], device=model.lm_head.weight.device), cache=recorder, last_only=True)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and evicted is None):
+        model(torch.tensor([ids], device=model.lm_head.weight.device), cache=recorder, last_only=True)
     pred, label = recorder.stacked()
+    if evicted:
+        settings = evicted_settings(*evicted, prompt_len, "shared" if target == "shared" else "per-head")
+        inputs = chunked_head_inputs(model, ids[:prompt_len], settings)
+        pred = torch.stack([head(x) for head, x in zip(model.retaining_heads, inputs)])
     return pred, shared_target(label) if target == "shared" else label
 
 
@@ -120,12 +129,12 @@ def load_state(path: Path, model, optimizer, args) -> int:
 
 
 @torch.no_grad()
-def validate(model, tokenizer, args) -> tuple[float, float]:
+def validate(model, tokenizer, args, evicted: tuple | None) -> tuple[float, float]:
     """Mean loss and top-10% overlap on held-out samples (a seed training never uses)."""
     losses, overlaps = [], []
     for i in range(args.val_samples):
         sample = make_sample(i, args.seed + 1_000_003, tokenizer, args.min_tokens, args.max_tokens)
-        pred, label = heads_forward(model, *encode_sample(tokenizer, sample), args.target)
+        pred, label = heads_forward(model, *encode_sample(tokenizer, sample), args.target, evicted)
         losses.append(LOSSES[args.target](pred, label, args.alpha).item())
         overlaps.append(topk_overlap(pred, label))
     return sum(losses) / len(losses), sum(overlaps) / len(overlaps)
@@ -139,11 +148,15 @@ def main(args: argparse.Namespace) -> None:
     rank = setup_distributed(device)
     if device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    folder, _ = resolve_checkpoint(args.ckpt)
+    folder, entry = resolve_checkpoint(args.ckpt)
+    evicted = (entry.settings if entry else GENERIC_SETTINGS, float(Fraction(args.evicted))) if args.evicted else None
     tokenizer = Tokenizer(folder)
     model = load_model(folder, device, DTYPES[dtype])
     torch.manual_seed(args.seed)  # identical initial heads on every rank
-    model.add_retaining_heads(args.head_hidden)
+    if args.init:
+        load_heads(model, args.init)
+    else:
+        model.add_retaining_heads(args.head_hidden)
     params = head_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     out = Path(args.out)
@@ -157,7 +170,7 @@ def main(args: argparse.Namespace) -> None:
         sample = make_sample(step * rank.world + rank.index, args.seed, tokenizer, args.min_tokens, args.max_tokens)
         ids, prompt_len = encode_sample(tokenizer, sample)
         lengths.append(prompt_len)
-        pred, label = heads_forward(model, ids, prompt_len, args.target)
+        pred, label = heads_forward(model, ids, prompt_len, args.target, evicted)
         loss = LOSSES[args.target](pred, label, args.alpha)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -174,7 +187,7 @@ def main(args: argparse.Namespace) -> None:
         bar.set_postfix(loss=f"{loss.item():.3f}", overlap=f"{topk_overlap(pred, label):.3f}",
                         tok_s=f"{tokens / (time.perf_counter() - started):.0f}")
         if rank.main and args.val_every and (step % args.val_every == 0 or step == args.steps):
-            val_loss, val_overlap = validate(model, tokenizer, args)
+            val_loss, val_overlap = validate(model, tokenizer, args, evicted)
             bar.write(f"step {step}: val loss {val_loss:.4f}, val top-10% overlap {val_overlap:.3f}",
                       file=sys.stderr)
         if rank.main and (step % args.save_every == 0 or step == args.steps):
@@ -197,7 +210,15 @@ PRESETS = {  # defaults by preset; any flag given wins
     "cpu": dict(steps=300, min_tokens=1024, max_tokens=6144, head_hidden=256, warmup=45, val_every=150,
                 val_samples=6, save_every=10),
 }
-SAME_ON_RESUME = ("ckpt", "target", "head_hidden", "seed", "lr", "min_tokens", "max_tokens", "alpha", "weight_decay", "dtype")
+SAME_ON_RESUME = ("ckpt", "target", "head_hidden", "seed", "lr", "min_tokens", "max_tokens", "alpha", "weight_decay",
+                  "dtype", "evicted", "init")
+
+
+def valid_fraction(text: str) -> bool:
+    try:
+        return 0 < Fraction(text) < 1
+    except (ValueError, ZeroDivisionError):
+        return False
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -212,6 +233,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="cis: each layer's heads fit its causal importance scores (the paper's); shared: every head "
                         "learns which tokens one kept set for all layers needs (the top eighth by their best rank "
                         "in any layer), for --eviction shared")
+    p.add_argument("--evicted", metavar="FRACTION", default=None,
+                   help="eviction-aware training: fit the heads on the inputs they get at inference, from a chunked "
+                        "prefill of each prompt under this budget (e.g. 1/8 of it; the zoo's chunk, stabilizer share "
+                        "and span), the heads being trained choosing what is kept; labels still from the full forward")
+    p.add_argument("--init", metavar="HEADS", default=None,
+                   help="start from these heads (e.g. to fine-tune the shipped ones) instead of random ones; "
+                        "the head size is theirs")
     p.add_argument("--steps", type=int, help=f"training samples, batch 1 ({preset('steps')})")
     p.add_argument("--min-tokens", type=int, help=f"shortest generated prompt ({preset('min_tokens')})")
     p.add_argument("--max-tokens", type=int, help=f"longest generated prompt ({preset('max_tokens')})")
@@ -230,6 +258,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="backbone and heads dtype (default: bfloat16 where native, as official; else float32)")
     args = p.parse_args(argv)
+    if args.init:
+        _, meta = read_heads(Path(args.init), tensors=False)
+        if meta.get("locret_heads") != "1":
+            p.error(f"--init {args.init}: not a retaining-heads file")
+        if args.head_hidden not in (None, int(meta["head_hidden"])):
+            p.error(f"--init {args.init} holds heads of hidden size {meta['head_hidden']}: drop --head-hidden")
+        args.head_hidden = int(meta["head_hidden"])
+    if args.evicted is not None and not valid_fraction(args.evicted):
+        p.error(f"--evicted must be a fraction in (0, 1) such as 1/8, not {args.evicted!r}")
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)

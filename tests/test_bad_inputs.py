@@ -214,6 +214,14 @@ CASES = [
     ("train-warmup-negative", "train", ["--warmup", "-5"], None, "--warmup >= 0"),
     ("train-float16-cpu", "train", ["--dtype", "float16", "--device", "cpu"], None, "float16 on CPU"),
     ("train-resume-without-state", "train", ["--resume"], None, "no training state"),
+    ("train-init-missing", "train", ["--init", "{d}/none.safetensors"], None, "not found"),
+    ("train-init-not-heads", "train", ["--init", "{m}/model.safetensors"], None, "not a retaining-heads file"),
+    ("train-init-other-size", "train", ["--init", "{m}/heads.safetensors", "--head-hidden", "4"], heads_file(),
+     "hidden size 8: drop --head-hidden"),
+    ("train-init-other-backbone", "train", ["--init", "{m}/heads.safetensors", "--head-hidden", "8"],
+     heads_file(backbone_change={"hidden_size": 96}), "trained for another backbone"),
+    ("train-evicted-whole", "train", ["--evicted", "1"], None, "--evicted must be a fraction in"),
+    ("train-evicted-words", "train", ["--evicted", "an eighth"], None, "--evicted must be a fraction in"),
 ]
 
 

@@ -8,12 +8,15 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from locret.engine import EngineSettings
+from locret.head_inputs import chunked_head_inputs
 from locret.heads import load_heads
 from locret.labels import LabelRecorder
 from locret.loading import load_model
 from locret.loss import topk_overlap
 from locret.tokenizer import Tokenizer
 from locret.train_data import make_sample
+from locret.zoo import LocretSettings
 
 TINY_RUN = ["--head-hidden", "16", "--min-tokens", "60", "--max-tokens", "120", "--val-every", "0",
             "--dtype", "float32", "--device", "cpu", "--lr", "3e-3", "--warmup", "5"]
@@ -143,3 +146,66 @@ def test_torchrun_two_ranks(tiny_chat_model, tmp_path):
     load_heads(model, out)
     state = load_file(tmp_path / "ddp.train-state.safetensors")
     assert int(state["adam.0.step"]) == 3  # three optimizer steps, each over both ranks' samples
+
+
+def full_forward_head_inputs(model, ids):
+    captured = []
+    hooks = [h.register_forward_hook(lambda _h, inputs, _o: captured.append(inputs[0])) for h in model.retaining_heads]
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    for hook in hooks:
+        hook.remove()
+    return captured
+
+
+def test_chunked_head_inputs_are_the_full_forwards_until_something_is_evicted(tiny_chat_model):
+    model = load_model(tiny_chat_model)
+    model.add_retaining_heads(8)
+    ids = torch.randint(0, 128, (90,)).tolist()
+    full = full_forward_head_inputs(model, ids)
+    roomy = EngineSettings(policy="locret", budget=200, chunk=16, stabilizers=4, n_loc=10)
+    for got, want in zip(chunked_head_inputs(model, ids, roomy), full):  # nothing evicted: the same inputs
+        assert got.shape == want.shape == (1, 90, model.config.qkv_size) and not got.is_inference()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    tight = EngineSettings(policy="locret", budget=20, chunk=16, stabilizers=4, n_loc=10)
+    evicted = chunked_head_inputs(model, ids, tight)
+    for got, want in zip(evicted, full):  # the first chunk sees no evicted cache; later ones see what is kept
+        torch.testing.assert_close(got[:, :16], want[:, :16], atol=1e-5, rtol=1e-5)
+    assert max((got[:, 40:] - want[:, 40:]).abs().max().item() for got, want in zip(evicted[1:], full[1:])) > 1e-3
+
+
+def test_eviction_aware_predictions_carry_gradients_only_to_heads(tiny_chat_model):
+    model = load_model(tiny_chat_model)
+    model.add_retaining_heads(8)
+    tok = Tokenizer(tiny_chat_model)
+    ids, prompt_len = train.encode_sample(tok, make_sample(0, 5, tok, 60, 120))
+    zoo = LocretSettings(budget=64, chunk=16, stabilizers=8, n_loc=4, span=3)
+    plain, label = train.heads_forward(model, ids, prompt_len, "shared")
+    aware, aware_label = train.heads_forward(model, ids, prompt_len, "shared", evicted=(zoo, 1 / 4))
+    assert torch.equal(label, aware_label) and aware.shape == plain.shape and aware.requires_grad
+    assert not torch.allclose(aware, plain, atol=1e-4)
+    aware.sum().backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if ".retaining_head." not in n)
+    assert all(h.fc1.weight.grad is not None for h in model.retaining_heads)
+
+
+def test_eviction_aware_fine_tuning_starts_from_init_heads_and_learns(tiny_chat_model, tmp_path, capsys):
+    run_train(tiny_chat_model, tmp_path / "start.safetensors", "--steps", "3")
+    run_train(tiny_chat_model, tmp_path / "aware.safetensors", "--init", str(tmp_path / "start.safetensors"),
+              "--evicted", "1/4", "--target", "shared", "--steps", "20", "--val-every", "10", "--val-samples", "3")
+    log = capsys.readouterr().err
+    val_losses = [float(line.split("val loss ")[1].split(",")[0]) for line in log.splitlines() if "val loss" in line]
+    assert len(val_losses) == 2 and val_losses[1] < val_losses[0]
+    meta = load_heads(load_model(tiny_chat_model), tmp_path / "aware.safetensors")
+    assert '"evicted": "1/4"' in meta["training"] and "start.safetensors" in meta["training"]
+    with pytest.raises(train.LocretError, match="--init .* -> "):  # resuming with other starting heads is refused
+        run_train(tiny_chat_model, tmp_path / "aware.safetensors", "--init", str(tmp_path / "aware.safetensors"),
+                  "--evicted", "1/4", "--target", "shared", "--steps", "21", "--resume")
+
+
+def test_init_heads_are_the_starting_point(tiny_chat_model, tmp_path):
+    run_train(tiny_chat_model, tmp_path / "start.safetensors", "--steps", "3")
+    run_train(tiny_chat_model, tmp_path / "same.safetensors", "--init", str(tmp_path / "start.safetensors"),
+              "--steps", "1", "--lr", "1e-12", "--warmup", "0")
+    start, same = load_file(tmp_path / "start.safetensors"), load_file(tmp_path / "same.safetensors")
+    assert start.keys() == same.keys() and all(torch.equal(start[k], same[k]) for k in start)
