@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 
 from models import CausalLM
-from models.base import attention_dtype
 from models.rope import apply_rope
 
 from .errors import LocretError
@@ -105,11 +104,10 @@ class PolicyCache:
         self.pool, self.policy, self.slot_rope, self.scoring = pool, policy, slot_rope, False
 
     def update(self, layer, q, k, v, head_scores, rope):
-        dequant = attention_dtype(q)  # an int8 pool reads back in the dtype attention computes in
         if self.slot_rope is None:
-            k_all, v_all = self.pool.write(layer, apply_rope(k, *rope), v, dequant)
+            k_all, v_all = self.pool.write(layer, apply_rope(k, *rope), v)
         else:
-            k_all, v_all = self.pool.write(layer, k, v, dequant)
+            k_all, v_all = self.pool.write(layer, k, v)
             cos, sin = (t[:k_all.shape[2]] for t in self.slot_rope)
             k_all = apply_rope(k_all, cos, sin)
         if self.scoring:

@@ -47,9 +47,8 @@ class KVPool:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (self.k, self.v, self.scores, self.index, self.scratch, *self.scales))
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor,
-              dequant: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, KVH, T, D] after the filled entries; return K, V [B, KVH, length + T, D] (`read`)."""
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, KVH, T, D] after the filled entries; return K, V [B, KVH, length + T, D]."""
         T = k.shape[2]
         end = self.length + T
         if end > self.capacity:
@@ -61,15 +60,14 @@ class KVPool:
         else:
             self.k[layer, :, :, new], self.v[layer, :, :, new] = k, v
         self.index[layer, :, :, new] = torch.arange(self.seen, self.seen + T, device=k.device)
-        return self.read(layer, end, dequant)
+        return self.read(layer, end)
 
-    def read(self, layer: int, end: int, dequant: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`layer`'s first `end` K, V [B, KVH, end, D]: a float pool's own entries, an int8 pool's dequantized
-        into `dequant` (default the model's dtype; the dtype attention will compute in saves a conversion)."""
+    def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`layer`'s first `end` K, V [B, KVH, end, D] in the model's dtype (int8: dequantized copies)."""
         k, v = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
         if not self.scales:
             return k, v
-        return tuple(dequantize(t, scale[layer, :, :, :end], dequant or self.dtype) for t, scale in zip((k, v), self.scales))
+        return tuple(dequantize(t, scale[layer, :, :, :end], self.dtype) for t, scale in zip((k, v), self.scales))
 
     def attention_mask(self, n_new: int) -> torch.Tensor | None:
         """[n_new, length + n_new] bool: new tokens see all filled entries and, causally, each other.

@@ -48,17 +48,12 @@ class RetainingHead(nn.Module):
         return self.fc2(F.silu(self.fc1(qkv))).transpose(1, 2)
 
 
-def attention_dtype(q: torch.Tensor) -> torch.dtype:
-    """fp32 for one bf16 query on CPU (a decoding step: CPU sdpa runs it about 4x slower in bf16, README:
-    Performance), else q's dtype."""
-    return torch.float32 if q.shape[2] == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu" else q.dtype
-
-
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
-    """sdpa with GQA, in attention_dtype(q): q [B, H, T, D], k, v [B, KVH, S, D] -> [B, H, T, D] in q's dtype."""
-    dtype = attention_dtype(q)
-    y = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask, is_causal=causal, enable_gqa=True)
-    return y.to(q.dtype)
+    """sdpa with GQA: q [B, H, T, D], k, v [B, KVH, S, D] -> [B, H, T, D]. One bf16 query on CPU (a decoding
+    step) attends in fp32: CPU sdpa runs it about 4x slower in bf16 (README: Performance)."""
+    if q.shape[2] == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
 
 
 class Attention(nn.Module):

@@ -288,20 +288,6 @@ def test_int8_pool_evicts_the_same_entries_and_keeps_their_scales(batch):
             assert torch.equal(got, want)
 
 
-def test_pool_reads_an_int8_pool_into_the_dtype_asked_and_a_float_pool_uncopied():
-    m = Mirror(1, total=10, dtype=torch.bfloat16, seed=7)
-    pools = [KVPool(tiny_config(), capacity=10, dtype=torch.bfloat16, int8=int8) for int8 in (False, True)]
-    for pool in pools:
-        pool.write(0, m.k[0], m.v[0])
-    k_float, _ = pools[0].read(0, 10, torch.float32)
-    assert k_float.dtype == torch.bfloat16 and k_float.data_ptr() == pools[0].k.data_ptr()  # a view, no copy
-    k32, v32 = pools[1].read(0, 10, torch.float32)  # a decoding step's fp32 attention: no bf16 round trip
-    kb, vb = pools[1].read(0, 10)
-    assert k32.dtype == v32.dtype == torch.float32 and kb.dtype == torch.bfloat16
-    assert torch.equal(k32, dequantize(*quantize(m.k[0]), torch.float32)) and torch.equal(k32.bfloat16(), kb)
-    assert torch.equal(v32.bfloat16(), vb)
-
-
 def test_int8_pool_bytes():
     config = tiny_config(head_dim=64)
     pool = KVPool(config, capacity=40, batch=2, dtype=torch.bfloat16, int8=True)
