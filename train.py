@@ -2,6 +2,7 @@
 
     python train.py --ckpt smollm2-135m-instruct --out heads.safetensors
     python train.py ... --resume                       # continue a killed run exactly
+    python train.py ... --init heads.safetensors --evicted 1/8   # fine-tune on the inputs inference gives
     torchrun --nproc_per_node 4 train.py ...           # data-parallel over the heads
 
 Each step: one generated long-context sample (locret/train_data.py), one frozen forward over
