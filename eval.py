@@ -80,7 +80,7 @@ def read_results(path: Path) -> dict[tuple, dict]:
 def settings_for(policy: str, budget: int, args, base, question_tokens: int) -> EngineSettings:
     """Stabilizers default to the zoo's share of the budget, so small budgets stay valid; --n-loc question
     keeps just the item's question (and answer cue) out of eviction."""
-    stabilizers = args.stabilizers if args.stabilizers is not None else budget * base.stabilizers // base.budget
+    stabilizers = args.stabilizers if args.stabilizers is not None else base.stabilizers_for(budget)
     n_loc = base.n_loc if args.n_loc is None else question_tokens if args.n_loc == "question" else int(args.n_loc)
     return EngineSettings(policy=policy, budget=budget, chunk=args.chunk or base.chunk, stabilizers=stabilizers,
                           n_loc=n_loc, positions=args.positions, final_stabilizers=not args.unprotected_final_eviction,

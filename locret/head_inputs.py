@@ -17,8 +17,7 @@ def evicted_settings(zoo: LocretSettings, fraction: float, prompt_len: int, evic
     """Locret under `fraction` of the prompt as its budget, with the zoo's chunk, stabilizer share of the
     budget, score span and ranking layers; `n_loc` as the zoo's (less for a short prompt)."""
     budget = max(2, round(prompt_len * fraction))
-    stabilizers = min(budget - 1, round(budget * zoo.stabilizers / zoo.budget))
-    return EngineSettings(policy="locret", budget=budget, chunk=zoo.chunk, stabilizers=stabilizers,
+    return EngineSettings(policy="locret", budget=budget, chunk=zoo.chunk, stabilizers=zoo.stabilizers_for(budget),
                           n_loc=min(zoo.n_loc, prompt_len - 1), span=zoo.span, eviction=eviction,
                           shared_layers=zoo.shared_layers)
 

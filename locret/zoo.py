@@ -14,6 +14,10 @@ class LocretSettings:
     shared_layers: str = "all"  # layers whose scores rank tokens for shared eviction: all or FIRST-LAST
     span: int = 1  # locret: a token scores the best of its span // 2 neighbours either side (1: the paper's)
 
+    def stabilizers_for(self, budget: int) -> int:
+        """The same share of another budget as `stabilizers` is of `budget` (rounded down)."""
+        return budget * self.stabilizers // self.budget
+
 
 @dataclass(frozen=True)
 class ZooEntry:
