@@ -9,7 +9,8 @@ kvpress's post-prefill presses at the same budget with --kvpress, Locret with an
 
 CPU: each grid point runs in a fresh process, so its peak RSS (VmHWM) is its own. GPU: one process, peak
 torch.cuda.max_memory_allocated per point, under a memory cap that emulates a smaller card.
-Prompts are seeded random token ids, the same for every run at one length. Decode tok/s counts the
+Prompts are seeded random token ids, the same for every run at one length; past the model's window
+(8K for the default model) full attention is timed anyway, as transformers' generate is, its text meaningless. Decode tok/s counts the
 steps after the first new token. Writes a markdown table (stdout and --out with .md), the JSON
 (--out) and a plot of peak memory against prompt length (--plot)."""
 import argparse
@@ -81,6 +82,9 @@ def speeds(prompt_tokens: int, prefill_s: float, new_tokens: int, decode_s: floa
 def engine_point(p: dict) -> dict:
     """Our engine: the pool and memory estimate predicted first, then generate's own measurements."""
     model = load_model(p["folder"], "cpu", DTYPES[p["dtype"]])
+    # Speed and memory only: full attention may run past the model's trained window, as transformers' does.
+    config = model.config
+    config.max_position_embeddings = max(config.max_position_embeddings, p["length"] + p["decode_tokens"])
     if p["policy"] == "locret":  # heads attached only here: other policies must not pay for them
         load_heads(model, p["heads"])
     settings = EngineSettings(p["policy"], p["budget"], p["chunk"], p["stabilizers"], p["n_loc"], kv_int8=p["run"] == INT8)

@@ -228,3 +228,12 @@ def test_kvpress_runs_under_its_own_python_beside_ours(tiny_chat_model, tmp_path
     assert "| kvpress-snapkv | 512 |" in out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit):
         bench.parse_args(["--kvpress", str(python), "--presses", "nosuchpress"])
+
+
+def test_full_attention_is_timed_past_the_window(tiny_chat_model, tmp_path):
+    out = tmp_path / "bench.json"  # the tiny chat model's window is 1024 tokens
+    bench.main(bench.parse_args(["--quick", "--ckpt", str(tiny_chat_model), "--policies", "full", "--lengths", "1536",
+                                 "--dtype", "float32", "--out", str(out), "--plot", str(tmp_path / "m.png")]))
+    [row] = json.loads(out.read_text())["rows"]
+    assert "error" not in row, row["error"]
+    assert row["kept_after_prefill"] == 1536 and row["pool_capacity"] > 1536  # prompt + the new tokens
