@@ -286,11 +286,9 @@ def main(args: argparse.Namespace) -> None:
     model = load_model(folder, device, DTYPES[args.dtype or default_dtype(device)])
     heads = find_heads(args.heads, entry, model) if "locret" in args.policies else None
     policies = [p for p in args.policies if p != "full" and (p != "locret" or heads)]
-    args.heads_id = heads_identity(heads) if policies.count("locret") else None
-    args.heads_eviction = "per-head"
-    if heads:
-        args.heads_eviction = trained_eviction(load_heads(model, heads))
-    elif "locret" in args.policies:
+    args.heads_eviction = trained_eviction(load_heads(model, heads)) if heads else "per-head"  # checks the file
+    args.heads_id = heads_identity(heads) if heads else None
+    if not heads and "locret" in args.policies:
         print("no retaining heads for this model: skipping --policies locret (pass --heads)", file=sys.stderr)
     args.defaults = asdict(base)  # what "the zoo's" means for every setting left out: recorded with the results
     out = Path(args.out)

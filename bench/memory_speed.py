@@ -195,8 +195,10 @@ def cpu_points(args, folder: Path, heads: str | None, with_transformers: bool):
 def cpu_bench(args, record) -> None:
     folder, entry = resolve_checkpoint(args.ckpt)
     heads = local_heads(args.heads, entry)
-    if heads is None and ("locret" in args.policies or args.heads_overhead or args.kv_int8):
-        raise LocretError(NEEDS_HEADS)
+    if "locret" in args.policies or args.heads_overhead or args.kv_int8:
+        if heads is None:
+            raise LocretError(NEEDS_HEADS)
+        load_heads(load_model(folder, "cpu", torch.float32), heads)  # a missing or unfitting file: one error now
     for policy in args.policies:  # bad settings: one error now, not one per point
         check_settings(EngineSettings(policy, args.budget, args.chunk, args.stabilizers, args.n_loc), min(args.lengths))
     with_transformers = args.transformers and importlib.util.find_spec("transformers") is not None

@@ -200,6 +200,9 @@ CASES = [
     ("eval-unknown-task", "eval", ["--tasks", "passkey2"], None, "unknown task or policy: passkey2"),
     ("eval-unknown-policy", "eval", ["--policies", "full,oracle"], None, "unknown task or policy: oracle"),
     ("eval-out-is-file", "eval", ["--out", "{m}/config.json", "--quick"], None, "is a file"),
+    ("eval-heads-missing", "eval", ["--policies", "locret", "--heads", "{d}/none.safetensors"], None, "not found"),
+    ("eval-heads-not-heads", "eval", ["--policies", "locret", "--heads", "{m}/model.safetensors"], None,
+     "not a retaining-heads file"),
     # train.py
     ("train-out-is-dir", "train", ["--out", "{d}"], None, "need a file path in an existing"),
     ("train-out-parent-missing", "train", ["--out", "{d}/no/such/heads.safetensors"], None, "existing, writable"),

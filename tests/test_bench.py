@@ -10,6 +10,7 @@ import torch
 
 from bench import memory_speed as bench
 from locret.devices import default_dtype
+from locret.errors import LocretError
 from locret.heads import save_heads
 from locret.loading import load_model
 
@@ -237,3 +238,12 @@ def test_full_attention_is_timed_past_the_window(tiny_chat_model, tmp_path):
     [row] = json.loads(out.read_text())["rows"]
     assert "error" not in row, row["error"]
     assert row["kept_after_prefill"] == 1536 and row["pool_capacity"] > 1536  # prompt + the new tokens
+
+
+@pytest.mark.parametrize("heads, message", [("none.safetensors", "not found"), ("config.json", "unreadable safetensors")])
+def test_bad_heads_file_is_one_error_before_any_point(tiny_chat_model, tmp_path, heads, message):
+    args = ["--quick", "--ckpt", str(tiny_chat_model), "--policies", "locret", "--heads", str(tiny_chat_model / heads),
+            "--dtype", "float32", "--out", str(tmp_path / "bench.json")]
+    with pytest.raises(LocretError, match=message):
+        bench.main(bench.parse_args(args))
+    assert not (tmp_path / "bench.json").exists()  # no point ran
