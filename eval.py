@@ -108,6 +108,15 @@ def check_out_folder(out: Path, args) -> None:
         path.write_text(json.dumps(mine, indent=1) + "\n")
 
 
+def check_window(args, window: int) -> None:
+    """Every item runs with full attention first (the reference): prompt and answer must fit the model's context."""
+    answer = max(min(TASKS[task].gen_tokens, args.max_new_tokens) for task in args.tasks)
+    if max(args.lengths) + answer > window:
+        raise LocretError(f"--lengths {max(args.lengths)}: with its answer (up to {answer} tokens) past the model's "
+                          f"{window}-token context, where full attention, the reference, cannot run "
+                          f"(at most {window - answer} here)")
+
+
 def runs(args, policies: list[str]):
     """Every (task, length, item, policy, budget) the suite asks for; full attention first per item."""
     for length in args.lengths:
@@ -290,6 +299,7 @@ def main(args: argparse.Namespace) -> None:
     args.heads_id = heads_identity(heads) if heads else None
     if not heads and "locret" in args.policies:
         print("no retaining heads for this model: skipping --policies locret (pass --heads)", file=sys.stderr)
+    check_window(args, model.config.max_position_embeddings)
     args.defaults = asdict(base)  # what "the zoo's" means for every setting left out: recorded with the results
     out = Path(args.out)
     check_out_folder(out, args)
