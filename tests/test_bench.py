@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import attention
 from bench import memory_speed as bench
 from locret.devices import default_dtype
 from locret.errors import LocretError
@@ -247,3 +248,15 @@ def test_bad_heads_file_is_one_error_before_any_point(tiny_chat_model, tmp_path,
     with pytest.raises(LocretError, match=message):
         bench.main(bench.parse_args(args))
     assert not (tmp_path / "bench.json").exists()  # no point ran
+
+
+def test_attention_bench(tiny_chat_model, tmp_path, capsys):
+    out = tmp_path / "attention.json"
+    attention.main(attention.parse_args(["--ckpt", str(tiny_chat_model), "--chunk", "24", "--entries", "40",
+                                         "--dtype", "float32", "--repeats", "1", "--mm-size", "64", "--out", str(out)]))
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 8 and all(r["ms"] > 0 and r["gflop_s"] > 0 for r in rows.values())
+    wrong = rows.pop("no mask (a bound: wrong answer)")
+    assert wrong["max_error"] > 1e-2  # the chunk's tokens see their future: a check that the errors are measured
+    assert all(r["max_error"] < 1e-5 for r in rows.values()), rows  # every other way computes the same attention
+    assert "| sdpa, boolean mask, GQA (the engine's) |" in capsys.readouterr().out
