@@ -153,6 +153,7 @@ def main(args: argparse.Namespace) -> None:
     evicted = (entry.settings if entry else GENERIC_SETTINGS, float(Fraction(args.evicted))) if args.evicted else None
     tokenizer = Tokenizer(folder)
     model = load_model(folder, device, DTYPES[dtype])
+    fit_window(args, model.config.max_position_embeddings)
     torch.manual_seed(args.seed)  # identical initial heads on every rank
     if args.init:
         load_heads(model, args.init)
@@ -203,6 +204,22 @@ def main(args: argparse.Namespace) -> None:
         dist.destroy_process_group()
 
 
+def fit_window(args, window: int) -> None:
+    """Samples must fit the model's context: the preset's longest prompt is cut to it (the official 10240
+    tokens is past the default model's 8192), a --max-tokens given past it is an error."""
+    longest = window - ANSWER_ROOM
+    if args.max_tokens > longest and "max_tokens" not in args.from_preset:
+        raise LocretError(f"--max-tokens {args.max_tokens}: samples would pass the model's {window}-token context "
+                          f"(with room for the answer, at most {longest})")
+    if args.max_tokens > longest:
+        print(f"note: prompts of at most {longest} tokens (the preset's {args.max_tokens} would pass the model's "
+              f"{window}-token context)", file=sys.stderr)
+        args.max_tokens = longest
+    if args.min_tokens > args.max_tokens:
+        raise LocretError(f"--min-tokens {args.min_tokens} is above the longest prompt this model takes ({args.max_tokens})")
+
+
+ANSWER_ROOM = 256  # tokens of the context kept for a sample's answer and its prompt's overshoot of the target length
 LOSSES = {"cis": retaining_loss, "shared": keep_loss}
 PRESETS = {  # defaults by preset; any flag given wins
     "official": dict(steps=3000, min_tokens=1024, max_tokens=10240, head_hidden=1024, warmup=None, val_every=100,
@@ -243,7 +260,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the head size is theirs")
     p.add_argument("--steps", type=int, help=f"training samples, batch 1 ({preset('steps')})")
     p.add_argument("--min-tokens", type=int, help=f"shortest generated prompt ({preset('min_tokens')})")
-    p.add_argument("--max-tokens", type=int, help=f"longest generated prompt ({preset('max_tokens')})")
+    p.add_argument("--max-tokens", type=int, help=f"longest generated prompt ({preset('max_tokens')}; a preset's is cut to the model's context less {ANSWER_ROOM})")
     p.add_argument("--head-hidden", type=int, help=f"retaining head hidden size ({preset('head_hidden')})")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (official: torch's 0.01)")
     p.add_argument("--alpha", type=float, default=0.0025, help="smoothness weight (official: 0.0025)")
@@ -268,9 +285,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.head_hidden = int(meta["head_hidden"])
     if args.evicted is not None and not valid_fraction(args.evicted):
         p.error(f"--evicted must be a fraction in (0, 1) such as 1/8, not {args.evicted!r}")
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args.from_preset = [key for key in PRESETS[args.preset] if getattr(args, key) is None]
+    for key in args.from_preset:
+        setattr(args, key, PRESETS[args.preset][key])
     if args.steps < 1 or args.head_hidden < 1 or not 0 < args.min_tokens <= args.max_tokens:
         p.error("need --steps >= 1, --head-hidden >= 1 and 0 < --min-tokens <= --max-tokens")
     if args.save_every < 1 or args.val_every < 0 or (args.val_every and args.val_samples < 1) or (args.warmup or 0) < 0:

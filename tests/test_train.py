@@ -209,3 +209,17 @@ def test_init_heads_are_the_starting_point(tiny_chat_model, tmp_path):
               "--steps", "1", "--lr", "1e-12", "--warmup", "0")
     start, same = load_file(tmp_path / "start.safetensors"), load_file(tmp_path / "same.safetensors")
     assert start.keys() == same.keys() and all(torch.equal(start[k], same[k]) for k in start)
+
+
+def test_samples_fit_the_models_context(tmp_path, capsys):
+    out = str(tmp_path / "heads.safetensors")
+    official = train.parse_args(["--out", out])  # the paper's 10240-token prompts: past an 8K model's context
+    train.fit_window(official, 8192)
+    assert official.max_tokens == 8192 - train.ANSWER_ROOM and "note: prompts of at most 7936" in capsys.readouterr().err
+    roomy = train.parse_args(["--out", out])
+    train.fit_window(roomy, 131072)
+    assert roomy.max_tokens == 10240  # nothing to cut
+    with pytest.raises(train.LocretError, match="--max-tokens 9000: samples would pass the model's 8192-token"):
+        train.fit_window(train.parse_args(["--out", out, "--max-tokens", "9000"]), 8192)
+    with pytest.raises(train.LocretError, match="--min-tokens 4000 is above the longest prompt"):
+        train.fit_window(train.parse_args(["--out", out, "--min-tokens", "4000"]), 4096)
