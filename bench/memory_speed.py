@@ -10,9 +10,9 @@ kvpress's post-prefill presses at the same budget with --kvpress, Locret with an
 CPU: each grid point runs in a fresh process, so its peak RSS (VmHWM) is its own. GPU: one process, peak
 torch.cuda.max_memory_allocated per point, under a memory cap that emulates a smaller card.
 Prompts are seeded random token ids, the same for every run at one length; past the model's window
-(8K for the default model) full attention is timed anyway, as transformers' generate is, its text meaningless. Decode tok/s counts the
-steps after the first new token. Writes a markdown table (stdout and --out with .md), the JSON
-(--out) and a plot of peak memory against prompt length (--plot)."""
+(8K for the default model) full attention is timed anyway, as transformers' generate is, its text
+meaningless. Decode tok/s counts the steps after the first new token. Writes a markdown table (stdout
+and --out with .md), the JSON (--out) and a plot of peak memory against prompt length (--plot)."""
 import argparse
 import importlib.util
 import json
