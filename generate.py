@@ -16,6 +16,7 @@ compressed document can be saved, and asked more questions later at the cost of 
 """
 import argparse
 import math
+import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,17 +38,17 @@ from locret.tokenizer import Tokenizer
 from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, ZooEntry, local_heads, resolve_checkpoint
 
 
-def read_prompt(source: str) -> str:
+def read_prompt(source: str, what: str = "prompt") -> str:
     try:
         data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
     except OSError as e:
-        raise LocretError(f"cannot read prompt {source}: {e.strerror}") from None
+        raise LocretError(f"cannot read {what} {source}: {e.strerror}") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise LocretError(f"prompt {source} is not UTF-8 text (byte {e.start})") from None
+        raise LocretError(f"{what} {source} is not UTF-8 text (byte {e.start})") from None
     if not text.strip():
-        raise LocretError(f"prompt {source} is empty")
+        raise LocretError(f"{what} {source} is empty")
     return text.removesuffix("\n")  # the file's final newline; everything else is kept exactly
 
 
@@ -276,7 +277,7 @@ def answer_whole_prompt(run: Run) -> None:
 
 def read_question(args) -> str | None:
     if args.question_file:
-        return read_prompt(args.question_file)
+        return read_prompt(args.question_file, "question file")
     if args.question is not None and not args.question.strip():
         raise LocretError("--question is empty")
     return args.question
@@ -367,6 +368,10 @@ def check_modes(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("give --prompt FILE (or - for standard input), or --load-context FILE")
     elif args.n_loc is not None and (asks or args.save_context):
         p.error("--n-loc does not apply to a streamed document: its question is the uncompressed tail")
+    if args.save_context:  # before the prefill's work, not after
+        save = Path(args.save_context)
+        if save.is_dir() or not save.parent.is_dir() or not os.access(save.parent, os.W_OK):
+            p.error(f"--save-context {save}: need a file path in an existing, writable folder")
 
 
 if __name__ == "__main__":

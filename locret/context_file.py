@@ -54,8 +54,8 @@ def write(context, path: str | Path, extra: dict[str, str]) -> None:
     try:
         save_file({name: t[:, :, :, :n].contiguous() for name, t in pool.stored().items()}, tmp, metadata=metadata)
         os.replace(tmp, path)
-    except OSError as e:
-        raise LocretError(f"cannot write context {path}: {e.strerror}") from None
+    except (OSError, SafetensorError) as e:  # safetensors reports a missing folder as its own error
+        raise LocretError(f"cannot write context {path}: {getattr(e, 'strerror', None) or e}") from None
     finally:
         tmp.unlink(missing_ok=True)
 

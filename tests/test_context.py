@@ -308,3 +308,12 @@ def test_a_context_that_evicted_while_decoding_answers_once(model):
         context.ask(ids_of(4, seed=1), max_new_tokens=5)
     with pytest.raises(LocretError, match="evicted while decoding"):
         context.save("never-written.safetensors")
+
+
+def test_saving_where_no_file_can_be_written_is_one_clear_error(model, tmp_path):
+    context = streamed_context(model, ids_of(100), 30)
+    with pytest.raises(LocretError, match="cannot write context .*no/such"):
+        context.save(tmp_path / "no" / "such" / "c.safetensors", form="completion")
+    with pytest.raises(LocretError, match="cannot write context"):
+        context.save(tmp_path, form="completion")  # a folder
+    assert list(tmp_path.iterdir()) == [] and not list(tmp_path.parent.glob(".*.tmp-*"))  # no temporary file left
