@@ -207,7 +207,7 @@ def main(args: argparse.Namespace) -> None:
 def fit_window(args, window: int) -> None:
     """Samples must fit the model's context: the preset's longest prompt is cut to it (the official 10240
     tokens is past the default model's 8192), a --max-tokens given past it is an error."""
-    longest = window - ANSWER_ROOM
+    longest = window - window // ANSWER_SHARE
     if args.max_tokens > longest and "max_tokens" not in args.from_preset:
         raise LocretError(f"--max-tokens {args.max_tokens}: samples would pass the model's {window}-token context "
                           f"(with room for the answer, at most {longest})")
@@ -219,7 +219,7 @@ def fit_window(args, window: int) -> None:
         raise LocretError(f"--min-tokens {args.min_tokens} is above the longest prompt this model takes ({args.max_tokens})")
 
 
-ANSWER_ROOM = 512  # context kept for a sample's answer and its prompt's overshoot of the target (up to ~2%)
+ANSWER_SHARE = 16  # 1/ANSWER_SHARE of the context kept for a sample's answer and its prompt's overshoot (up to ~2%)
 LOSSES = {"cis": retaining_loss, "shared": keep_loss}
 PRESETS = {  # defaults by preset; any flag given wins
     "official": dict(steps=3000, min_tokens=1024, max_tokens=10240, head_hidden=1024, warmup=None, val_every=100,
@@ -260,7 +260,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the head size is theirs")
     p.add_argument("--steps", type=int, help=f"training samples, batch 1 ({preset('steps')})")
     p.add_argument("--min-tokens", type=int, help=f"shortest generated prompt ({preset('min_tokens')})")
-    p.add_argument("--max-tokens", type=int, help=f"longest generated prompt ({preset('max_tokens')}; a preset's is cut to the model's context less {ANSWER_ROOM})")
+    p.add_argument("--max-tokens", type=int, help=f"longest generated prompt ({preset('max_tokens')}; a preset's is cut to the model's context less 1/{ANSWER_SHARE})")
     p.add_argument("--head-hidden", type=int, help=f"retaining head hidden size ({preset('head_hidden')})")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (official: torch's 0.01)")
     p.add_argument("--alpha", type=float, default=0.0025, help="smoothness weight (official: 0.0025)")
