@@ -16,7 +16,6 @@ compressed document can be saved, and asked more questions later at the cost of 
 """
 import argparse
 import math
-import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 from locret.devices import check_device, default_device, default_dtype
 from locret.context import Context, GenerationStats
 from locret.engine import EVICTIONS, NEEDS_HEADS, EngineSettings, check_settings, pool_capacity
-from locret.errors import LocretError, run_script
+from locret.errors import LocretError, run_script, writable_file_path
 from locret.heads import load_heads, read_heads, trained_eviction
 from locret.loading import DTYPES, load_model, stop_token_ids
 from locret.official_heads import find_heads
@@ -368,10 +367,8 @@ def check_modes(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("give --prompt FILE (or - for standard input), or --load-context FILE")
     elif args.n_loc is not None and (asks or args.save_context):
         p.error("--n-loc does not apply to a streamed document: its question is the uncompressed tail")
-    if args.save_context:  # before the prefill's work, not after
-        save = Path(args.save_context)
-        if save.is_dir() or not save.parent.is_dir() or not os.access(save.parent, os.W_OK):
-            p.error(f"--save-context {save}: need a file path in an existing, writable folder")
+    if args.save_context and not writable_file_path(args.save_context):  # before the prefill's work, not after
+        p.error(f"--save-context {args.save_context}: need a file path in an existing, writable folder")
 
 
 if __name__ == "__main__":

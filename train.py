@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from locret.devices import check_device, default_device, default_dtype
-from locret.errors import LocretError, run_script
+from locret.errors import LocretError, run_script, writable_file_path
 from locret.head_inputs import chunked_head_inputs, evicted_settings
 from locret.heads import load_heads, read_heads, save_heads
 from locret.labels import LabelRecorder
@@ -294,9 +294,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("need --save-every >= 1, --val-every >= 0, --val-samples >= 1 and --warmup >= 0")
     if not all(math.isfinite(v) and v >= 0 for v in (args.lr, args.alpha, args.weight_decay)) or args.lr == 0:
         p.error("need a finite --lr > 0 and finite --alpha, --weight-decay >= 0")
-    out = Path(args.out)
-    if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
-        p.error(f"--out {out}: need a file path in an existing, writable folder")
+    if not writable_file_path(args.out):
+        p.error(f"--out {args.out}: need a file path in an existing, writable folder")
     if args.min_tokens < 256:
         print(f"note: samples shorter than about 256 tokens come out longer than --min-tokens {args.min_tokens} "
               "(a question and its needles need room); the real range is reported at the end", file=sys.stderr)
