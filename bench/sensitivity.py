@@ -136,7 +136,10 @@ def main(args: argparse.Namespace) -> None:
 
 
 def fractions(text: str) -> list[Fraction]:
-    return [Fraction(x) for x in text.split(",")]
+    try:
+        return [Fraction(x) for x in text.split(",")]
+    except ZeroDivisionError:
+        raise ValueError(text) from None  # argparse reports a ValueError as one line
 
 
 def integers(text: str) -> list[int]:
@@ -171,6 +174,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown --evictions {', '.join(unknown)} (choose from {', '.join(EVICTIONS)})")
     for layers in args.shared_layers:
         layer_slice(layers)  # one clear line for a malformed range
+    if args.length < 1 or args.n < 1:
+        p.error("need --length >= 1 and --n >= 1")
+    try:
+        if parse_budget(args.budget, args.length) < 1:
+            p.error(f"--budget {args.budget} keeps no entries of a {args.length}-token prompt")
+    except (ValueError, ZeroDivisionError):
+        p.error(f"--budget must be a fraction of the prompt (1/8) or entries per KV head (512), not {args.budget!r}")
+    if not all(0 <= share < 1 for share in args.stabilizers):
+        p.error("--stabilizers are shares of the budget, each in [0, 1) (e.g. 0,1/8,1/4)")
     return args
 
 

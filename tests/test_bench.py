@@ -260,3 +260,14 @@ def test_attention_bench(tiny_chat_model, tmp_path, capsys):
     assert wrong["max_error"] > 1e-2  # the chunk's tokens see their future: a check that the errors are measured
     assert all(r["max_error"] < 1e-5 for r in rows.values()), rows  # every other way computes the same attention
     assert "| sdpa, boolean mask, GQA (the engine's) |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--budget", "abc"], "--budget must be a fraction"), (["--budget", "1/0"], "--budget must be a fraction"),
+    (["--budget", "0"], "keeps no entries"), (["--stabilizers", "0,2"], "shares of the budget, each in"),
+    (["--stabilizers", "1/0"], "invalid fractions value"), (["--n", "0"], "--n >= 1")])
+def test_sensitivity_bad_flags_are_one_line(flags, message, capsys):
+    from bench import sensitivity
+    with pytest.raises(SystemExit):
+        sensitivity.parse_args(flags)
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
