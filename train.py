@@ -208,10 +208,10 @@ def fit_window(args, window: int) -> None:
     """Samples must fit the model's context: the preset's longest prompt is cut to it (the official 10240
     tokens is past the default model's 8192), a --max-tokens given past it is an error."""
     longest = window - window // ANSWER_SHARE
-    if args.max_tokens > longest and "max_tokens" not in args.from_preset:
-        raise LocretError(f"--max-tokens {args.max_tokens}: samples would pass the model's {window}-token context "
-                          f"(with room for the answer, at most {longest})")
     if args.max_tokens > longest:
+        if "max_tokens" not in args.from_preset:
+            raise LocretError(f"--max-tokens {args.max_tokens}: samples would pass the model's {window}-token "
+                              f"context (with room for the answer, at most {longest})")
         print(f"note: prompts of at most {longest} tokens (the preset's {args.max_tokens} would pass the model's "
               f"{window}-token context)", file=sys.stderr)
         args.max_tokens = longest
