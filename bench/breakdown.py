@@ -2,6 +2,7 @@
 
     python bench/breakdown.py                                   # default model, 32K tokens, budget 2048, chunk 512
     python bench/breakdown.py --length 8192 --dtype float32 --policy streamingllm
+    python bench/breakdown.py --kv-int8                         # the int8 pool's costs (generate.py --kv-int8)
 
 Components (exclusive times, so they add up to the whole): the MLP, the attention projections (q, k, v, o),
 the retaining heads, attention itself (RoPE on the queries and sdpa), the cache write with the re-rotation of
@@ -147,7 +148,8 @@ def main(args: argparse.Namespace) -> None:
     instrument(model, timers)
     zoo = entry.settings if entry else GENERIC_SETTINGS  # how Locret ranks and scores: the zoo's, as generate.py
     settings = EngineSettings(policy=args.policy, budget=args.budget, chunk=args.chunk, stabilizers=args.stabilizers,
-                              n_loc=args.n_loc, eviction=eviction, shared_layers=zoo.shared_layers, span=zoo.span)
+                              n_loc=args.n_loc, eviction=eviction, shared_layers=zoo.shared_layers, span=zoo.span,
+                              kv_int8=args.kv_int8)
     prompt = make_prompt(model.config.vocab_size, args.length, args.seed)
     result = run_timed(model, prompt, settings, args.decode_tokens, timers)
     result.update(model=str(args.ckpt), dtype=str(dtype).removeprefix("torch."), device=str(device),
@@ -176,6 +178,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="prompt seed (default: 0)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bfloat16 where the device has it")
+    p.add_argument("--kv-int8", action="store_true", help="store K and V as int8 (generate.py's --kv-int8)")
     p.add_argument("--out", default=None, help="JSON path; the table goes next to it as .md")
     args = p.parse_args(argv)
     if args.decode_tokens < 1:

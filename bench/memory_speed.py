@@ -30,10 +30,9 @@ import torch
 
 from locret.devices import default_dtype
 from locret.context import Context, generate
-from locret.engine import NEEDS_HEADS, EngineSettings, check_settings, pool_capacity
+from locret.engine import NEEDS_HEADS, EngineSettings, check_settings, pool_bytes, pool_capacity
 from locret.errors import LocretError, run_script
 from locret.heads import load_heads
-from locret.kv_pool import KVPool
 from locret.loading import DTYPES, load_model, read_config
 from locret.memory import estimate, rss_bytes
 from locret.policies import POLICIES
@@ -90,7 +89,7 @@ def engine_point(p: dict) -> dict:
     settings = EngineSettings(p["policy"], p["budget"], p["chunk"], p["stabilizers"], p["n_loc"], kv_int8=p["run"] == INT8)
     prompt = make_prompt(model.config.vocab_size, p["length"], p["seed"])
     capacity = pool_capacity(settings, len(prompt), p["decode_tokens"])
-    predicted = KVPool.bytes_needed(model.config, capacity, 1, model.lm_head.weight.dtype, settings.kv_int8)
+    predicted = pool_bytes(settings, model.config, capacity, model.lm_head.weight.dtype)
     estimate_bytes = estimate(model, settings, capacity).total
     loaded = rss_bytes()
     _, stats = generate(model, prompt, settings, p["decode_tokens"])  # no stop ids: exactly decode_tokens
@@ -264,18 +263,18 @@ def gpu_point(model, heads: list, settings: EngineSettings, length: int, args) -
     capacity = pool_capacity(settings, length, args.decode_tokens)
     row = dict(run=settings.policy, policy=settings.policy, prompt_tokens=length,
                budget=settings.budget if settings.evicts else None, pool_capacity=capacity,
-               predicted_pool_bytes=KVPool.bytes_needed(model.config, capacity, 1, torch.bfloat16),
+               predicted_pool_bytes=pool_bytes(settings, model.config, capacity, torch.bfloat16),
                estimate_bytes=estimate(model, settings, capacity).total)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     try:
-        pool_bytes, prefill_s, decode_s = timed_run(model, prompt, settings, args.decode_tokens)
+        held_pool, prefill_s, decode_s = timed_run(model, prompt, settings, args.decode_tokens)
     except torch.cuda.OutOfMemoryError:
         return dict(row, fits=False)
     # 2 x parameters x tokens, embeddings and lm_head left out: per token, prefill runs neither as a matmul
     params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("model.embed_tokens", "lm_head")))
     mfu = lambda tokens, seconds: 100 * 2 * params * tokens / seconds / (args.peak_tflops * 1e12)
-    return dict(row, fits=True, pool_bytes=pool_bytes, peak_bytes=torch.cuda.max_memory_allocated(),
+    return dict(row, fits=True, pool_bytes=held_pool, peak_bytes=torch.cuda.max_memory_allocated(),
                 **speeds(length, prefill_s, args.decode_tokens, decode_s),
                 prefill_mfu_pct=mfu(length, prefill_s), decode_mfu_pct=mfu(args.decode_tokens - 1, decode_s))
 

@@ -84,6 +84,11 @@ def check_settings(s: EngineSettings, prompt_tokens: int) -> None:
         raise LocretError(f"--budget ({s.budget}) must be larger than --stabilizers ({s.stabilizers})")
 
 
+def turns_keys(s: EngineSettings) -> bool:
+    """Compact mode: the pool holds keys before RoPE and turns them to their slots at each forward."""
+    return s.evicts and s.positions == "compact"
+
+
 def pool_capacity(s: EngineSettings, prompt_tokens: int, max_new_tokens: int) -> int:
     """Entries per KV head the pool must hold: a function of the settings, not of the prompt length."""
     everything = prompt_tokens + max_new_tokens
@@ -92,6 +97,11 @@ def pool_capacity(s: EngineSettings, prompt_tokens: int, max_new_tokens: int) ->
     if s.evict_during_decode:
         return min(everything, s.budget + max(s.chunk, s.n_loc + 1))
     return min(everything, s.budget + max(s.chunk, s.n_loc + max_new_tokens))
+
+
+def pool_bytes(s: EngineSettings, config, capacity: int, dtype: torch.dtype) -> int:
+    """The bytes the Engine's pool will allocate (KVPool.bytes_needed at these settings)."""
+    return KVPool.bytes_needed(config, capacity, 1, dtype, s.kv_int8, turns_keys(s))
 
 
 class PolicyCache:
@@ -108,8 +118,9 @@ class PolicyCache:
             k_all, v_all = self.pool.write(layer, apply_rope(k, *rope), v)
         else:
             k_all, v_all = self.pool.write(layer, k, v)
-            cos, sin = (t[:k_all.shape[2]] for t in self.slot_rope)
-            k_all = apply_rope(k_all, cos, sin)
+            S = k_all.shape[2]
+            cos, sin = (t[:S] for t in self.slot_rope)
+            k_all = apply_rope(k_all, cos, sin, out=self.pool.turned[:, :, :S])  # in place of S temporaries
         if self.scoring:
             S, T = k_all.shape[2], k.shape[2]
             scores = self.pool.scores[layer, :, :, :S]
@@ -131,8 +142,9 @@ class Engine:
         self.ranking_layers = layer_slice(settings.shared_layers, model.config.num_hidden_layers)
         p = model.lm_head.weight
         self.model, self.settings, self.rope_length = model, settings, rope_length
-        self.pool = KVPool(model.config, capacity, dtype=p.dtype, device=p.device, int8=settings.kv_int8)
-        compacts = settings.evicts and settings.positions == "compact"
+        compacts = turns_keys(settings)
+        self.pool = KVPool(model.config, capacity, dtype=p.dtype, device=p.device, int8=settings.kv_int8,
+                           turned_keys=compacts)
         slot_rope = model.rope(torch.arange(capacity, device=p.device), p.dtype, rope_length) if compacts else None
         self.cache = PolicyCache(self.pool, make_policy(settings.policy, settings.seed, settings.span), slot_rope)
         self.evictions = 0

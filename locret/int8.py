@@ -27,4 +27,4 @@ def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of `quantize`: int8 [..., D] and fp16 scales [..., D // g] -> [..., D] in `dtype`."""
     groups = values.float().unflatten(-1, (scale.shape[-1], -1))  # [..., D // g, g]
-    return (groups * scale[..., None].float()).flatten(-2).to(dtype)
+    return groups.mul_(scale[..., None]).flatten(-2).to(dtype)  # in place: one fp32 temporary, not two

@@ -2,7 +2,8 @@
 
 Per layer: K and V [batch, kv_heads, capacity, head_dim], one score per entry (what the policy
 said it is worth) and the prompt index of the token it holds; K before RoPE in compact mode with
-eviction, else rotated (engine.py). Only KV heads are stored. New
+eviction, else rotated (engine.py); in compact mode one more buffer takes a layer's keys turned to
+their slots at each forward. Only KV heads are stored. New
 entries are written into the free tail; eviction keeps the top entries per KV head, in their
 original order, gathered into the front of the same buffers through a preallocated scratch.
 With `int8`, K and V are stored as int8 with an fp16 scale per group of values (int8.py) and each
@@ -21,7 +22,8 @@ SCALE_TENSORS = ("k_scale", "v_scale")  # and, in an int8 pool, these
 
 class KVPool:
     def __init__(self, config: ModelConfig, capacity: int, batch: int = 1,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", int8: bool = False):
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", int8: bool = False,
+                 turned_keys: bool = False):
         L, H, D = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
         stored = torch.int8 if int8 else dtype
         self.k = torch.zeros(L, batch, H, capacity, D, dtype=stored, device=device)
@@ -31,21 +33,26 @@ class KVPool:
         self.scratch = torch.zeros(batch, H, capacity, D, dtype=stored, device=device)  # one layer's K or V
         scales = lambda: torch.zeros(L, batch, H, capacity, D // group_size(D), dtype=SCALE_DTYPE, device=device)
         self.scales = (scales(), scales()) if int8 else ()  # int8: K's and V's scales per group of values
+        # compact mode: one layer's keys turned to their slots, in the model's dtype (None: keys are stored rotated)
+        self.turned = torch.zeros(batch, H, capacity, D, dtype=dtype, device=device) if turned_keys else None
         self.capacity, self.dtype = capacity, dtype
         self.length = 0  # filled entries, the same in every layer and head
         self.seen = 0  # tokens written so far: the prompt index of the next one
 
     @staticmethod
-    def bytes_needed(config: ModelConfig, capacity: int, batch: int, dtype: torch.dtype, int8: bool = False) -> int:
+    def bytes_needed(config: ModelConfig, capacity: int, batch: int, dtype: torch.dtype, int8: bool = False,
+                     turned_keys: bool = False) -> int:
         """What the constructor allocates, known before anything runs."""
         L, H, D = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
         kv = (2 * L + 1) * batch * H * capacity * D * (1 if int8 else dtype.itemsize)  # K, V and the scratch
         scales = 2 * L * batch * H * capacity * D // group_size(D) * SCALE_DTYPE.itemsize if int8 else 0
-        return kv + scales + L * batch * H * capacity * (4 + 8)  # scores (fp32) and token indices (int64)
+        turned = batch * H * capacity * D * dtype.itemsize if turned_keys else 0
+        return kv + scales + turned + L * batch * H * capacity * (4 + 8)  # scores (fp32) and token indices (int64)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in (self.k, self.v, self.scores, self.index, self.scratch, *self.scales))
+        buffers = (self.k, self.v, self.scores, self.index, self.scratch, *self.scales, self.turned)
+        return sum(t.nbytes for t in buffers if t is not None)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, KVH, T, D] after the filled entries; return K, V [B, KVH, length + T, D]."""

@@ -8,7 +8,7 @@ import torch
 from models import CausalLM
 
 from .errors import LocretError
-from .kv_pool import KVPool
+from .engine import pool_bytes
 from .policies import QUERY_BLOCK
 
 
@@ -60,21 +60,21 @@ def activation_bytes(model: CausalLM, tokens: int, attended: int, policy: str, k
     """Upper bound on one layer's working memory for `tokens` queries over `attended` entries (they are
     freed layer by layer): hidden states, q/k/v, MLP, attention weights (twice: logits and softmax; for
     policies that read attention, again for a block of queries, and the keys in fp32), compact mode's
-    keys turned to their slots (with RoPE's temporaries) and its cos/sin table, retaining head, the
+    cos/sin table (its turned keys have a buffer in the pool), retaining head, the
     last token's logits, and with `kv_int8` the layer's K and V dequantized (with two fp32 temporaries)."""
     c, item = model.config, model.lm_head.weight.element_size()
     hidden = 4 * tokens * c.hidden_size * item
     qkv = 2 * tokens * c.qkv_size * item
     mlp = 3 * tokens * c.intermediate_size * item
     attention = 2 * c.num_attention_heads * tokens * attended * 4
-    rotated_keys = 4 * c.num_key_value_heads * attended * c.head_dim * item + 2 * attended * c.head_dim * item
+    slot_rope = 2 * attended * c.head_dim * item
     if policy in ("h2o", "snapkv", "tova"):  # policies.py: QUERY_BLOCK queries at a time
         attention += 2 * c.num_attention_heads * min(tokens, QUERY_BLOCK) * attended * 4
         attention += c.num_key_value_heads * attended * c.head_dim * 4
     dequantized = c.num_key_value_heads * attended * c.head_dim * (2 * item + 2 * 4) if kv_int8 else 0
     heads = [h for h in model.retaining_heads if h is not None]
     head = tokens * heads[0].fc1.out_features * item if heads else 0
-    return hidden + qkv + mlp + attention + rotated_keys + dequantized + head + c.vocab_size * 4
+    return hidden + qkv + mlp + attention + slot_rope + dequantized + head + c.vocab_size * 4
 
 
 def estimate(model: CausalLM, settings, capacity: int, held: int | None = None) -> MemoryEstimate:
@@ -83,7 +83,7 @@ def estimate(model: CausalLM, settings, capacity: int, held: int | None = None) 
     if held is None:
         held = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     p = model.lm_head.weight
-    pool = KVPool.bytes_needed(model.config, capacity, 1, p.dtype, settings.kv_int8)
+    pool = pool_bytes(settings, model.config, capacity, p.dtype)
     step = min(settings.chunk, capacity)
     return MemoryEstimate(held, pool, activation_bytes(model, step, capacity, settings.policy, settings.kv_int8))
 

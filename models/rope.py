@@ -84,15 +84,17 @@ class RotaryEmbedding(nn.Module):
         return angles.cos() * self.scaling, angles.sin() * self.scaling
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first cos.shape[-1] features of x [..., T, head_dim] by cos, sin [..., T, dim]."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] features of x [..., T, head_dim] by cos, sin [..., T, dim], whose two halves
+    repeat (RotaryEmbedding's angles): Hugging Face's x * cos + rotate_half(x) * sin, the same values. With `out`
+    (x's shape, not overlapping it) the result is written there with no temporaries, for inference (out= takes
+    no gradients; in bf16 it rounds once less)."""
     dim = cos.shape[-1]
-    if dim == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
-    x_rot, x_pass = x[..., :dim], x[..., dim:]
-    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+    half = dim // 2
+    x1, x2, c, s = x[..., :half], x[..., half:dim], cos[..., :half], sin[..., :half]
+    if out is None:
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s, x[..., dim:]), dim=-1)
+    torch.mul(x1, c, out=out[..., :half]).addcmul_(x2, s, value=-1)  # x1 cos - x2 sin
+    torch.mul(x2, c, out=out[..., half:dim]).addcmul_(x1, s)  # x2 cos + x1 sin
+    out[..., dim:] = x[..., dim:]
+    return out

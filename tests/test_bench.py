@@ -43,7 +43,8 @@ def test_quick_grid(tiny_chat_model, tmp_path, capsys):
     assert all(r["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4 for r in rows)  # K+V x layers x KV heads x head dim x fp32
     pool = lambda run: [r["pool_bytes"] for r in rows if r["run"] == run]
     assert pool("locret") == pool("streamingllm") and len(set(pool("locret"))) == 1
-    assert pool("full")[1] > pool("full")[0] and pool(bench.NO_EVICT) == pool("full")
+    turned = [r["pool_bytes"] - r["pool_capacity"] * 2 * 16 * 4 for r in rows if r["run"] == bench.NO_EVICT]
+    assert pool("full")[1] > pool("full")[0] and turned == pool("full")  # + a layer of keys turned to their slots
     assert len(set(pool(bench.INT8))) == 1 and pool(bench.INT8)[0] < 0.75 * pool("locret")[0]  # int8 K, V (+ scales)
     for run in ("locret", bench.INT8):
         assert [r["kept_after_prefill"] for r in rows if r["run"] == run] == [64 + 16] * 2  # budget + n_loc tail
@@ -183,6 +184,8 @@ def test_breakdown_splits_prefill_and_decode_by_component(tiny_chat_model, tmp_p
     full = json.loads((tmp_path / "full.json").read_text())
     assert full["dtype"] == default_dtype("cpu")  # no --dtype: the device's default
     assert full["prefill"]["retaining heads"] == full["prefill"]["policy scoring"] == full["prefill"]["eviction"] == 0
+    breakdown.main(breakdown.parse_args([*common, "--policy", "streamingllm", "--kv-int8", "--out", str(tmp_path / "int8.json")]))
+    assert json.loads((tmp_path / "int8.json").read_text())["settings"]["kv_int8"] and not r["settings"]["kv_int8"]
     script = Path(breakdown.__file__)  # as a command: bad input is one line, not a traceback
     done = subprocess.run([sys.executable, str(script), "--ckpt", str(tmp_path / "missing")], capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.startswith("error: unknown model") and len(done.stderr.splitlines()) == 1

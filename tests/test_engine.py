@@ -201,7 +201,8 @@ def test_pool_never_moves_and_has_the_same_size_for_1k_and_16k_prompts(model):
         with torch.inference_mode():
             context = Context(model, s, pool_capacity(s, n, 8), n)
             engine = context.engine
-            buffers = (engine.pool.k, engine.pool.v, engine.pool.scores, engine.pool.index, engine.pool.scratch)
+            pool = engine.pool
+            buffers = (pool.k, pool.v, pool.scores, pool.index, pool.scratch, pool.turned)
             before = [(b.data_ptr(), b.shape) for b in buffers]
             logits = context.prefill(prompt)
             for _ in range(8):

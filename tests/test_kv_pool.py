@@ -169,13 +169,15 @@ def test_evict_with_no_stabilizers_is_plain_top_k():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("capacity,batch", [(16, 1), (37, 3)])
-def test_bytes_needed_matches_allocation(dtype, capacity, batch):
+@pytest.mark.parametrize("turned_keys", [False, True])
+def test_bytes_needed_matches_allocation(dtype, capacity, batch, turned_keys):
     config = tiny_config()
-    pool = KVPool(config, capacity=capacity, batch=batch, dtype=dtype)
-    assert KVPool.bytes_needed(config, capacity, batch, dtype) == pool.nbytes
-    # and, counted directly: K, V and one layer of scratch in `dtype`, scores fp32, indices int64
+    pool = KVPool(config, capacity=capacity, batch=batch, dtype=dtype, turned_keys=turned_keys)
+    assert KVPool.bytes_needed(config, capacity, batch, dtype, turned_keys=turned_keys) == pool.nbytes
+    # and, counted directly: K, V, one layer of scratch (and of turned keys) in `dtype`, scores fp32, indices int64
     elem = torch.tensor([], dtype=dtype).element_size()
-    direct = (2 * L + 1) * batch * KVH * capacity * D * elem + L * batch * KVH * capacity * (4 + 8)
+    layers_of_kv = 2 * L + 1 + turned_keys
+    direct = layers_of_kv * batch * KVH * capacity * D * elem + L * batch * KVH * capacity * (4 + 8)
     assert pool.nbytes == direct
 
 

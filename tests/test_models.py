@@ -155,3 +155,24 @@ def test_one_bf16_query_on_cpu_attends_in_fp32():
     chunk = attend(q.expand(1, 6, 3, 16).bfloat16(), k.bfloat16(), v.bfloat16(), None, True)
     assert torch.equal(chunk, F.scaled_dot_product_attention(q.expand(1, 6, 3, 16).bfloat16(), k.bfloat16(), v.bfloat16(),
                                                              is_causal=True, enable_gqa=True))
+
+
+@pytest.mark.parametrize("rotary_dim", [16, 8])  # full and partial rotary (Phi-3 style)
+def test_apply_rope_matches_transformers_and_writes_into_a_buffer(rotary_dim):
+    """Our RoPE gives transformers' values (bitwise, fp32 and bf16); into a buffer it returns that buffer, with
+    every value within one rounding (the dtype's epsilon, at the inputs' scale) of the float64 result."""
+    from transformers.models.llama.modeling_llama import rotate_half
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 10, 16)
+    angles = torch.randn(10, rotary_dim // 2) * 3
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    for dtype in (torch.float32, torch.bfloat16):
+        xd, c, s = x.to(dtype), cos.to(dtype), sin.to(dtype)
+        x_rot, x_pass = xd[..., :rotary_dim], xd[..., rotary_dim:]
+        theirs = torch.cat((x_rot * c + rotate_half(x_rot) * s, x_pass), dim=-1)
+        assert torch.equal(apply_rope(xd, c, s), theirs)
+        buffer = torch.full_like(xd, float("nan"))
+        into = apply_rope(xd, c, s, out=buffer)
+        assert into is buffer
+        exact = apply_rope(xd.double(), c.double(), s.double())
+        assert (into.double() - exact).abs().max() <= torch.finfo(dtype).eps * xd.abs().max()
