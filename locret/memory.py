@@ -61,7 +61,7 @@ def activation_bytes(model: CausalLM, tokens: int, attended: int, policy: str, k
     freed layer by layer): hidden states, q/k/v, MLP, attention weights (twice: logits and softmax; for
     policies that read attention, again for a block of queries, and the keys in fp32), compact mode's
     cos/sin table (its turned keys have a buffer in the pool), retaining head, the
-    last token's logits, and with `kv_int8` the layer's K and V dequantized (with two fp32 temporaries)."""
+    last token's logits, and with `kv_int8` the layer's K and V dequantized (through one fp32 temporary)."""
     c, item = model.config, model.lm_head.weight.element_size()
     hidden = 4 * tokens * c.hidden_size * item
     qkv = 2 * tokens * c.qkv_size * item
@@ -71,7 +71,7 @@ def activation_bytes(model: CausalLM, tokens: int, attended: int, policy: str, k
     if policy in ("h2o", "snapkv", "tova"):  # policies.py: QUERY_BLOCK queries at a time
         attention += 2 * c.num_attention_heads * min(tokens, QUERY_BLOCK) * attended * 4
         attention += c.num_key_value_heads * attended * c.head_dim * 4
-    dequantized = c.num_key_value_heads * attended * c.head_dim * (2 * item + 2 * 4) if kv_int8 else 0
+    dequantized = c.num_key_value_heads * attended * c.head_dim * (2 * item + 4) if kv_int8 else 0
     heads = [h for h in model.retaining_heads if h is not None]
     head = tokens * heads[0].fc1.out_features * item if heads else 0
     return hidden + qkv + mlp + attention + slot_rope + dequantized + head + c.vocab_size * 4
