@@ -24,7 +24,9 @@ def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values.flatten(-2), scale
 
 
-def dequantize(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of `quantize`: int8 [..., D] and fp16 scales [..., D // g] -> [..., D] in `dtype`."""
-    groups = values.float().unflatten(-1, (scale.shape[-1], -1))  # [..., D // g, g]
-    return groups.mul_(scale[..., None]).flatten(-2).to(dtype)  # in place: one fp32 temporary, not two
+def dequantize(values: torch.Tensor, scale: torch.Tensor, work: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of `quantize`: int8 [..., D] and fp16 scales [..., D // g] -> values x scale, computed in `work`
+    (fp32, the values' shape) and copied into `out` (any dtype) if given: no cache-sized temporaries."""
+    work.copy_(values)
+    work.unflatten(-1, (scale.shape[-1], -1)).mul_(scale[..., None].float())  # [..., D // g, g] x [..., D // g, 1]
+    return work if out is None else out.copy_(work)

@@ -7,7 +7,7 @@ their slots at each forward. Only KV heads are stored. New
 entries are written into the free tail; eviction keeps the top entries per KV head, in their
 original order, gathered into the front of the same buffers through a preallocated scratch.
 With `int8`, K and V are stored as int8 with an fp16 scale per group of values (int8.py) and each
-read returns them in the model's dtype."""
+read dequantizes one layer's into preallocated buffers in the model's dtype."""
 import torch
 
 from models import ModelConfig
@@ -33,8 +33,11 @@ class KVPool:
         self.scratch = torch.zeros(batch, H, capacity, D, dtype=stored, device=device)  # one layer's K or V
         scales = lambda: torch.zeros(L, batch, H, capacity, D // group_size(D), dtype=SCALE_DTYPE, device=device)
         self.scales = (scales(), scales()) if int8 else ()  # int8: K's and V's scales per group of values
+        layer_buffer = lambda dtype: torch.zeros(batch, H, capacity, D, dtype=dtype, device=device)
+        self.work = layer_buffer(torch.float32) if int8 else None  # int8: dequantizing one layer's K or V in fp32
+        self.dequantized = (layer_buffer(dtype), layer_buffer(dtype)) if int8 else ()  # and its K, V read back
         # compact mode: one layer's keys turned to their slots, in the model's dtype (None: keys are stored rotated)
-        self.turned = torch.zeros(batch, H, capacity, D, dtype=dtype, device=device) if turned_keys else None
+        self.turned = layer_buffer(dtype) if turned_keys else None
         self.capacity, self.dtype = capacity, dtype
         self.length = 0  # filled entries, the same in every layer and head
         self.seen = 0  # tokens written so far: the prompt index of the next one
@@ -46,12 +49,15 @@ class KVPool:
         L, H, D = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
         kv = (2 * L + 1) * batch * H * capacity * D * (1 if int8 else dtype.itemsize)  # K, V and the scratch
         scales = 2 * L * batch * H * capacity * D // group_size(D) * SCALE_DTYPE.itemsize if int8 else 0
-        turned = batch * H * capacity * D * dtype.itemsize if turned_keys else 0
-        return kv + scales + turned + L * batch * H * capacity * (4 + 8)  # scores (fp32) and token indices (int64)
+        layer = batch * H * capacity * D  # values in one layer's buffer
+        read_back = layer * (4 + 2 * dtype.itemsize) if int8 else 0  # the fp32 work buffer, K and V dequantized
+        turned = layer * dtype.itemsize if turned_keys else 0
+        return kv + scales + read_back + turned + L * batch * H * capacity * (4 + 8)  # scores (fp32), indices (int64)
 
     @property
     def nbytes(self) -> int:
-        buffers = (self.k, self.v, self.scores, self.index, self.scratch, *self.scales, self.turned)
+        buffers = (self.k, self.v, self.scores, self.index, self.scratch, *self.scales, self.work, *self.dequantized,
+                   self.turned)
         return sum(t.nbytes for t in buffers if t is not None)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,11 +76,14 @@ class KVPool:
         return self.read(layer, end)
 
     def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`layer`'s first `end` K, V [B, KVH, end, D] in the model's dtype (int8: dequantized copies)."""
+        """`layer`'s first `end` K, V [B, KVH, end, D] in the model's dtype (int8: dequantized into buffers that
+        the next read overwrites)."""
         k, v = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
         if not self.scales:
             return k, v
-        return tuple(dequantize(t, scale[layer, :, :, :end], self.dtype) for t, scale in zip((k, v), self.scales))
+        work = self.work[:, :, :end]
+        return tuple(dequantize(t, scale[layer, :, :, :end], work, out[:, :, :end])
+                     for t, scale, out in zip((k, v), self.scales, self.dequantized))
 
     def attention_mask(self, n_new: int) -> torch.Tensor | None:
         """[n_new, length + n_new] bool: new tokens see all filled entries and, causally, each other.

@@ -56,12 +56,12 @@ class MemoryEstimate:
         return self.held + self.pool + self.activations
 
 
-def activation_bytes(model: CausalLM, tokens: int, attended: int, policy: str, kv_int8: bool = False) -> int:
+def activation_bytes(model: CausalLM, tokens: int, attended: int, policy: str) -> int:
     """Upper bound on one layer's working memory for `tokens` queries over `attended` entries (they are
     freed layer by layer): hidden states, q/k/v, MLP, attention weights (twice: logits and softmax; for
     policies that read attention, again for a block of queries, and the keys in fp32), compact mode's
-    cos/sin table (its turned keys have a buffer in the pool), retaining head, the
-    last token's logits, and with `kv_int8` the layer's K and V dequantized (through one fp32 temporary)."""
+    cos/sin table (its turned keys, like int8's dequantized K and V, have buffers in the pool), retaining
+    head and the last token's logits."""
     c, item = model.config, model.lm_head.weight.element_size()
     hidden = 4 * tokens * c.hidden_size * item
     qkv = 2 * tokens * c.qkv_size * item
@@ -71,10 +71,9 @@ def activation_bytes(model: CausalLM, tokens: int, attended: int, policy: str, k
     if policy in ("h2o", "snapkv", "tova"):  # policies.py: QUERY_BLOCK queries at a time
         attention += 2 * c.num_attention_heads * min(tokens, QUERY_BLOCK) * attended * 4
         attention += c.num_key_value_heads * attended * c.head_dim * 4
-    dequantized = c.num_key_value_heads * attended * c.head_dim * (2 * item + 4) if kv_int8 else 0
     heads = [h for h in model.retaining_heads if h is not None]
     head = tokens * heads[0].fc1.out_features * item if heads else 0
-    return hidden + qkv + mlp + attention + slot_rope + dequantized + head + c.vocab_size * 4
+    return hidden + qkv + mlp + attention + slot_rope + head + c.vocab_size * 4
 
 
 def estimate(model: CausalLM, settings, capacity: int, held: int | None = None) -> MemoryEstimate:
@@ -85,7 +84,7 @@ def estimate(model: CausalLM, settings, capacity: int, held: int | None = None) 
     p = model.lm_head.weight
     pool = pool_bytes(settings, model.config, capacity, p.dtype)
     step = min(settings.chunk, capacity)
-    return MemoryEstimate(held, pool, activation_bytes(model, step, capacity, settings.policy, settings.kv_int8))
+    return MemoryEstimate(held, pool, activation_bytes(model, step, capacity, settings.policy))
 
 
 def largest_budget(model: CausalLM, settings, limit: int, capacity_of, upper: int, held: int | None = None) -> int:

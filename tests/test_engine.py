@@ -337,4 +337,5 @@ def test_int8_pool_stays_close_to_full_attention_and_evicts_as_planned(model, po
     assert len(out) == 6 and stats.chunks == plain_stats.chunks and stats.pool_bytes < plain_stats.pool_bytes
     capacity = pool_capacity(small, 200, 6)
     assert estimate(model, small, capacity).pool == stats.pool_bytes
-    assert estimate(model, small, capacity).activations > estimate(model, replace(small, kv_int8=False), capacity).activations
+    # dequantizing needs no temporaries: the pool holds its buffers
+    assert estimate(model, small, capacity).activations == estimate(model, replace(small, kv_int8=False), capacity).activations

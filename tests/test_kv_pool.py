@@ -260,12 +260,13 @@ def test_int8_round_trip_is_within_half_a_step_of_each_group_own_scale():
     assert values.dtype == torch.int8 and scale.shape == (2, 3, 50, 4) and scale.dtype == torch.float16
     groups = x.unflatten(-1, (4, 16))
     torch.testing.assert_close(scale.float(), (groups.abs().amax(dim=-1) / 127).clamp(min=2**-14), rtol=2**-10, atol=0)
-    back = dequantize(values, scale, torch.float32)
+    back = dequantize(values, scale, torch.empty(x.shape))
     assert ((back - x).unflatten(-1, (4, 16)).abs() <= scale.float()[..., None] / 2 * 1.01).all()
     assert torch.equal(back[1, 2, 3], torch.zeros(64))
     error = (back - x).abs()
     assert error[0, 1, 7, 16:32].max() > 1 and error[0, 1, 7, :16].max() < 0.03  # randn: max |x| ~ 3, step 3 / 127
-    assert dequantize(values, scale, torch.bfloat16).dtype == torch.bfloat16
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    assert dequantize(values, scale, torch.empty(x.shape), out) is out and torch.equal(out, back.bfloat16())
     assert group_size(64) == 16 and group_size(96) == 16 and group_size(72) == 8 and group_size(8) == 8
 
 
@@ -280,12 +281,12 @@ def test_int8_pool_evicts_the_same_entries_and_keeps_their_scales(batch):
             pool.scores[layer] = m.score[layer]
         pool.advance(14)
     assert pools[1].k.dtype == torch.int8 and k_all.dtype == torch.float32  # reads come back in the model dtype
-    torch.testing.assert_close(k_all, dequantize(*quantize(m.k[L - 1]), torch.float32))
+    torch.testing.assert_close(k_all, dequantize(*quantize(m.k[L - 1]), torch.empty(m.k[L - 1].shape)))
     kept = [pool.evict(keep=6, protect=2) for pool in pools]
     assert torch.equal(kept[0], kept[1]) and torch.equal(pools[0].index, pools[1].index)
     for layer in range(L):
         rows = kept[1][layer][..., None].expand(-1, -1, -1, D)
-        expected = [dequantize(*quantize(t[layer].gather(2, rows)), torch.float32) for t in (m.k, m.v)]
+        expected = [dequantize(*quantize(t[layer].gather(2, rows)), torch.empty(rows.shape)) for t in (m.k, m.v)]
         for got, want in zip(pools[1].read(layer, 6), expected):
             assert torch.equal(got, want)
 
@@ -294,7 +295,8 @@ def test_int8_pool_bytes():
     config = tiny_config(head_dim=64)
     pool = KVPool(config, capacity=40, batch=2, dtype=torch.bfloat16, int8=True)
     assert KVPool.bytes_needed(config, 40, 2, torch.bfloat16, int8=True) == pool.nbytes
-    direct = (2 * L + 1) * 2 * KVH * 40 * 64 * 1 + 2 * L * 2 * KVH * 40 * 4 * 2 + L * 2 * KVH * 40 * (4 + 8)
+    direct = ((2 * L + 1) * 2 * KVH * 40 * 64 * 1 + 2 * L * 2 * KVH * 40 * 4 * 2 + L * 2 * KVH * 40 * (4 + 8)
+              + 2 * KVH * 40 * 64 * (4 + 2 * 2))  # one layer dequantized: fp32 work, K and V in bf16
     assert pool.nbytes == direct
     kv_bytes = lambda p: sum(t.nbytes for t in (p.k, p.v, *p.scales))
     bf16 = KVPool(config, capacity=40, batch=2, dtype=torch.bfloat16)
