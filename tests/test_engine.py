@@ -100,6 +100,30 @@ def check_keys_turned_to_their_positions(model, monkeypatch, settings, prompt, a
 
 
 @pytest.mark.parametrize("positions", ["compact", "original"])
+def test_compact_mode_turns_keys_in_the_pools_buffer(model, positions):
+    """Compact mode's keys, turned to their slots at each forward, land in the pool's one-layer buffer (no
+    cache-sized temporaries); with original positions keys are stored rotated and there is no such buffer."""
+    s = EngineSettings(policy="knorm", budget=20, chunk=16, stabilizers=6, n_loc=4, positions=positions)
+    with torch.inference_mode():
+        context = Context(model, s, pool_capacity(s, 60, 2), 60)
+        context.prefill(prompt_of(60, seed=2))
+        engine, where = context.engine, []
+        update = engine.cache.update
+
+        def recording(layer, *args):
+            k, v = update(layer, *args)
+            where.append(k.data_ptr())
+            return k, v
+        engine.cache.update = recording
+        engine.forward([5], scoring=False)
+    turned = engine.pool.turned
+    if positions == "compact":
+        assert turned is not None and set(where) == {turned.data_ptr()}
+    else:
+        assert turned is None and len(set(where)) == model.config.num_hidden_layers  # each layer's own K
+
+
+@pytest.mark.parametrize("positions", ["compact", "original"])
 def test_kept_keys_are_rotated_to_their_positions(model, monkeypatch, positions):
     s = EngineSettings(policy="knorm", budget=20, chunk=16, stabilizers=6, n_loc=4, positions=positions)
     check_keys_turned_to_their_positions(model, monkeypatch, s, prompt_of(90, seed=1), atol=1e-5)

@@ -281,6 +281,7 @@ def test_int8_pool_evicts_the_same_entries_and_keeps_their_scales(batch):
             pool.scores[layer] = m.score[layer]
         pool.advance(14)
     assert pools[1].k.dtype == torch.int8 and k_all.dtype == torch.float32  # reads come back in the model dtype
+    assert k_all.data_ptr() == pools[1].dequantized[0].data_ptr()  # in the pool's buffer: no cache-sized temporary
     torch.testing.assert_close(k_all, dequantize(*quantize(m.k[L - 1]), torch.empty(m.k[L - 1].shape)))
     kept = [pool.evict(keep=6, protect=2) for pool in pools]
     assert torch.equal(kept[0], kept[1]) and torch.equal(pools[0].index, pools[1].index)
