@@ -120,7 +120,7 @@ class PolicyCache:
             k_all, v_all = self.pool.write(layer, k, v)
             S = k_all.shape[2]
             cos, sin = (t[:S] for t in self.slot_rope)
-            k_all = apply_rope(k_all, cos, sin, out=self.pool.turned[:, :, :S])  # in place of S temporaries
+            k_all = apply_rope(k_all, cos, sin, out=self.pool.turned[:, :, :S])  # no cache-sized temporaries
         if self.scoring:
             S, T = k_all.shape[2], k.shape[2]
             scores = self.pool.scores[layer, :, :, :S]

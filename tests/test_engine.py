@@ -66,13 +66,14 @@ def record_pre_rope_keys(model, monkeypatch):
     return lambda layer: torch.cat(keys[layer], dim=1)[0]  # [tokens, KVH, D]
 
 
-def keys_attended(engine, token):
-    """Every layer's keys as attention sees them [KVH, n, D] when `token` is decoded next."""
+def keys_attended(engine, token, record=lambda k: k[0, :, :-1].clone()):
+    """Every layer's keys as attention sees them when `token` is decoded next: by default [KVH, n, D], without
+    the new token's own key; `record` keeps something else of each layer's keys."""
     seen, update = {}, engine.cache.update
 
     def recording(layer, *args):
         k, v = update(layer, *args)
-        seen[layer] = k[0, :, :-1].clone()  # without the new token's own key
+        seen[layer] = record(k)
         return k, v
     engine.cache.update = recording
     engine.forward([token], scoring=False)
@@ -107,15 +108,8 @@ def test_compact_mode_turns_keys_in_the_pools_buffer(model, positions):
     with torch.inference_mode():
         context = Context(model, s, pool_capacity(s, 60, 2), 60)
         context.prefill(prompt_of(60, seed=2))
-        engine, where = context.engine, []
-        update = engine.cache.update
-
-        def recording(layer, *args):
-            k, v = update(layer, *args)
-            where.append(k.data_ptr())
-            return k, v
-        engine.cache.update = recording
-        engine.forward([5], scoring=False)
+        engine = context.engine
+        where = keys_attended(engine, 5, record=lambda k: k.data_ptr()).values()
     turned = engine.pool.turned
     if positions == "compact":
         assert turned is not None and set(where) == {turned.data_ptr()}
