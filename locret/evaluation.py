@@ -23,6 +23,7 @@ class Encoded:
     answer: list[int]  # gold continuation, teacher-forced for fidelity
     needles: list[range]  # token positions of each needle in the prompt (special tokens counted)
     question_tokens: int  # prompt tokens after the context: the question, the answer cue
+    preamble_tokens: int  # prompt tokens before the context: the instruction (and a task's worked example)
 
 
 @dataclass
@@ -69,8 +70,9 @@ def encode_item(tokenizer: Tokenizer, item: Item, form: str) -> Encoded:
         start = text.find(needle)
         if start >= 0:  # from the token holding its first character to the one holding its last
             needles.append(range(count(start + 1) - 1, count(start + len(needle))))
-    context_end = text.rfind(item.context) + len(item.context) if item.context else 0
-    return Encoded(prompt, answer, needles, len(prompt) - count(context_end))
+    context_start = text.rfind(item.context) if item.context else 0
+    context_end = context_start + len(item.context)
+    return Encoded(prompt, answer, needles, len(prompt) - count(context_end), count(context_start + 1) - 1)
 
 
 def needle_retention(pool: KVPool, needles: list[range], body: int) -> float:

@@ -274,3 +274,28 @@ def test_sensitivity_bad_flags_are_one_line(flags, message, capsys):
     with pytest.raises(SystemExit):
         sensitivity.parse_args(flags)
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_kept_splits_the_pool_by_part_of_the_prompt(heldout_heads, tmp_path, capsys):
+    from types import SimpleNamespace
+    from bench import kept
+    from locret.evaluation import Encoded
+    encoded = Encoded(list(range(12)), [], [range(5, 7)], 2, 3)  # preamble 0-2, needle 5-6, question 10-11
+    part = kept.parts_of(encoded, 10)
+    assert part.tolist() == [0, 0, 0, 2, 2, 1, 1, 2, 2, 2]
+    pool = SimpleNamespace(index=torch.tensor([[[[0, 5, 8, 9], [5, 6, 1, 2]]]]), length=4)  # [L, B, KVH, n]
+    by_part, needles = kept.kept_shares(pool, part)
+    assert by_part == pytest.approx([3 / 8, 3 / 8, 2 / 8]) and needles == pytest.approx((1 + 2) / 2 / 2)
+    flags = heldout_heads + ["--task", "heldout_val", "--budget", "1/4", "--policies", "locret,streamingllm",
+                             "--n", "2", "--show", "--out", str(tmp_path / "kept")]
+    kept.main(kept.parse_args(flags))
+    out = capsys.readouterr().out
+    table = (tmp_path / "kept.md").read_text()
+    assert out.endswith(table) and "locret, item 0" in out and "streamingllm, item 0" in out
+    rows = {line.split(" | ")[0][2:]: [float(x.strip(" |%")) for x in line.split(" | ")[1:]]
+            for line in table.splitlines()[5:]}
+    assert list(rows) == ["locret", "streamingllm"]
+    assert all(sum(r[:3]) == pytest.approx(100, abs=2) and 0 <= r[3] <= 100 for r in rows.values())
+    with pytest.raises(SystemExit):
+        kept.parse_args(heldout_heads + ["--budget", "abc"])
+    assert "--budget must be a fraction" in capsys.readouterr().err

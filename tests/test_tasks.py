@@ -10,6 +10,7 @@ from locret import haystack, heldout, tasks as T, train_data as td
 from locret.task_base import words_of
 from locret.default_model import ensure_default_model
 from locret.errors import LocretError
+from locret.evaluation import encode_item
 from locret.tokenizer import Tokenizer
 
 REAL_ESSAYS = haystack.essays
@@ -370,3 +371,15 @@ def test_heldout_splits_read_different_documents(tmp_path, monkeypatch):
     with pytest.raises(LocretError, match="apt-get install r-cran-janeaustenr"):
         heldout.paragraphs("val")
     heldout.paragraphs.cache_clear()
+
+
+@pytest.mark.parametrize("task", ["vt", "passkey"])
+def test_encoding_splits_preamble_context_and_question(tok, task):
+    item = T.make_item(task, 1, 0, tok, 2048)
+    encoded = encode_item(tok, item, "completion")
+    body = len(encoded.prompt) - encoded.question_tokens
+    preamble, context = tok.decode(encoded.prompt[:encoded.preamble_tokens]), tok.decode(encoded.prompt[:body])
+    before = T.completion_prompt(item)[:T.completion_prompt(item).rfind(item.context)]  # instruction, example
+    assert item.instruction.strip()[:40] in preamble and before.rstrip().endswith(preamble.rstrip()[-30:])
+    assert context.rstrip().endswith(item.context.rstrip()[-20:]) and item.question not in context
+    assert all(encoded.preamble_tokens <= r.start and r.stop <= body for r in encoded.needles)
