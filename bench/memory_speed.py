@@ -220,11 +220,11 @@ def progress(row: dict) -> str:
 
 # ---- GPU: published shapes, random weights, one process ----
 
-def random_model(hf: dict, device: str) -> torch.nn.Module:
-    """The architecture of `hf` in bf16 on `device`, normal(0, 0.02) matrices, unit norms, with retaining heads."""
+def random_model(hf: dict, device: str, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """The architecture of `hf` in `dtype` on `device`, normal(0, 0.02) matrices, unit norms, with retaining heads."""
     config = config_from_hf(hf)
     with torch.device("meta"):
-        model = MODEL_TYPES[hf["model_type"]](config).to(torch.bfloat16)
+        model = MODEL_TYPES[hf["model_type"]](config).to(dtype)
     model = model.to_empty(device=device)
     with torch.no_grad():
         for p in model.parameters():

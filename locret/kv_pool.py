@@ -54,11 +54,15 @@ class KVPool:
         turned = layer * dtype.itemsize if turned_keys else 0
         return kv + scales + read_back + turned + L * batch * H * capacity * (4 + 8)  # scores (fp32), indices (int64)
 
+    def buffers(self) -> list[torch.Tensor]:
+        """Every tensor the pool allocated."""
+        every = (self.k, self.v, self.scores, self.index, self.scratch, *self.scales, self.work, *self.dequantized,
+                 self.turned)
+        return [t for t in every if t is not None]
+
     @property
     def nbytes(self) -> int:
-        buffers = (self.k, self.v, self.scores, self.index, self.scratch, *self.scales, self.work, *self.dequantized,
-                   self.turned)
-        return sum(t.nbytes for t in buffers if t is not None)
+        return sum(t.nbytes for t in self.buffers())
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, KVH, T, D] after the filled entries; return K, V [B, KVH, length + T, D]."""

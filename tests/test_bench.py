@@ -299,3 +299,26 @@ def test_kept_splits_the_pool_by_part_of_the_prompt(heldout_heads, tmp_path, cap
     with pytest.raises(SystemExit):
         kept.parse_args(heldout_heads + ["--budget", "abc"])
     assert "--budget must be a fraction" in capsys.readouterr().err
+
+
+def test_transient_measures_a_cut_model_in_a_fresh_process(capsys):
+    from bench import transient
+    from locret.kv_pool import KVPool
+    from models import config_from_hf
+    hf = dict(model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=4096, num_hidden_layers=6,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-5,
+              rope_theta=10000.0, tie_word_embeddings=False)
+    point = dict(model="tiny", hf=hf, settings=dict(budget=256, chunk=512, stabilizers=32, n_loc=16), layers=2,
+                 policy="locret", dtype="float32")
+    row = transient.spawn(point)
+    config, cut = config_from_hf(hf), config_from_hf(dict(hf, num_hidden_layers=2))
+    assert row["prompt_tokens"] == 256 + 2 * 512 + 16 and row["capacity"] == 256 + 512
+    assert row["pool_bytes"] == KVPool.bytes_needed(cut, 768, 1, torch.float32, turned_keys=True)
+    assert row["full_depth_pool_bytes"] == KVPool.bytes_needed(config, 768, 1, torch.float32, turned_keys=True)
+    # the MLP alone holds 3 x 512 x 4096 fp32 values (24 MiB) at once; the estimate's bound is close to what is used
+    assert 24 * 2**20 < row["transient_bytes"] < row["bound_bytes"] + 32 * 2**20
+    md = transient.table([row]).splitlines()
+    assert len(md) == 3 and md[2].startswith("| tiny | 2 | locret | float32 | 256 / 512 |")
+    with pytest.raises(SystemExit):
+        transient.parse_args(["--policies", "full"])
+    assert "unknown --policies full" in capsys.readouterr().err
