@@ -56,17 +56,29 @@ class MemoryEstimate:
         return self.held + self.pool + self.activations
 
 
+def sdpa_bytes(model: CausalLM, tokens: int, attended: int) -> int:
+    """What scaled_dot_product_attention holds for `tokens` queries over `attended` entries. CPU: it works in
+    blocks; its output, the chunk's boolean mask and its float copy of the mask, and for a bf16 decoding
+    step the fp32 copies of K and V (models/base.attend). Elsewhere a masked chunk can fall back to the math
+    kernel: logits and softmax, fp32 at most (README: Performance)."""
+    c, p = model.config, model.lm_head.weight
+    if p.device.type != "cpu":
+        return 2 * c.num_attention_heads * tokens * attended * 4
+    decode_copies = 2 * c.num_key_value_heads * attended * c.head_dim * 4 if p.dtype == torch.bfloat16 else 0
+    return c.num_attention_heads * tokens * c.head_dim * p.element_size() + tokens * attended * 5 + decode_copies
+
+
 def activation_bytes(model: CausalLM, tokens: int, attended: int, policy: str) -> int:
     """Upper bound on one layer's working memory for `tokens` queries over `attended` entries (they are
-    freed layer by layer): hidden states, q/k/v, MLP, attention weights (twice: logits and softmax; for
-    policies that read attention, again for a block of queries, and the keys in fp32), compact mode's
-    cos/sin table (its turned keys, like int8's dequantized K and V, have buffers in the pool), retaining
-    head and the last token's logits."""
+    freed layer by layer): hidden states, q/k/v, MLP, attention (sdpa_bytes; for policies that read
+    attention, the weights of a block of queries, twice, and the keys in fp32), compact mode's cos/sin
+    table (its turned keys, like int8's dequantized K and V, have buffers in the pool), retaining head and
+    the last token's logits."""
     c, item = model.config, model.lm_head.weight.element_size()
     hidden = 4 * tokens * c.hidden_size * item
     qkv = 2 * tokens * c.qkv_size * item
     mlp = 3 * tokens * c.intermediate_size * item
-    attention = 2 * c.num_attention_heads * tokens * attended * 4
+    attention = sdpa_bytes(model, tokens, attended)
     slot_rope = 2 * attended * c.head_dim * item
     if policy in ("h2o", "snapkv", "tova"):  # policies.py: QUERY_BLOCK queries at a time
         attention += 2 * c.num_attention_heads * min(tokens, QUERY_BLOCK) * attended * 4

@@ -357,3 +357,31 @@ def test_int8_pool_stays_close_to_full_attention_and_evicts_as_planned(model, po
     assert estimate(model, small, capacity).pool == stats.pool_bytes
     # dequantizing needs no temporaries: the pool holds its buffers
     assert estimate(model, small, capacity).activations == estimate(model, replace(small, kv_int8=False), capacity).activations
+
+
+def test_cpu_attention_memory_stays_within_the_estimate():
+    """CPU sdpa with a mask and GQA works in blocks: a chunk's attention holds about its output and the float
+    copy of the mask (memory.sdpa_bytes), not the [H, T, S] weights. Measured in a fresh process."""
+    import subprocess
+    import sys
+    from bench.memory_speed import random_model
+    from locret.memory import sdpa_bytes
+    H, KVH, T, S, D = 8, 2, 256, 4096, 64
+    code = f"""
+import torch, torch.nn.functional as F
+from pathlib import Path
+from locret.memory import rss_bytes
+q, k, v = torch.randn(1, {H}, {T}, {D}), torch.randn(1, {KVH}, {S}, {D}), torch.randn(1, {KVH}, {S}, {D})
+mask = torch.arange({S})[None, :] <= {S - T} + torch.arange({T})[:, None]
+F.scaled_dot_product_attention(q[:, :, :4], k, v, attn_mask=mask[:4], enable_gqa=True)  # set-up, a smaller call
+before = rss_bytes()
+Path("/proc/self/clear_refs").write_text("5")
+F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+print(rss_bytes("VmHWM") - before)"""
+    used = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    model = random_model(dict(model_type="llama", vocab_size=64, hidden_size=H * D, intermediate_size=64,
+                              num_hidden_layers=1, num_attention_heads=H, num_key_value_heads=KVH,
+                              max_position_embeddings=S, rms_norm_eps=1e-5, rope_theta=1e4,
+                              tie_word_embeddings=False), "cpu", torch.float32)
+    weights = H * T * S * 4  # 32 MiB, what materialized attention weights would take
+    assert H * T * D * 4 <= used <= sdpa_bytes(model, T, S) + 2**20 < weights / 4  # at least its output
