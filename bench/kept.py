@@ -17,10 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import torch
 from tqdm import tqdm
 
-from eval import parse_budget
+import eval as cli
 from locret.context import Context
 from locret.devices import default_device, default_dtype
-from locret.engine import EngineSettings, pool_capacity
+from locret.engine import pool_capacity
 from locret.errors import run_script
 from locret.evaluation import Encoded, encode_item
 from locret.heads import load_heads, trained_eviction
@@ -67,18 +67,17 @@ def main(args: argparse.Namespace) -> None:
     device = args.device or default_device()
     tokenizer, model = Tokenizer(folder), load_model(folder, device, DTYPES[args.dtype or default_dtype(device)])
     heads = find_heads(args.heads, entry, model) if "locret" in args.policies else None
-    eviction = trained_eviction(load_heads(model, heads)) if heads else "per-head"
+    defaults = cli.parse_args(["--n-loc", "question"])  # eval.py's settings at its defaults
+    defaults.heads_eviction = trained_eviction(load_heads(model, heads)) if heads else "per-head"
     base = entry.settings if entry else GENERIC_SETTINGS
-    budget = parse_budget(args.budget, args.length)
+    budget = cli.parse_budget(args.budget, args.length)
     sums = {p: [0.0] * (len(PARTS) + 1) for p in args.policies}
     for index in tqdm(range(args.n), desc="items", file=sys.stderr):
         item = make_item(args.task, index, args.seed, tokenizer, args.length)
         encoded = encode_item(tokenizer, item, "completion")
         body = len(encoded.prompt) - encoded.question_tokens
         for policy in args.policies:
-            settings = EngineSettings(policy, budget, base.chunk, base.stabilizers_for(budget), encoded.question_tokens,
-                                      span=base.span, eviction=eviction if policy == "locret" else "per-head",
-                                      shared_layers=base.shared_layers)
+            settings = cli.settings_for(policy, budget, defaults, base, encoded.question_tokens)
             context = Context(model, settings, pool_capacity(settings, len(encoded.prompt), 1), len(encoded.prompt))
             context.feed(encoded.prompt[:body])
             context.close()
@@ -118,7 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.n < 1 or args.length < 1:
         p.error("--n and --length must be positive")
     try:
-        parse_budget(args.budget, args.length)
+        cli.parse_budget(args.budget, args.length)
     except (ValueError, ZeroDivisionError):
         p.error(f"--budget must be a fraction (1/8) or an integer (512), got {args.budget!r}")
     return args
