@@ -134,7 +134,8 @@ def validate(model, tokenizer, args, evicted: tuple | None) -> tuple[float, floa
     """Mean loss and top-10% overlap on held-out samples (a seed training never uses)."""
     losses, overlaps = [], []
     for i in range(args.val_samples):
-        sample = make_sample(i, args.seed + 1_000_003, tokenizer, args.min_tokens, args.max_tokens)
+        sample = make_sample(i, args.seed + 1_000_003, tokenizer, args.min_tokens, args.max_tokens,
+                             args.worked_examples)
         pred, label = heads_forward(model, *encode_sample(tokenizer, sample), args.target, evicted)
         losses.append(LOSSES[args.target](pred, label, args.alpha).item())
         overlaps.append(topk_overlap(pred, label))
@@ -169,7 +170,8 @@ def main(args: argparse.Namespace) -> None:
     bar = tqdm(total=args.steps, initial=step, desc="train", disable=not rank.main, file=sys.stderr)
     started, tokens, lengths = time.perf_counter(), 0, []
     while step < args.steps:
-        sample = make_sample(step * rank.world + rank.index, args.seed, tokenizer, args.min_tokens, args.max_tokens)
+        sample = make_sample(step * rank.world + rank.index, args.seed, tokenizer, args.min_tokens, args.max_tokens,
+                             args.worked_examples)
         ids, prompt_len = encode_sample(tokenizer, sample)
         lengths.append(prompt_len)
         pred, label = heads_forward(model, ids, prompt_len, args.target, evicted)
@@ -229,7 +231,7 @@ PRESETS = {  # defaults by preset; any flag given wins
                 val_samples=6, save_every=10),
 }
 SAME_ON_RESUME = ("ckpt", "target", "head_hidden", "seed", "lr", "min_tokens", "max_tokens", "alpha", "weight_decay",
-                  "dtype", "evicted", "init")
+                  "dtype", "evicted", "init", "worked_examples")
 
 
 def valid_fraction(text: str) -> bool:
@@ -261,6 +263,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help=f"training samples, batch 1 ({preset('steps')})")
     p.add_argument("--min-tokens", type=int, help=f"shortest generated prompt ({preset('min_tokens')})")
     p.add_argument("--max-tokens", type=int, help=f"longest generated prompt ({preset('max_tokens')}; a preset's is cut to the model's context less 1/{ANSWER_SHARE})")
+    p.add_argument("--worked-examples", type=float, default=0.0, metavar="SHARE",
+                   help="share of the samples whose prompt opens with an answered example of its task, as few-shot "
+                        "prompts do (default: 0)")
     p.add_argument("--head-hidden", type=int, help=f"retaining head hidden size ({preset('head_hidden')})")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (official: torch's 0.01)")
     p.add_argument("--alpha", type=float, default=0.0025, help="smoothness weight (official: 0.0025)")
@@ -288,6 +293,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.from_preset = [key for key in PRESETS[args.preset] if getattr(args, key) is None]
     for key in args.from_preset:
         setattr(args, key, PRESETS[args.preset][key])
+    if not 0 <= args.worked_examples <= 1:
+        p.error(f"--worked-examples must be a share in [0, 1], not {args.worked_examples}")
     if args.steps < 1 or args.head_hidden < 1 or not 0 < args.min_tokens <= args.max_tokens:
         p.error("need --steps >= 1, --head-hidden >= 1 and 0 < --min-tokens <= --max-tokens")
     if args.save_every < 1 or args.val_every < 0 or (args.val_every and args.val_samples < 1) or (args.warmup or 0) < 0:

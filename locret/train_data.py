@@ -57,6 +57,10 @@ VT_SET = ["Let {name} equal {value}.", "Set {name} to {value}.", "The value of {
 VT_COPY = ["Let {name} equal {value}.", "Set {name} to whatever {value} holds.", "Copy {value} into {name}."]
 VT_QUESTIONS = ["Which names end up equal to {value}? Answer with the names, separated by commas.",
                 "Following all the assignments in the text, which names hold {value}? List them with commas."]
+EXAMPLE_OPENINGS = ["Here is a worked example of the task.", "An example first, with its answer:", "For instance:",
+                    "A solved example:", "Example (answered):", "First, a sample question and its answer."]
+EXAMPLE_CLOSINGS = ["Now the text to answer about:", "Your turn. The text:", "The real task follows.",
+                    "Now do the same for this document.", "Here is the document.", "Next, the actual text:"]
 CONTINUE_ASKS = ["", "Continue the text.", "What comes next?", "Go on from where the text stops."]
 RECALL_QUESTIONS = ["Earlier the text has a passage that begins \"{cue}\". How does it go on?",
                     "Repeat the words that follow \"{cue}\" in the text above.",
@@ -277,6 +281,19 @@ def tasks() -> list[str]:
     return list(SYNTHETIC) + natural
 
 
+def with_worked_example(generate):
+    """The task after a worked example of its own kind (a short context, its question and its answer), as
+    few-shot prompts open: the example's values look like the asked ones but are never asked."""
+    def build(rng, n_chars):
+        example_chars = int(n_chars * rng.uniform(0.1, 0.3))
+        example, question, answer, cue = generate(rng, example_chars)
+        example = f"{example}\n\n{question}\n{cue} {answer}".replace("\n ", "\n") if question else f"{example} {answer}"
+        context, question, answer, cue = generate(rng, n_chars - example_chars)
+        opening, closing = rng.choice(EXAMPLE_OPENINGS), rng.choice(EXAMPLE_CLOSINGS)
+        return f"{opening}\n\n{example}\n\n{closing}\n\n{context}", question, answer, cue
+    return build
+
+
 def render(context: str, question: str, cue: str, form: str) -> str:
     """The text before the answer: the context, the question, and in completion form the answer cue."""
     text = f"{context}\n\n{question}" if question else context
@@ -305,15 +322,20 @@ def fit_length(generate, seed_text: str, tokenizer, target: int, form: str, tole
     return best[0], best[1]
 
 
-def make_sample(index: int, seed: int, tokenizer, min_tokens: int, max_tokens: int) -> Sample:
+def make_sample(index: int, seed: int, tokenizer, min_tokens: int, max_tokens: int,
+                worked_examples: float = 0.0) -> Sample:
     """Sample `index` of the stream for `seed`: deterministic in (index, seed), so training can resume
-    anywhere and ranks can shard by index. Its prompt has about U[min_tokens, max_tokens] tokens."""
+    anywhere and ranks can shard by index. Its prompt has about U[min_tokens, max_tokens] tokens; a
+    `worked_examples` share of the prompts open with an answered example of their task."""
     rng = random.Random(f"{seed}:{index}")  # string seeds are hashed with sha512: stable across processes
     names = tasks()
     task = rng.choices(names, [WEIGHTS[t] for t in names])[0]
     target, form = rng.randint(min_tokens, max_tokens), rng.choice(["chat", "completion"])
+    generate = GENERATORS[task]
+    if worked_examples and random.Random(f"{seed}:{index}:example").random() < worked_examples:
+        generate = with_worked_example(generate)  # its own draw: the stream without examples is unchanged
     for attempt in range(20):  # a join of document pieces can form an evaluation phrase: redraw
-        prompt, answer = fit_length(GENERATORS[task], f"{seed}:{index}:{attempt}", tokenizer, target, form)
+        prompt, answer = fit_length(generate, f"{seed}:{index}:{attempt}", tokenizer, target, form)
         if answer.strip() and not has_eval_phrase(prompt) and not has_eval_phrase(answer):
             return Sample(task, prompt, answer, form)
     raise RuntimeError(f"sample {index} (seed {seed}): every draw held an evaluation phrase or no answer")

@@ -230,6 +230,8 @@ CASES = [
      heads_file(backbone_change={"hidden_size": 96}), "trained for another backbone"),
     ("train-evicted-whole", "train", ["--evicted", "1"], None, "--evicted must be a fraction in"),
     ("train-evicted-words", "train", ["--evicted", "an eighth"], None, "--evicted must be a fraction in"),
+    ("train-worked-examples-above-one", "train", ["--worked-examples", "1.5"], None, "--worked-examples must be a share"),
+    ("train-worked-examples-nan", "train", ["--worked-examples", "nan"], None, "--worked-examples must be a share"),
 ]
 
 

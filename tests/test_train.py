@@ -97,7 +97,8 @@ def test_resume_refuses_other_settings_and_cleans_a_half_written_state(tiny_chat
     stale.write_bytes(b"half a state file")  # a kill during the state write leaves this behind
     for flags, changed in ((["--head-hidden", "8"], "--head-hidden 16 -> 8"), (["--seed", "1"], "--seed 0 -> 1"),
                            (["--lr", "1e-3"], "--lr 0.003 -> 0.001"),
-                           (["--target", "shared"], "--target cis -> shared")):
+                           (["--target", "shared"], "--target cis -> shared"),
+                           (["--worked-examples", "0.5"], "--worked-examples 0.0 -> 0.5")):
         with pytest.raises(train.LocretError, match=changed):
             run_train(tiny_chat_model, out, "--steps", "3", "--resume", *flags)
     assert not stale.exists()

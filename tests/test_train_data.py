@@ -5,6 +5,7 @@ import builtins
 import io
 import itertools
 import json
+import random
 import re
 import subprocess
 import sys
@@ -157,10 +158,48 @@ def test_no_evaluation_phrases_or_heldout_templates():
                for part in re.split(r"\{\w+\}", statement + question + cue) if len(part.strip(" ,.:()")) > 12]
     assert len(phrases) > 8
     for i in range(150):
-        sample = td.make_sample(i, 3, TOK, 200, 1500)
+        sample = td.make_sample(i, 3, TOK, 200, 1500, worked_examples=0.3)
         text = (sample.prompt + "\n" + sample.answer).lower()
         assert not [p for p in td.EVAL_PHRASES if p.lower() in text], sample.task
         assert not [p for p in phrases if p.lower() in text], sample.task
+
+
+def test_worked_examples_open_their_share_of_prompts_and_leave_the_others_unchanged():
+    plain = [td.make_sample(i, 4, TOK, 400, 1200) for i in range(60)]
+    mixed = [td.make_sample(i, 4, TOK, 400, 1200, worked_examples=0.4) for i in range(60)]
+    opened = [m.prompt.startswith(tuple(td.EXAMPLE_OPENINGS)) for m in mixed]
+    assert 12 <= sum(opened) <= 36
+    assert all(m == p for m, p, o in zip(mixed, plain, opened) if not o)
+    assert not any(p.prompt.startswith(tuple(td.EXAMPLE_OPENINGS)) for p in plain)
+
+
+def split_example(sample):
+    """(opening, the answered example, closing, the text asked about) of a prompt with a worked example."""
+    opening = next(o for o in td.EXAMPLE_OPENINGS if sample.prompt.startswith(o + "\n\n"))
+    closing = next(c for c in td.EXAMPLE_CLOSINGS if f"\n\n{c}\n\n" in sample.prompt)
+    example, text = sample.prompt[len(opening) + 2:].split(f"\n\n{closing}\n\n", 1)
+    return opening, example, closing, text
+
+
+def test_worked_example_is_answered_and_only_the_later_text_is_asked():
+    """The example is a shorter instance of the same task with its question and answer; the asked values are in
+    the text after it."""
+    def generate(rng, n_chars):  # a task stand-in: one value in filler, asked
+        value = str(rng.randrange(10**8, 10**9))
+        return f"{'filler ' * (n_chars // 14)}{value} {'filler ' * (n_chars // 14)}", "Which number?", value, "It is"
+    for seed in range(3):
+        context, question, answer, cue = td.with_worked_example(generate)(random.Random(seed), 2000)
+        opening, example, closing, text = split_example(td.Sample("t", context, answer))
+        shown = re.fullmatch(r"[filer ]*(\d{9}) [filer ]*\n\nWhich number\?\nIt is (\d{9})", example)
+        assert shown and shown[1] == shown[2] != answer  # answered, with its own value
+        assert (question, cue) == ("Which number?", "It is") and answer in text and len(example) < len(text)
+    samples = [td.make_sample(i, 6, TOK, 600, 1500, worked_examples=1.0) for i in range(60)]
+    parts = [split_example(s) for s in samples]
+    assert len({p[0] for p in parts}) >= 4 and len({p[2] for p in parts}) >= 4  # the frames vary
+    assert all(len(example) < len(text) for _, example, _, text in parts)
+    facts = [(s, p) for s, p in zip(samples, parts) if s.task == "fact_lookup"]
+    assert len(facts) >= 10
+    assert all(v in text and v not in example for s, (_, example, _, text) in facts for v in s.answer.split(", "))
 
 
 def test_task_mix_covers_all_tasks():
