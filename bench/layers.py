@@ -1,10 +1,11 @@
 """Which layers' retaining heads find held-out needles: for each layer, and for ranges of layers, the share of
 needle tokens among the prompt's top eighth when tokens are ranked as a shared eviction ranks them (mean
 percentile rank over the layers' KV heads), in one full forward per item of the held-out suite's
-validation split (never the test split). What `--shared-layers` is chosen from.
+validation split (never the test split) or of another task. What `--shared-layers` is chosen from.
 
     python bench/layers.py                                    # default model and heads, 2K tokens, n = 24
     python bench/layers.py --ranges all,13-22 --n 8 --out runs/layers
+    python bench/layers.py --task vt --ranges 13-22 --share 0.0625 --n 12     # vt's chain at 1/16
 
 The last row is the training labels' own ranking (a token's best rank in any layer: train.py --target shared),
 what perfect heads would reach. Table to stdout and OUT.md."""
@@ -26,7 +27,7 @@ from locret.labels import LabelRecorder
 from locret.loading import DTYPES, load_model
 from locret.official_heads import find_heads
 from locret.ranking import best_rank, percentile_rank, shared_rank
-from locret.tasks import make_item
+from locret.tasks import TASKS, make_item
 from locret.tokenizer import Tokenizer
 from locret.zoo import DEFAULT_MODEL, resolve_checkpoint
 
@@ -53,7 +54,7 @@ def main(args: argparse.Namespace) -> None:
     rows |= {name: layer_slice(name, n_layers, "--ranges") for name in args.ranges}  # parsed once, checked
     shares = {row: [] for row in [*rows, LABELS]}
     for index in tqdm(range(args.n), desc="items", file=sys.stderr):
-        encoded = encode_item(tokenizer, make_item("heldout_val", index, args.seed, tokenizer, args.length), "completion")
+        encoded = encode_item(tokenizer, make_item(args.task, index, args.seed, tokenizer, args.length), "completion")
         body = len(encoded.prompt) - encoded.question_tokens  # the question is never evicted
         needle = [i for span in encoded.needles for i in span if i < body]
         if not needle:
@@ -65,7 +66,7 @@ def main(args: argparse.Namespace) -> None:
             shares[row].append(needle_share(shared_rank(scores[layers])[0], needle, args.share))
         shares[LABELS].append(needle_share(best_rank(labels)[0], needle, args.share))
     items = len(shares[LABELS])
-    md = [f"| ranked by | needle tokens in the top {args.share:g} ({items} items) |", "|---|---|"]
+    md = [f"| ranked by | needle tokens in the top {args.share:g} ({items} {args.task} items) |", "|---|---|"]
     md += [f"| {row} | {sum(v) / max(items, 1):.2f} |" for row, v in shares.items()]
     table = "\n".join(md) + "\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -77,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=DEFAULT_MODEL, help="zoo model or folder")
     p.add_argument("--heads", default=None, help="retaining heads (default: the zoo's)")
+    p.add_argument("--task", default="heldout_val", choices=[t for t in TASKS if t != "perplexity"],
+                   help="items to rank (default: heldout_val, the held-out suite's validation split)")
     p.add_argument("--ranges", type=lambda t: t.split(","), default=["all", "13-22"],
                    help="layer ranges to rank together, as --shared-layers takes them (default: all,13-22)")
     p.add_argument("--length", type=int, default=2048, help="prompt tokens")

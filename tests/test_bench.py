@@ -144,11 +144,13 @@ def test_layers_ranks_needles_per_layer_and_range(heldout_heads, tmp_path, capsy
     flags = heldout_heads + ["--n", "3", "--out", str(tmp_path / "l")]
     layers.main(layers.parse_args(flags + ["--ranges", "all,1-1"]))
     table = capsys.readouterr().out
-    assert table == (tmp_path / "l.md").read_text() and table.startswith("| ranked by | needle tokens in the top 0.125 (3 items)")
+    assert table == (tmp_path / "l.md").read_text() and table.startswith("| ranked by | needle tokens in the top 0.125 (3 heldout_val items)")
     values = {row.split(" | ")[0][2:]: float(row.split(" | ")[1][:-2]) for row in table.splitlines()[2:]}
     assert list(values) == ["layer 0", "layer 1", "all", "1-1", "labels (best rank in any layer)"]
     assert all(0 <= v <= 1 for v in values.values()) and values["1-1"] == values["layer 1"]  # a one-layer range
     assert len(set(values.values())) > 1  # layers, ranges and labels rank differently
+    layers.main(layers.parse_args(flags + ["--task", "passkey", "--n", "2", "--share", "0.0625", "--ranges", "all"]))
+    assert "needle tokens in the top 0.0625 (2 passkey items)" in capsys.readouterr().out  # every item's key found
     with pytest.raises(LocretError, match="--ranges 0-5: the model has layers 0-1"):
         layers.main(layers.parse_args(flags + ["--ranges", "0-5"]))
     with pytest.raises(LocretError, match="--ranges must be FIRST-LAST"):
