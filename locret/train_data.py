@@ -286,8 +286,9 @@ def with_worked_example(generate):
     few-shot prompts open: the example's values look like the asked ones but are never asked."""
     def build(rng, n_chars):
         example_chars = int(n_chars * rng.uniform(0.1, 0.3))
-        example, question, answer, cue = generate(rng, example_chars)
-        example = f"{example}\n\n{question}\n{cue} {answer}".replace("\n ", "\n") if question else f"{example} {answer}"
+        shown, asked, solution, solution_cue = generate(rng, example_chars)
+        answered = f"{solution_cue} {solution}" if solution_cue else solution
+        example = f"{shown}\n\n{asked}\n{answered}" if asked else f"{shown} {answered}"
         context, question, answer, cue = generate(rng, n_chars - example_chars)
         opening, closing = rng.choice(EXAMPLE_OPENINGS), rng.choice(EXAMPLE_CLOSINGS)
         return f"{opening}\n\n{example}\n\n{closing}\n\n{context}", question, answer, cue

@@ -186,12 +186,12 @@ def test_worked_example_is_answered_and_only_the_later_text_is_asked():
     the text after it."""
     def generate(rng, n_chars):  # a task stand-in: one value in filler, asked
         value = str(rng.randrange(10**8, 10**9))
-        return f"{'filler ' * (n_chars // 14)}{value} {'filler ' * (n_chars // 14)}", "Which number?", value, "It is"
+        return f"  filler\n  {value}\n  {'filler ' * (n_chars // 7)}", "Which number?", value, "It is"
     for seed in range(3):
         context, question, answer, cue = td.with_worked_example(generate)(random.Random(seed), 2000)
         opening, example, closing, text = split_example(td.Sample("t", context, answer))
-        shown = re.fullmatch(r"[filer ]*(\d{9}) [filer ]*\n\nWhich number\?\nIt is (\d{9})", example)
-        assert shown and shown[1] == shown[2] != answer  # answered, with its own value
+        shown = re.fullmatch(r"  filler\n  (\d{9})\n  [filer ]*\n\nWhich number\?\nIt is (\d{9})", example)
+        assert shown and shown[1] == shown[2] != answer  # answered, with its own value, its lines as written
         assert (question, cue) == ("Which number?", "It is") and answer in text and len(example) < len(text)
     samples = [td.make_sample(i, 6, TOK, 600, 1500, worked_examples=1.0) for i in range(60)]
     parts = [split_example(s) for s in samples]
