@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import torch
 from tqdm import tqdm
 
+import eval as cli
 from locret.devices import default_device, default_dtype
 from locret.engine import layer_slice
 from locret.errors import LocretError, run_script
@@ -78,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=DEFAULT_MODEL, help="zoo model or folder")
     p.add_argument("--heads", default=None, help="retaining heads (default: the zoo's)")
-    p.add_argument("--task", default="heldout_val", choices=[t for t in TASKS if t != "perplexity"],
+    p.add_argument("--task", default="heldout_val", choices=[t for t in TASKS if not cli.is_text_task(t)],
                    help="items to rank (default: heldout_val, the held-out suite's validation split)")
     p.add_argument("--ranges", type=lambda t: t.split(","), default=["all", "13-22"],
                    help="layer ranges to rank together, as --shared-layers takes them (default: all,13-22)")
