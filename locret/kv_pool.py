@@ -135,14 +135,14 @@ class KVPool:
         return kept
 
     def gather_front(self, layer: int, slots: torch.Tensor) -> None:
-        """Move the entries at `slots` [B, KVH, keep] (ascending) to the front of `layer`'s buffers."""
-        keep = slots.shape[-1]
-        rows = slots[..., None].expand(-1, -1, -1, self.k.shape[-1])  # [B, KVH, keep, D]
+        """Move the entries at `slots` [B, KVH, keep] (ascending) to the front of `layer`'s buffers. Whole rows are
+        copied by their flat index: several times faster than gathering element by element."""
+        B, H, keep = slots.shape
+        rows = (slots + self.capacity * torch.arange(B * H, device=slots.device).view(B, H, 1)).view(-1)  # [B*KVH*keep]
         for buf in (self.k[layer], self.v[layer]):
-            scratch = self.scratch[:, :, :keep]
-            torch.gather(buf, 2, rows, out=scratch)
-            buf[:, :, :keep] = scratch
-        for buf in (self.scores[layer], self.index[layer]):
-            buf[..., :keep] = buf.gather(-1, slots)  # entry-sized: no scratch needed
-        for buf in (scale[layer] for scale in self.scales):  # [B, KVH, capacity, D // group]: small
-            buf[:, :, :keep] = buf.gather(2, slots[..., None].expand(-1, -1, -1, buf.shape[-1]))
+            D = buf.shape[-1]
+            front = self.scratch.view(-1)[:rows.numel() * D].view(-1, D)  # [B*KVH*keep, D]
+            torch.index_select(buf.view(-1, D), 0, rows, out=front)
+            buf[:, :, :keep] = front.view(B, H, keep, D)
+        for buf in (self.scores[layer], self.index[layer], *(scale[layer] for scale in self.scales)):  # small
+            buf[:, :, :keep] = buf.reshape(B * H * self.capacity, -1)[rows].view_as(buf[:, :, :keep])

@@ -58,14 +58,15 @@ class MemoryEstimate:
 
 def sdpa_bytes(model: CausalLM, tokens: int, attended: int) -> int:
     """What scaled_dot_product_attention holds for `tokens` queries over `attended` entries. CPU: it works in
-    blocks; its output, the chunk's boolean mask and its float copy of the mask, and for a bf16 decoding
+    blocks; its output, the chunk's boolean mask and its additive copy (models/base.py), and for a bf16 decoding
     step the fp32 copies of K and V (models/base.attend). Elsewhere a masked chunk can fall back to the math
     kernel: logits and softmax, fp32 at most (README: Performance)."""
     c, p = model.config, model.lm_head.weight
     if p.device.type != "cpu":
         return 2 * c.num_attention_heads * tokens * attended * 4
     decode_copies = 2 * c.num_key_value_heads * attended * c.head_dim * 4 if p.dtype == torch.bfloat16 else 0
-    return c.num_attention_heads * tokens * c.head_dim * p.element_size() + tokens * attended * 5 + decode_copies
+    masks = tokens * attended * (1 + p.element_size())
+    return c.num_attention_heads * tokens * c.head_dim * p.element_size() + masks + decode_copies
 
 
 def activation_bytes(model: CausalLM, tokens: int, attended: int, policy: str) -> int:

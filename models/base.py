@@ -138,6 +138,8 @@ class CausalLM(nn.Module):
             positions = torch.arange(T, device=tokens.device)
         mask = None if cache is None else cache.attention_mask(T)
         x = self.model.embed_tokens(tokens)
+        if mask is not None:  # made additive once: sdpa would convert a boolean mask in every layer
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         cos, sin = self.rope(positions, x.dtype, rope_length)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, mask)
