@@ -4,7 +4,7 @@
     python bench/attention.py --chunk 256 --dtype float32
 
 A prefill chunk's queries attend over the kept entries plus, causally, each other. Timed here: the engine's
-call (sdpa with a boolean mask and GQA) and the alternatives one might try, each the best of --repeats, with
+call (sdpa with GQA and an additive mask in the model's dtype) and the alternatives one might try, each the best of --repeats, with
 its GFLOP/s (4 x heads x chunk x keys x head dim per call, the masked half counted), its share of a square
 `torch.mm`'s rate in the same dtype (the peak, measured first) and its largest error against sdpa in float32.
 Prints a markdown table (and writes it to --out, with the JSON)."""
@@ -62,8 +62,9 @@ def variants(q, k, v, mask):
 
     additive = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
     return {
-        "sdpa, boolean mask, GQA (the engine's)": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
-        "sdpa, additive mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=additive, enable_gqa=True),
+        "sdpa, additive mask, GQA (the engine's)": lambda: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=additive, enable_gqa=True),
+        "sdpa, boolean mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
         "sdpa, K and V repeated per query head": lambda: F.scaled_dot_product_attention(
             q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), attn_mask=mask),
         "sdpa in float32": lambda: F.scaled_dot_product_attention(
