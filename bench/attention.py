@@ -4,9 +4,10 @@
     python bench/attention.py --chunk 256 --dtype float32
 
 A prefill chunk's queries attend over the kept entries plus, causally, each other. Timed here: the engine's
-call (sdpa with GQA and an additive mask in the model's dtype) and the alternatives one might try, each the best of --repeats, with
-its GFLOP/s (4 x heads x chunk x keys x head dim per call, the masked half counted), its share of a square
-`torch.mm`'s rate in the same dtype (the peak, measured first) and its largest error against sdpa in float32.
+call (sdpa with GQA and an additive mask in the model's dtype) and the alternatives one might try, each the
+best of --repeats, with its GFLOP/s (4 x heads x chunk x keys x head dim per call, the masked half counted),
+its share of a square `torch.mm`'s rate in the same dtype (the peak, measured first) and its largest error
+against sdpa in float32.
 Prints a markdown table (and writes it to --out, with the JSON)."""
 import argparse
 import json
@@ -24,6 +25,7 @@ from locret.errors import LocretError, run_script
 from locret.loading import DTYPES, read_config
 from locret.zoo import DEFAULT_MODEL, resolve_checkpoint
 from models import config_from_hf
+from models.base import additive_mask
 
 
 def best_seconds(fn, repeats: int) -> float:
@@ -60,7 +62,7 @@ def variants(q, k, v, mask):
         w1 = torch.sigmoid(lse1 - lse2)[..., None]  # [B, H, T, 1]: the share of the kept entries' softmax mass
         return (o1.float() * w1 + o2.float() * (1 - w1)).to(q.dtype)
 
-    additive = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
+    additive = additive_mask(mask, q.dtype)
     return {
         "sdpa, additive mask, GQA (the engine's)": lambda: F.scaled_dot_product_attention(
             q, k, v, attn_mask=additive, enable_gqa=True),

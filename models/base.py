@@ -48,6 +48,12 @@ class RetainingHead(nn.Module):
         return self.fc2(F.silu(self.fc1(qkv))).transpose(1, 2)
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool [T, S] (True: may attend) -> 0 / -inf in `dtype`; made once per forward, as sdpa would convert a
+    boolean mask at every call."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
     """sdpa with GQA: q [B, H, T, D], k, v [B, KVH, S, D] -> [B, H, T, D]. One bf16 query on CPU (a decoding
     step) attends in fp32: CPU sdpa runs it about 4x slower in bf16 (README: Performance)."""
@@ -138,8 +144,8 @@ class CausalLM(nn.Module):
             positions = torch.arange(T, device=tokens.device)
         mask = None if cache is None else cache.attention_mask(T)
         x = self.model.embed_tokens(tokens)
-        if mask is not None:  # made additive once: sdpa would convert a boolean mask in every layer
-            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
+        if mask is not None:
+            mask = additive_mask(mask, x.dtype)
         cos, sin = self.rope(positions, x.dtype, rope_length)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, mask)
