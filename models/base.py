@@ -5,6 +5,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from .config import ModelConfig
 from .rope import RotaryEmbedding, apply_rope
@@ -18,7 +19,8 @@ class KVCache(Protocol):
         """q rotated, k before RoPE (`rope` = the new tokens' cos, sin) -> every key, rotated, and value."""
 
     def attention_mask(self, n_new: int) -> torch.Tensor | None:
-        """[n_new, keys] bool, or None: causal among the new tokens, all keys for a single one."""
+        """[n_new, keys] bool, or None (plain causal attention, or one new token seeing every key): the new
+        tokens, the last n_new keys, see every key before them and, causally, each other."""
 
 
 class RMSNorm(nn.Module):
@@ -49,9 +51,18 @@ class RetainingHead(nn.Module):
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """bool [T, S] (True: may attend) -> 0 / -inf in `dtype`; made once per forward, as sdpa would convert a
-    boolean mask at every call."""
+    """bool [T, S] (True: may attend) -> 0 / -inf in `dtype`."""
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def chunk_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A cache's chunk mask (KVCache.attention_mask: lower-right causal) as sdpa runs it fastest, made once
+    per forward. CUDA: a lower-right causal bias, never materialised, which the flash kernel takes (with a
+    dense mask, GQA falls back to the math kernel). Elsewhere: additive in `dtype` (sdpa would convert a
+    boolean mask in every layer)."""
+    if mask.device.type == "cuda":
+        return causal_lower_right(*mask.shape)
+    return additive_mask(mask, dtype)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
@@ -145,7 +156,7 @@ class CausalLM(nn.Module):
         mask = None if cache is None else cache.attention_mask(T)
         x = self.model.embed_tokens(tokens)
         if mask is not None:
-            mask = additive_mask(mask, x.dtype)
+            mask = chunk_mask(mask, x.dtype)
         cos, sin = self.rope(positions, x.dtype, rope_length)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, mask)
