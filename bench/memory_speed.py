@@ -8,7 +8,8 @@ kvpress's post-prefill presses at the same budget with --kvpress, Locret with an
     python bench/memory_speed.py --device cuda --emulate-gib 24   # Llama-3.1-8B / Phi-3-mini shapes, random bf16
 
 CPU: each grid point runs in a fresh process, so its peak RSS (VmHWM) is its own. GPU: one process, peak
-torch.cuda.max_memory_allocated per point, under a memory cap that emulates a smaller card.
+torch.cuda.max_memory_allocated per point, under a memory cap that emulates a smaller card, each point
+timed --repeats times (the medians, and decoding's range).
 Prompts are seeded random token ids, the same for every run at one length; past the model's window
 (8K for the default model) full attention is timed anyway, as transformers' generate is, its text
 meaningless. Decode tok/s counts the steps after the first new token. Writes a markdown table (stdout
@@ -74,6 +75,15 @@ def make_prompt(vocab_size: int, length: int, seed: int) -> list[int]:
 def speeds(prompt_tokens: int, prefill_s: float, new_tokens: int, decode_s: float) -> dict:
     return dict(prefill_seconds=prefill_s, decode_seconds=decode_s, prefill_tok_s=prompt_tokens / prefill_s,
                 decode_tok_s=(new_tokens - 1) / decode_s)  # the first new token comes from the prefill
+
+
+def repeated_speeds(prompt_tokens: int, new_tokens: int, timings: list[tuple[float, float]]) -> dict:
+    """speeds() of the run with the median prefill and the run with the median decode among repeated
+    (prefill s, decode s), with the decode tok/s range over all of them."""
+    median = lambda i: sorted(timings, key=lambda t: t[i])[(len(timings) - 1) // 2][i]
+    decode = [(new_tokens - 1) / t[1] for t in timings]
+    return dict(speeds(prompt_tokens, median(0), new_tokens, median(1)), repeats=len(timings),
+                decode_tok_s_min=min(decode), decode_tok_s_max=max(decode))
 
 
 # ---- CPU: one fresh process per grid point ----
@@ -268,15 +278,16 @@ def gpu_point(model, heads: list, settings: EngineSettings, length: int, args) -
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     try:
-        held_pool, prefill_s, decode_s = timed_run(model, prompt, settings, args.decode_tokens)
+        runs = [timed_run(model, prompt, settings, args.decode_tokens) for _ in range(args.repeats)]
     except torch.cuda.OutOfMemoryError:
         return dict(row, fits=False)
+    timed = repeated_speeds(length, args.decode_tokens, [run[1:] for run in runs])
     # 2 x parameters x tokens, embeddings and lm_head left out: per token, prefill runs neither as a matmul
     params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("model.embed_tokens", "lm_head")))
     mfu = lambda tokens, seconds: 100 * 2 * params * tokens / seconds / (args.peak_tflops * 1e12)
-    return dict(row, fits=True, pool_bytes=held_pool, peak_bytes=torch.cuda.max_memory_allocated(),
-                **speeds(length, prefill_s, args.decode_tokens, decode_s),
-                prefill_mfu_pct=mfu(length, prefill_s), decode_mfu_pct=mfu(args.decode_tokens - 1, decode_s))
+    return dict(row, fits=True, pool_bytes=runs[0][0], peak_bytes=torch.cuda.max_memory_allocated(), **timed,
+                prefill_mfu_pct=mfu(length, timed["prefill_seconds"]),
+                decode_mfu_pct=mfu(args.decode_tokens - 1, timed["decode_seconds"]))
 
 
 def gpu_bench(args, record) -> None:
@@ -340,6 +351,7 @@ COLUMNS = [  # (header, key, format); a column shows only where some row has a v
     ("pool MiB measured", "pool_bytes", mib), ("estimate MiB", "estimate_bytes", mib),
     ("RSS after load MiB", "rss_loaded_bytes", mib), ("peak MiB", "peak_bytes", mib),
     ("prefill tok/s", "prefill_tok_s", lambda v: f"{v:.0f}"), ("decode tok/s", "decode_tok_s", lambda v: f"{v:.1f}"),
+    ("decode tok/s min", "decode_tok_s_min", lambda v: f"{v:.1f}"), ("max", "decode_tok_s_max", lambda v: f"{v:.1f}"),
     ("prefill MFU %", "prefill_mfu_pct", lambda v: f"{v:.1f}"), ("decode MFU %", "decode_mfu_pct", lambda v: f"{v:.2f}"),
     ("error", "error", str)]
 
@@ -450,6 +462,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="CPU weights and cache (default: bfloat16 where native, else float32); cuda: always bfloat16")
     p.add_argument("--emulate-gib", type=float, default=24, help="cuda: memory cap in GiB (default: 24)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="cuda: timed runs per point; the median is reported, and decode's range (default: %(default)s)")
     p.add_argument("--peak-tflops", type=float, default=989, help="cuda: peak for MFU (default: 989, H100 bf16 dense)")
     p.add_argument("--out", default="bench/results/memory_speed.json", help="JSON path; the table goes next to it "
                    "as .md (default: %(default)s)")
@@ -472,6 +486,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown press: {', '.join(unknown)} (choose from {', '.join(KVPRESS)})")
     if args.kvpress and not Path(args.kvpress).is_file():
         p.error(f"--kvpress {args.kvpress}: no such python")
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     if args.decode_tokens < 2:
         p.error("--decode-tokens must be at least 2 (decode speed is measured after the first token)")
     return args

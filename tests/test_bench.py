@@ -246,6 +246,18 @@ def test_full_attention_is_timed_past_the_window(tiny_chat_model, tmp_path):
     assert row["kept_after_prefill"] == 1536 and row["pool_capacity"] > 1536  # prompt + the new tokens
 
 
+def test_repeated_gpu_timings_report_medians_and_decode_range():
+    """--repeats (cuda): each point's medians of prefill and decode time, and the decode speed's range."""
+    timings = [(2.0, 0.5), (1.0, 0.25), (4.0, 1.0), (3.0, 0.2), (5.0, 0.4)]  # (prefill s, decode s)
+    row = bench.repeated_speeds(1000, 11, timings)
+    assert row["prefill_seconds"] == 3.0 and row["prefill_tok_s"] == 1000 / 3.0
+    assert row["decode_seconds"] == 0.4 and row["decode_tok_s"] == 10 / 0.4
+    assert (row["decode_tok_s_min"], row["decode_tok_s_max"], row["repeats"]) == (10.0, 50.0, 5)
+    assert bench.repeated_speeds(1000, 11, timings[:2])["prefill_seconds"] == 1.0  # the lower middle of an even count
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cuda", "--repeats", "0"])
+
+
 @pytest.mark.parametrize("heads, message", [("none.safetensors", "not found"), ("config.json", "unreadable safetensors")])
 def test_bad_heads_file_is_one_error_before_any_point(tiny_chat_model, tmp_path, heads, message):
     args = ["--quick", "--ckpt", str(tiny_chat_model), "--policies", "locret", "--heads", str(tiny_chat_model / heads),
