@@ -1,11 +1,12 @@
 """Locret's settings against held-out accuracy: stabilizer share of the budget, prefill chunk, score span,
 eviction mode and the layers that rank a shared eviction, one at a time around the zoo's defaults, on the
-held-out suite's validation split (never the test split); with --oracle, also what perfect heads would do
-(the exact training labels in their place).
+held-out suite's validation split (never the test split), or on any scored task; with --oracle, also what
+perfect heads would do (the exact training labels in their place).
 
     python bench/sensitivity.py                                   # 2K tokens, budget 1/8, n = 24 (about 25 min, 2-core CPU)
     python bench/sensitivity.py --stabilizers 0,1/4 --chunks 512 --spans 1 --n 8 --out runs/sens
     python bench/sensitivity.py --stabilizers 1/4 --chunks 512 --spans 1 --evictions per-head --oracle
+    python bench/sensitivity.py --task vt --budget 1/16 --stabilizers 1/8 --chunks 256 --spans 9 --evictions shared --oracle
 
 Each item and its full-attention reference are built once and shared by every setting. Rows are appended to
 OUT.jsonl as they come (a rerun resumes); the table (accuracy with its Wilson 95% interval, needle tokens
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import torch
 from tqdm import tqdm
 
-from eval import parse_budget, read_results, wilson
+from eval import is_text_task, parse_budget, read_results, wilson
 from locret.devices import default_device, default_dtype
 from locret.engine import EVICTIONS, EngineSettings, layer_slice
 from locret.errors import run_script
@@ -150,7 +151,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=DEFAULT_MODEL, help="zoo model with retaining heads")
     p.add_argument("--heads", default=None, help="retaining heads (default: the zoo's)")
-    p.add_argument("--task", default="heldout_val", choices=["heldout_val", "heldout_test"])
+    p.add_argument("--task", default="heldout_val", choices=[t for t in TASKS if not is_text_task(t)],
+                   help="settings are chosen on heldout_val; other scored tasks show where their budget goes")
     p.add_argument("--length", type=int, default=2048, help="prompt tokens")
     p.add_argument("--budget", default="1/8", help="a fraction of the prompt (1/8) or entries per KV head (512)")
     p.add_argument("--stabilizers", type=fractions, default=fractions("0,1/8,1/4,1/2"), help="shares of the budget")

@@ -279,6 +279,19 @@ def test_attention_bench(tiny_chat_model, tmp_path, capsys):
     assert "| sdpa, additive mask, GQA (the engine's) |" in capsys.readouterr().out
 
 
+def test_sensitivity_runs_the_oracle_on_a_benchmark_task(heldout_heads, tmp_path, capsys):
+    from bench import sensitivity
+    flags = heldout_heads + ["--task", "passkey", "--length", "400", "--budget", "1/4", "--stabilizers", "1/4",
+                             "--chunks", "1024", "--spans", "1", "--evictions", "per-head", "--n", "1", "--oracle",
+                             "--out", str(tmp_path / "passkey")]
+    sensitivity.main(sensitivity.parse_args(flags))
+    rows = [json.loads(line) for line in (tmp_path / "passkey.jsonl").read_text().splitlines()]
+    assert [r["point"] and r["point"]["scorer"] for r in rows] == [None, "heads", "labels", "labels", "shared labels"]
+    assert all(r["task"] == "passkey" and 0 <= r["score"] <= 1 for r in rows)
+    assert all(0 <= r["needle_retention"] <= 1 for r in rows)  # the passkey is tracked as a needle
+    assert rows[0]["needle_retention"] == 1.0 and "shared labels" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--budget", "abc"], "--budget must be a fraction"), (["--budget", "1/0"], "--budget must be a fraction"),
     (["--budget", "0"], "keeps no entries"), (["--stabilizers", "0,2"], "shares of the budget, each in"),
