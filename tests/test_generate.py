@@ -205,6 +205,20 @@ def test_zoo_settings_are_the_defaults_and_flags_override_them():
     assert cli.engine_settings(cli.parse_args(["--prompt", "p.txt"]), None, prompt_tokens=4000).span == 1  # not in the zoo
 
 
+def test_readme_links_to_docs_that_exist():
+    """The README summarises; its links to the pages under docs/ (and their section anchors) must resolve."""
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    links = re.findall(r"\]\((docs/[^)#]+)(?:#([^)]+))?\)", (root / "README.md").read_text())
+    assert {page for page, _ in links} >= {"docs/performance.md", "docs/benchmarks.md", "docs/choosing-settings.md"}
+    for page, anchor in links:
+        assert (root / page).is_file(), page
+        headings = [line.lstrip("#").strip().lower().replace(" ", "-") for line in (root / page).read_text().splitlines()
+                    if line.startswith("#")]
+        assert not anchor or anchor in headings, f"{page}#{anchor}"
+
+
 def test_readme_zoo_table_matches_the_zoo():
     from pathlib import Path
     from locret.zoo import ZOO
