@@ -25,13 +25,14 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from locret.devices import check_device, default_device, default_dtype
+from locret.engine import layer_slice
 from locret.errors import LocretError, run_script, writable_file_path
 from locret.head_inputs import chunked_head_inputs, evicted_settings
 from locret.heads import load_heads, read_heads, save_heads
 from locret.labels import LabelRecorder
 from locret.loading import DTYPES, load_model
 from locret.loss import keep_loss, retaining_loss, topk_overlap
-from locret.ranking import shared_target
+from locret.ranking import joint_target, shared_target
 from locret.tokenizer import Tokenizer
 from locret.train_data import make_sample
 from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
@@ -67,9 +68,11 @@ def encode_sample(tokenizer: Tokenizer, sample) -> tuple[list[int], int]:
     return prompt + answer, len(prompt)
 
 
-def heads_forward(model, ids: list[int], prompt_len: int, target: str = "cis", evicted: tuple | None = None):
+def heads_forward(model, ids: list[int], prompt_len: int, target: str = "cis", evicted: tuple | None = None,
+                  layers: slice = slice(None)):
     """One causal forward over prompt + answer -> (predictions, labels), each [L, 1, KVH, prompt_len]:
-    per-layer CIS labels, or (`shared`) one 0/1 target for all layers and heads (ranking.shared_target).
+    per-layer CIS labels, or one 0/1 target for all layers and heads (`shared`: ranking.shared_target;
+    `joint`: ranking.joint_target over `layers`).
     With `evicted` (zoo settings, budget fraction), the predictions come from the head inputs of a chunked
     prefill of the prompt under that budget instead (head_inputs.py): what the heads see at inference."""
     recorder = LabelRecorder(prompt_len)
@@ -77,10 +80,14 @@ def heads_forward(model, ids: list[int], prompt_len: int, target: str = "cis", e
         model(torch.tensor([ids], device=model.lm_head.weight.device), cache=recorder, last_only=True)
     pred, label = recorder.stacked()
     if evicted:
-        settings = evicted_settings(*evicted, prompt_len, "shared" if target == "shared" else "per-head")
+        settings = evicted_settings(*evicted, prompt_len, "per-head" if target == "cis" else "shared")
         inputs = chunked_head_inputs(model, ids[:prompt_len], settings)
         pred = torch.stack([head(x) for head, x in zip(model.retaining_heads, inputs)])
-    return pred, shared_target(label) if target == "shared" else label
+    if target == "shared":
+        label = shared_target(label)
+    elif target == "joint":
+        label = joint_target(label, layers)
+    return pred, label
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -130,13 +137,13 @@ def load_state(path: Path, model, optimizer, args) -> int:
 
 
 @torch.no_grad()
-def validate(model, tokenizer, args, evicted: tuple | None) -> tuple[float, float]:
+def validate(model, tokenizer, args, evicted: tuple | None, layers: slice) -> tuple[float, float]:
     """Mean loss and top-10% overlap on held-out samples (a seed training never uses)."""
     losses, overlaps = [], []
     for i in range(args.val_samples):
         sample = make_sample(i, args.seed + 1_000_003, tokenizer, args.min_tokens, args.max_tokens,
                              args.worked_examples)
-        pred, label = heads_forward(model, *encode_sample(tokenizer, sample), args.target, evicted)
+        pred, label = heads_forward(model, *encode_sample(tokenizer, sample), args.target, evicted, layers)
         losses.append(LOSSES[args.target](pred, label, args.alpha).item())
         overlaps.append(topk_overlap(pred, label))
     return sum(losses) / len(losses), sum(overlaps) / len(overlaps)
@@ -151,10 +158,12 @@ def main(args: argparse.Namespace) -> None:
     if device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     folder, entry = resolve_checkpoint(args.ckpt)
-    evicted = (entry.settings if entry else GENERIC_SETTINGS, float(Fraction(args.evicted))) if args.evicted else None
+    zoo = entry.settings if entry else GENERIC_SETTINGS
+    evicted = (zoo, float(Fraction(args.evicted))) if args.evicted else None
     tokenizer = Tokenizer(folder)
     model = load_model(folder, device, DTYPES[dtype])
     fit_window(args, model.config.max_position_embeddings)
+    layers = layer_slice(zoo.shared_layers, model.config.num_hidden_layers)  # what --target joint ranks by
     torch.manual_seed(args.seed)  # identical initial heads on every rank
     if args.init:
         load_heads(model, args.init)
@@ -174,7 +183,7 @@ def main(args: argparse.Namespace) -> None:
                              args.worked_examples)
         ids, prompt_len = encode_sample(tokenizer, sample)
         lengths.append(prompt_len)
-        pred, label = heads_forward(model, ids, prompt_len, args.target, evicted)
+        pred, label = heads_forward(model, ids, prompt_len, args.target, evicted, layers)
         loss = LOSSES[args.target](pred, label, args.alpha)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -191,7 +200,7 @@ def main(args: argparse.Namespace) -> None:
         bar.set_postfix(loss=f"{loss.item():.3f}", overlap=f"{topk_overlap(pred, label):.3f}",
                         tok_s=f"{tokens / (time.perf_counter() - started):.0f}")
         if rank.main and args.val_every and (step % args.val_every == 0 or step == args.steps):
-            val_loss, val_overlap = validate(model, tokenizer, args, evicted)
+            val_loss, val_overlap = validate(model, tokenizer, args, evicted, layers)
             bar.write(f"step {step}: val loss {val_loss:.4f}, val top-10% overlap {val_overlap:.3f}",
                       file=sys.stderr)
         if rank.main and (step % args.save_every == 0 or step == args.steps):
@@ -222,7 +231,7 @@ def fit_window(args, window: int) -> None:
 
 
 ANSWER_SHARE = 16  # 1/ANSWER_SHARE of the context kept for a sample's answer and its prompt's overshoot (up to ~2%)
-LOSSES = {"cis": retaining_loss, "shared": keep_loss}
+LOSSES = {"cis": retaining_loss, "shared": keep_loss, "joint": keep_loss}
 PRESETS = {  # defaults by preset; any flag given wins
     "official": dict(steps=3000, min_tokens=1024, max_tokens=10240, head_hidden=1024, warmup=None, val_every=100,
                      val_samples=8, save_every=50),
@@ -249,10 +258,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the shipped heads (cpu)")
     p.add_argument("--ckpt", default=DEFAULT_MODEL, help="backbone: zoo name, HF folder or hub id")
     p.add_argument("--out", default="heads.safetensors", help="where to write the heads (default: heads.safetensors)")
-    p.add_argument("--target", choices=["cis", "shared"], default="cis",
+    p.add_argument("--target", choices=list(LOSSES), default="cis",
                    help="cis: each layer's heads fit its causal importance scores (the paper's); shared: every head "
                         "learns which tokens one kept set for all layers needs (the top eighth by their best rank "
-                        "in any layer), for --eviction shared")
+                        "in any layer), for --eviction shared; joint: the same, ranked by the mean rank over the "
+                        "layers the zoo ranks a shared eviction by (13-22 for the default model)")
     p.add_argument("--evicted", metavar="FRACTION", default=None,
                    help="eviction-aware training: fit the heads on the inputs they get at inference, from a chunked "
                         "prefill of each prompt under this budget (e.g. 1/8 of it; the zoo's chunk, stabilizer share "

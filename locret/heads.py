@@ -57,10 +57,10 @@ def read_heads(path: Path, tensors: bool = True) -> tuple[dict, dict]:
 
 
 def trained_eviction(meta: dict) -> str:
-    """The eviction mode heads were trained for, from their file's metadata: shared (train.py --target shared)
-    or per-head."""
+    """The eviction mode heads were trained for, from their file's metadata: shared (train.py --target shared
+    or joint) or per-head."""
     training = json.loads(meta.get("training") or "{}")
-    return "shared" if training.get("target") == "shared" else "per-head"
+    return "shared" if training.get("target") in ("shared", "joint") else "per-head"
 
 
 def load_heads(model: CausalLM, path: str | Path) -> dict:

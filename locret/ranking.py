@@ -1,6 +1,6 @@
 """Scores made comparable across layers and KV heads: each (layer, head) ranks its tokens, and a token's
 shared score is its mean rank. Used for one kept set in every layer (`--eviction shared`) and for the
-training target of heads meant for it (`train.py --target shared`)."""
+training targets of heads meant for it (`train.py --target shared` or `joint`)."""
 import torch
 
 
@@ -21,7 +21,18 @@ def best_rank(labels: torch.Tensor) -> torch.Tensor:
     return percentile_rank(percentile_rank(labels).amax(dim=(0, 2)))
 
 
+def top_share(rank: torch.Tensor, like: torch.Tensor, share: float) -> torch.Tensor:
+    """rank [B, P] -> 0/1 [L, B, KVH, P] shaped `like`: 1 for the `share` of tokens ranked highest."""
+    return (rank >= 1 - share).float()[None, :, None].expand_as(like)
+
+
 def shared_target(labels: torch.Tensor, share: float = 1 / 8) -> torch.Tensor:
     """Per-layer labels [L, B, KVH, P] -> one 0/1 target for every layer and KV head, [L, B, KVH, P]: 1 for
     the `share` of prompt tokens with the highest best_rank, the set a shared eviction at that budget keeps."""
-    return (best_rank(labels) >= 1 - share).float()[None, :, None].expand_as(labels)
+    return top_share(best_rank(labels), labels, share)
+
+
+def joint_target(labels: torch.Tensor, layers: slice, share: float = 1 / 8) -> torch.Tensor:
+    """Like shared_target, but ranking tokens by their mean rank over `layers`' labels: the set a shared
+    eviction ranked by those layers keeps when the heads fit each layer's labels exactly."""
+    return top_share(percentile_rank(shared_rank(labels[layers])), labels, share)

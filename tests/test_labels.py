@@ -9,7 +9,7 @@ from conftest import longrope, tiny_llama_config, tiny_phi3_config
 from locret.labels import LabelRecorder, cis_labels
 from locret.loading import load_model
 from locret.loss import keep_loss, retaining_loss, topk_overlap
-from locret.ranking import best_rank, percentile_rank, shared_rank, shared_target
+from locret.ranking import best_rank, joint_target, percentile_rank, shared_rank, shared_target
 
 
 def hf_rotated_qk(hf, tokens):
@@ -97,6 +97,18 @@ def test_topk_overlap():
     half = label.clone()
     half[..., 90:95] = -1  # 5 of the top 10 demoted
     assert topk_overlap(half, label) == 0.5
+
+
+def test_joint_target_marks_the_tokens_with_the_best_mean_rank_over_the_given_layers():
+    labels = torch.randn(5, 1, 2, 16, generator=torch.Generator().manual_seed(3))
+    target = joint_target(labels, slice(1, 4), share=1 / 4)
+    assert target.shape == labels.shape and (target == target[0, 0, 0]).all()  # one target for all
+    mean_rank = [sum(sorted(labels[l, 0, h].tolist()).index(float(labels[l, 0, h, j])) for l in (1, 2, 3) for h in (0, 1))
+                 for j in range(16)]
+    chosen = sorted(range(16), key=lambda j: (mean_rank[j], j))[-4:]  # ties by position, as percentile_rank
+    assert target[0, 0, 0].tolist() == [float(j in chosen) for j in range(16)]
+    assert joint_target(labels, slice(None)).sum(dim=-1).max() == 2  # the default share: an eighth of 16
+    assert not torch.equal(joint_target(labels, slice(0, 1)), joint_target(labels, slice(4, 5)))  # layers matter
 
 
 def test_percentile_rank_and_shared_rank():
