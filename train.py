@@ -28,7 +28,7 @@ from locret.devices import check_device, default_device, default_dtype
 from locret.engine import layer_slice
 from locret.errors import LocretError, run_script, writable_file_path
 from locret.head_inputs import chunked_head_inputs, evicted_settings
-from locret.heads import load_heads, read_heads, save_heads
+from locret.heads import load_heads, read_heads, save_heads, target_eviction
 from locret.labels import LabelRecorder
 from locret.loading import DTYPES, load_model
 from locret.loss import keep_loss, retaining_loss, topk_overlap
@@ -80,7 +80,7 @@ def heads_forward(model, ids: list[int], prompt_len: int, target: str = "cis", e
         model(torch.tensor([ids], device=model.lm_head.weight.device), cache=recorder, last_only=True)
     pred, label = recorder.stacked()
     if evicted:
-        settings = evicted_settings(*evicted, prompt_len, "per-head" if target == "cis" else "shared")
+        settings = evicted_settings(*evicted, prompt_len, target_eviction(target))
         inputs = chunked_head_inputs(model, ids[:prompt_len], settings)
         pred = torch.stack([head(x) for head, x in zip(model.retaining_heads, inputs)])
     if target == "shared":

@@ -56,11 +56,14 @@ def read_heads(path: Path, tensors: bool = True) -> tuple[dict, dict]:
         raise LocretError(f"{path}: unreadable safetensors file ({e})") from None
 
 
+def target_eviction(target: str | None) -> str:
+    """The eviction mode a train.py --target is meant for: shared (shared, joint) or per-head (cis, none)."""
+    return "shared" if target in ("shared", "joint") else "per-head"
+
+
 def trained_eviction(meta: dict) -> str:
-    """The eviction mode heads were trained for, from their file's metadata: shared (train.py --target shared
-    or joint) or per-head."""
-    training = json.loads(meta.get("training") or "{}")
-    return "shared" if training.get("target") in ("shared", "joint") else "per-head"
+    """The eviction mode heads were trained for, from their file's metadata."""
+    return target_eviction(json.loads(meta.get("training") or "{}").get("target"))
 
 
 def load_heads(model: CausalLM, path: str | Path) -> dict:
