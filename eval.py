@@ -58,6 +58,11 @@ def parse_budget(text: str, length: int) -> int:
     return round(length * Fraction(text)) if "/" in text else int(text)
 
 
+def budget_is_valid(text: str) -> bool:
+    """A fraction in (0, 1] ('1/8') or a positive whole number of entries ('512')."""
+    return 0 < Fraction(text) <= 1 if "/" in text else text.isdigit() and int(text) > 0
+
+
 def result_key(row: dict) -> tuple:
     return row["task"], row["length"], row["index"], row["policy"], row["budget"], row.get("mode")
 
@@ -93,7 +98,10 @@ def check_out_folder(out: Path, args) -> None:
     """Results in `out` must come from the same settings: record them on the first run, refuse others."""
     if out.exists() and not out.is_dir():
         raise LocretError(f"--out {out} is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LocretError(f"cannot create --out {out}: {e.strerror}") from None
     mine = {k: getattr(args, k) for k in RESULT_SETTINGS}
     path = out / "settings.json"
     if path.is_file():
@@ -371,12 +379,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:
         args.lengths = [int(x) for x in str(args.lengths).split(",")]
         args.budgets = str(args.budgets).split(",")
-        fractions = [Fraction(b) for b in args.budgets]
+        budgets_ok = all(budget_is_valid(b) for b in args.budgets)
     except (ValueError, ZeroDivisionError):
-        p.error(f"--lengths must be integers and --budgets fractions (1/8) or integers (512): "
-                f"got {args.lengths!r} and {args.budgets!r}")
-    if min(args.lengths) < 1 or min(fractions) <= 0 or int(args.n) < 1:
-        p.error("--lengths, --budgets and --n must be positive")
+        budgets_ok = False
+    if not budgets_ok or not all(isinstance(n, int) for n in args.lengths):
+        p.error(f"--lengths must be integers and --budgets fractions of the prompt in (0, 1] (1/8) or positive "
+                f"integers (512): got {args.lengths!r} and {args.budgets!r}")
+    if min(args.lengths) < 1 or int(args.n) < 1:
+        p.error("--lengths and --n must be positive")
     if args.n_loc not in (None, "question") and not str(args.n_loc).isdigit():
         p.error(f"--n-loc must be a number of tokens or 'question' (got {args.n_loc!r})")
     args.n = int(args.n)
