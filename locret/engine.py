@@ -39,6 +39,8 @@ def layer_slice(text: str, n_layers: int | None = None, flag: str = "--shared-la
     if n_layers is not None and int(last) >= n_layers:
         raise LocretError(f"{flag} {text}: the model has layers 0-{n_layers - 1}")
     return slice(int(first), int(last) + 1)
+
+
 NEEDS_HEADS = "--policy locret needs retaining heads: pass --heads FILE.safetensors"
 
 
