@@ -379,10 +379,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:
         args.lengths = [int(x) for x in str(args.lengths).split(",")]
         args.budgets = str(args.budgets).split(",")
-        budgets_ok = all(budget_is_valid(b) for b in args.budgets)
+        parsed = all(budget_is_valid(b) for b in args.budgets)
     except (ValueError, ZeroDivisionError):
-        budgets_ok = False
-    if not budgets_ok or not all(isinstance(n, int) for n in args.lengths):
+        parsed = False
+    if not parsed:
         p.error(f"--lengths must be integers and --budgets fractions of the prompt in (0, 1] (1/8) or positive "
                 f"integers (512): got {args.lengths!r} and {args.budgets!r}")
     if min(args.lengths) < 1 or int(args.n) < 1:
