@@ -9,7 +9,11 @@ the retaining heads, attention itself (RoPE on the queries and sdpa), the cache 
 the kept keys to their slots, policy scoring, eviction (ranking, top-k, gathering the kept entries), the
 norms, the LM head, and the rest (embedding, RoPE tables, the mask, Python). Timed with wall-clock hooks,
 which is exact on CPU, where every op runs before the next starts; on CUDA each hook synchronizes first.
-Prompts are seeded random token ids. Prints a markdown table (and writes it to --out, with the JSON)."""
+Also counted: the model FLOPs of prefill and decode (every linear layer's matmul, the heads' included, and
+attention over the keys each new token may see: the masked part sdpa computes and discards is not counted),
+and on CPU their rate against this machine's matmul peak: the best square `torch.mm` of the --peak-sizes in
+the same dtype and threads. Prompts are seeded random token ids. Prints a markdown table (and writes it to
+--out, with the JSON)."""
 import argparse
 import json
 import sys
@@ -21,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 import torch
 
+from bench.attention import matmul_peak
 from bench.memory_speed import make_prompt
 from locret.context import Context
 from locret.devices import default_dtype
@@ -84,6 +89,29 @@ def instrument_engine(context: Context, timers: Timers) -> None:
     engine.evict = timers.wrap("eviction", engine.evict)
 
 
+class FlopCounter:
+    """Model FLOPs as they run: 2 x rows x weights per nn.Linear call, and per engine forward of T new tokens
+    over S kept entries, 4 x heads x head dim x layers x (T x S + T (T + 1) / 2) for attention."""
+
+    def __init__(self, model, engine):
+        self.flops = 0
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_hook(self.count_linear)
+        c = model.config
+        per_key = 4 * c.num_attention_heads * c.head_dim * c.num_hidden_layers
+        forward = engine.forward
+
+        def counted(tokens, *args, **kwargs):
+            T, S = len(tokens), engine.pool.length
+            self.flops += per_key * (T * S + T * (T + 1) // 2)
+            return forward(tokens, *args, **kwargs)
+        engine.forward = counted
+
+    def count_linear(self, module, inputs, output):
+        self.flops += 2 * (inputs[0].numel() // module.in_features) * module.weight.numel()
+
+
 def breakdown(seconds: dict, total: float) -> dict:
     """Inclusive timers -> exclusive components that sum to `total`."""
     s = defaultdict(float, seconds)
@@ -102,14 +130,16 @@ def run_timed(model, prompt: list[int], settings: EngineSettings, decode_tokens:
     capacity = pool_capacity(settings, len(prompt), decode_tokens)
     context = Context(model, settings, capacity, len(prompt), progress=True, total=len(prompt))
     instrument_engine(context, timers)
+    counter = FlopCounter(model, context.engine)
     body = len(prompt) - settings.n_loc
     timers.reset()
     t0 = timers.now()
     context.feed(prompt[:body])
     logits = context.start(prompt[body:])
     prefill = timers.now() - t0
-    prefill_parts = breakdown(timers.seconds, prefill)
+    prefill_parts, prefill_flops = breakdown(timers.seconds, prefill), counter.flops
     timers.reset()
+    counter.flops = 0
     token, t0 = int(logits.argmax()), timers.now()
     with torch.inference_mode():
         for _ in range(decode_tokens):
@@ -117,7 +147,7 @@ def run_timed(model, prompt: list[int], settings: EngineSettings, decode_tokens:
     decode = timers.now() - t0
     return dict(prompt_tokens=len(prompt), chunks=context.chunks + 1, prefill_seconds=prefill,
                 decode_steps=decode_tokens, decode_seconds=decode, prefill=prefill_parts,
-                decode=breakdown(timers.seconds, decode))
+                decode=breakdown(timers.seconds, decode), prefill_flops=prefill_flops, decode_flops=counter.flops)
 
 
 def markdown(r: dict) -> str:
@@ -130,6 +160,14 @@ def markdown(r: dict) -> str:
     lines.append(f"| **total** | **{1e3 * per_chunk:.1f}** | 100 | **{1e3 * per_step:.2f}** | 100 |")
     lines.append(f"\n{r['prompt_tokens']} prompt tokens in {r['chunks']} chunks: prefill "
                  f"{r['prompt_tokens'] / r['prefill_seconds']:.0f} tok/s; decode {1 / per_step:.1f} tok/s")
+    rates = {phase: r[f"{phase}_flops"] / r[f"{phase}_seconds"] / 1e9 for phase in ("prefill", "decode")}
+    lines.append(f"model FLOPs: {r['prefill_flops'] / r['prompt_tokens'] / 1e9:.3f} GFLOP per prompt token; prefill "
+                 f"{rates['prefill']:.0f} GFLOP/s, decode {rates['decode']:.1f} GFLOP/s")
+    if r.get("matmul_peak_gflop_s"):
+        peak = r["matmul_peak_gflop_s"]
+        lines.append(f"this machine's matmul peak: {peak:.0f} GFLOP/s (the best square torch.mm of side "
+                     f"{', '.join(map(str, r['peak_sizes']))} in {r['dtype']}, {r['threads']} threads): prefill at "
+                     f"{100 * rates['prefill'] / peak:.0f}% of it, decode at {100 * rates['decode'] / peak:.1f}%")
     return "\n".join(lines)
 
 
@@ -154,6 +192,8 @@ def main(args: argparse.Namespace) -> None:
     result = run_timed(model, prompt, settings, args.decode_tokens, timers)
     result.update(model=str(args.ckpt), dtype=str(dtype).removeprefix("torch."), device=str(device),
                   threads=torch.get_num_threads(), settings=vars(settings))
+    if device.type == "cpu" and args.peak_sizes:
+        result.update(peak_sizes=args.peak_sizes, matmul_peak_gflop_s=max(matmul_peak(n, dtype, 3) for n in args.peak_sizes))
     table = markdown(result)
     print(table)
     if args.out:
@@ -161,6 +201,17 @@ def main(args: argparse.Namespace) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
         out.with_suffix(".md").write_text(table + "\n")
+
+
+def sizes(text: str) -> list[int]:
+    """'1024,2048' -> [1024, 2048]; '0' -> [] (no peak measured)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = [-1]
+    if values != [0] and min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive whole numbers like 1024,2048 (or 0), not {text!r}")
+    return [v for v in values if v > 0]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -179,6 +230,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bfloat16 where the device has it")
     p.add_argument("--kv-int8", action="store_true", help="store K and V as int8 (generate.py's --kv-int8)")
+    p.add_argument("--peak-sizes", type=sizes, default="1024,2048,4096",
+                   help="cpu: sides of the square torch.mm whose best rate is the machine's peak; 0 skips it "
+                   "(default: %(default)s)")
     p.add_argument("--out", default=None, help="JSON path; the table goes next to it as .md")
     args = p.parse_args(argv)
     if args.decode_tokens < 1:

@@ -7,7 +7,9 @@ import torch
 def percentile_rank(x: torch.Tensor) -> torch.Tensor:
     """Each entry's rank within its row (the last dim) as a fraction in [0, 1]; ties go by position."""
     n = x.shape[-1]
-    return x.argsort(dim=-1, stable=True).argsort(dim=-1).float() / max(n - 1, 1)
+    order = x.argsort(dim=-1, stable=True)
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(n, device=x.device).expand_as(order))  # inverse
+    return ranks.float() / max(n - 1, 1)
 
 
 def shared_rank(scores: torch.Tensor) -> torch.Tensor:

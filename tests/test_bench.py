@@ -160,11 +160,12 @@ def test_layers_ranks_needles_per_layer_and_range(heldout_heads, tmp_path, capsy
 def test_breakdown_splits_prefill_and_decode_by_component(tiny_chat_model, tmp_path, capsys):
     from bench import breakdown
     model = load_model(tiny_chat_model)
+    layer_weights = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
     torch.manual_seed(0)
     model.add_retaining_heads(8)
     save_heads(model, tmp_path / "heads.safetensors", backbone="tiny")
     common = ["--ckpt", str(tiny_chat_model), "--length", "300", "--budget", "64", "--chunk", "32", "--stabilizers", "16",
-              "--n-loc", "12", "--decode-tokens", "3"]
+              "--n-loc", "12", "--decode-tokens", "3", "--peak-sizes", "64,128"]
     out = tmp_path / "locret.json"
     breakdown.main(breakdown.parse_args([*common, "--dtype", "float32", "--heads", str(tmp_path / "heads.safetensors"),
                                          "--out", str(out)]))
@@ -181,18 +182,28 @@ def test_breakdown_splits_prefill_and_decode_by_component(tiny_chat_model, tmp_p
     assert r["decode"]["policy scoring"] == 0 and r["decode"]["eviction"] == 0  # decoding neither scores nor evicts
     table = capsys.readouterr().out
     assert table == out.with_suffix(".md").read_text() and "| policy scoring |" in table and "| **total** |" in table
+    assert r["matmul_peak_gflop_s"] > 0 and r["peak_sizes"] == [64, 128] and "% of it, decode at" in table
 
     breakdown.main(breakdown.parse_args([*common, "--policy", "full", "--out", str(tmp_path / "full.json")]))
     full = json.loads((tmp_path / "full.json").read_text())
     assert full["dtype"] == default_dtype("cpu")  # no --dtype: the device's default
     assert full["prefill"]["retaining heads"] == full["prefill"]["policy scoring"] == full["prefill"]["eviction"] == 0
+    c = model.config  # full attention: every token sees every one before it, however the chunks fall
+    per_key, lm_head = 4 * c.num_attention_heads * c.head_dim * c.num_hidden_layers, 2 * model.lm_head.weight.numel()
+    assert full["prefill_flops"] == 2 * 300 * layer_weights + 10 * lm_head + per_key * 300 * 301 // 2
+    assert full["decode_flops"] == 3 * (2 * layer_weights + lm_head) + per_key * (301 + 302 + 303)
+    assert r["prefill_flops"] < full["prefill_flops"]  # locret's chunks see at most the budget and themselves
+    assert "this machine's matmul peak" in capsys.readouterr().out
+    breakdown.main(breakdown.parse_args([*common, "--policy", "full", "--peak-sizes", "0"]))
+    assert "this machine's matmul peak" not in capsys.readouterr().out
     breakdown.main(breakdown.parse_args([*common, "--policy", "streamingllm", "--kv-int8", "--out", str(tmp_path / "int8.json")]))
     assert json.loads((tmp_path / "int8.json").read_text())["settings"]["kv_int8"] and not r["settings"]["kv_int8"]
     script = Path(breakdown.__file__)  # as a command: bad input is one line, not a traceback
     done = subprocess.run([sys.executable, str(script), "--ckpt", str(tmp_path / "missing")], capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.startswith("error: unknown model") and len(done.stderr.splitlines()) == 1
-    with pytest.raises(SystemExit):
-        breakdown.parse_args(["--decode-tokens", "0"])
+    for bad in (["--decode-tokens", "0"], ["--peak-sizes", "1024,x"], ["--peak-sizes", "-5"]):
+        with pytest.raises(SystemExit):
+            breakdown.parse_args(bad)
 
 
 FAKE_KVPRESS = '''
