@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from locret.devices import default_device, default_dtype
+from locret.devices import check_device, default_device, default_dtype
 from locret.engine import EVICTIONS, EngineSettings
 from locret.errors import LocretError, run_script
 from locret.evaluation import Reference, ask_together, encode_item, evaluate
@@ -296,7 +296,7 @@ def heads_identity(path) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
-    device = args.device or default_device()
+    device = check_device(args.device or default_device())
     folder, entry = resolve_checkpoint(args.ckpt)
     base = entry.settings if entry else GENERIC_SETTINGS
     tokenizer = Tokenizer(folder)
@@ -360,8 +360,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="cap on each task's generation budget from its recipe (default: 128)")
     p.add_argument("--suite", choices=list(SUITES), default="default",
                    help="preset tasks, lengths, budgets and n; flags given override it (default: default)")
-    p.add_argument("--split", choices=["val", "test"], default="val",
-                   help="heldout suite: val to choose settings and heads, test for published figures")
+    p.add_argument("--split", choices=["val", "test"], default=None,
+                   help="heldout and multiquestion suites: val (default) to choose settings and heads, test for "
+                   "published figures")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (--suite quick)")
     p.add_argument("--out", default="results", help="output folder (default: results/)")
     p.add_argument("--device", default=None)
@@ -371,11 +372,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, value in SUITES[args.suite].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    args.tasks = str(args.tasks).format(split=args.split).split(",")
+    if args.split and "{split}" not in SUITES[args.suite].get("tasks", ""):
+        p.error(f"--split applies to --suite heldout or multiquestion, not to --suite {args.suite}")
+    args.tasks = str(args.tasks).format(split=args.split or "val").split(",")
     args.policies = args.policies.split(",")
-    unknown = [t for t in args.tasks if t not in TASKS] + [x for x in args.policies if x not in POLICIES]
-    if unknown:
-        p.error(f"unknown task or policy: {', '.join(unknown)}")
+    for flag, names, known in (("--tasks", args.tasks, TASKS), ("--policies", args.policies, POLICIES)):
+        if unknown := [name for name in names if name not in known]:
+            p.error(f"{flag}: unknown {', '.join(map(repr, unknown))} (choose from {', '.join(known)})")
     try:
         args.lengths = [int(x) for x in str(args.lengths).split(",")]
         args.budgets = str(args.budgets).split(",")

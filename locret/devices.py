@@ -11,7 +11,7 @@ def default_device() -> str:
 
 
 def check_device(device: str) -> str:
-    """`device` if this machine has it, else one clear error."""
+    """`device` if this machine has it (cpu:0 as cpu), else one clear error."""
     try:
         parsed = torch.device(device)
     except RuntimeError:
@@ -22,7 +22,9 @@ def check_device(device: str) -> str:
         raise LocretError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
     if parsed.type not in ("cpu", "cuda"):
         raise LocretError(f"--device {device} is not supported (use cpu or cuda)")
-    return device
+    if parsed.type == "cpu" and parsed.index not in (None, 0):
+        raise LocretError(f"--device {device}: the CPU has no device index (use --device cpu)")
+    return "cpu" if parsed.type == "cpu" else device  # cpu:0 is cpu
 
 
 def cpu_has_native_bf16() -> bool:
@@ -36,6 +38,6 @@ def cpu_has_native_bf16() -> bool:
 
 def default_dtype(device: str) -> str:
     """bfloat16 on GPUs and CPUs that run it natively, else float32 (float16 on GPUs without bf16)."""
-    if device == "cpu":
+    if torch.device(device).type == "cpu":
         return "bfloat16" if cpu_has_native_bf16() else "float32"
     return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"

@@ -186,7 +186,7 @@ def test_breakdown_splits_prefill_and_decode_by_component(tiny_chat_model, tmp_p
 
     breakdown.main(breakdown.parse_args([*common, "--policy", "full", "--out", str(tmp_path / "full.json")]))
     full = json.loads((tmp_path / "full.json").read_text())
-    assert full["dtype"] == default_dtype("cpu")  # no --dtype: the device's default
+    assert full["dtype"] == default_dtype("cpu") == default_dtype("cpu:0")  # no --dtype: the device's default
     assert full["prefill"]["retaining heads"] == full["prefill"]["policy scoring"] == full["prefill"]["eviction"] == 0
     c = model.config  # full attention: every token sees every one before it, however the chunks fall
     per_key, lm_head = 4 * c.num_attention_heads * c.head_dim * c.num_hidden_layers, 2 * model.lm_head.weight.numel()
