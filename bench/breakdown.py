@@ -208,10 +208,12 @@ def sizes(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
-        values = [-1]
-    if values != [0] and min(values) < 1:
+        values = []
+    if values == [0]:
+        return []
+    if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive whole numbers like 1024,2048 (or 0), not {text!r}")
-    return [v for v in values if v > 0]
+    return values
 
 
 def parse_args(argv=None) -> argparse.Namespace:
