@@ -7,7 +7,7 @@
     python eval.py --tasks passkey,vt --lengths 2048,4096 --budgets 1/8,1/16 --n 10
 
 Each item is prefilled once per policy and budget; full attention is the reference for fidelity.
-Accuracy carries an exact 95% interval (Wilson). Results are appended to <out>/results.jsonl as they
+Accuracy carries a Wilson 95% interval. Results are appended to <out>/results.jsonl as they
 come, so an interrupted run resumes where it stopped (the settings that change results are kept in
 <out>/settings.json: a rerun with others is refused); then <out>/table.md, <out>/table.csv and
 <out>/accuracy_vs_budget.png are written."""
@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from locret.devices import check_device, default_device, default_dtype
 from locret.engine import EVICTIONS, EngineSettings
-from locret.errors import LocretError, run_script
+from locret.errors import LocretError, run_script, seed
 from locret.evaluation import Reference, ask_together, encode_item, evaluate
 from locret.heads import load_heads, trained_eviction
 from locret.loading import DTYPES, load_model, stop_token_ids
@@ -87,7 +87,8 @@ def settings_for(policy: str, budget: int, args, base, question_tokens: int) -> 
     keeps just the item's question (and answer cue) out of eviction."""
     stabilizers = args.stabilizers if args.stabilizers is not None else base.stabilizers_for(budget)
     n_loc = base.n_loc if args.n_loc is None else question_tokens if args.n_loc == "question" else int(args.n_loc)
-    return EngineSettings(policy=policy, budget=budget, chunk=args.chunk or base.chunk, stabilizers=stabilizers,
+    chunk = base.chunk if args.chunk is None else args.chunk
+    return EngineSettings(policy=policy, budget=budget, chunk=chunk, stabilizers=stabilizers,
                           n_loc=n_loc, positions=args.positions, final_stabilizers=not args.unprotected_final_eviction,
                           seed=args.seed, span=base.span if args.span is None else args.span,
                           eviction=args.eviction or (args.heads_eviction if policy == "locret" else "per-head"),
@@ -105,7 +106,7 @@ def check_out_folder(out: Path, args) -> None:
     mine = {k: getattr(args, k) for k in RESULT_SETTINGS}
     path = out / "settings.json"
     if path.is_file():
-        theirs = json.loads(path.read_text())
+        theirs = read_settings(path)
         changed = [k for k in RESULT_SETTINGS if theirs.get(k) != mine[k]]
         if changed:
             raise LocretError(f"{out} holds results of other settings ({', '.join(changed)} differ): "
@@ -113,12 +114,31 @@ def check_out_folder(out: Path, args) -> None:
     elif (out / "results.jsonl").is_file():
         raise LocretError(f"{out} holds results of unknown settings: choose another --out or remove it")
     else:
-        path.write_text(json.dumps(mine, indent=1) + "\n")
+        try:
+            path.write_text(json.dumps(mine, indent=1) + "\n")
+        except OSError as e:
+            raise LocretError(f"cannot write {path}: {e.strerror}") from None
+
+
+def read_settings(path: Path) -> dict:
+    """The settings an --out folder's results were made with, or one clear error."""
+    try:
+        theirs = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise LocretError(f"{path} is unreadable ({type(e).__name__}): remove it, or choose another --out") from None
+    if not isinstance(theirs, dict):
+        raise LocretError(f"{path} is not a settings object: remove it, or choose another --out")
+    return theirs
+
+
+def max_new_tokens(task: str, args) -> int:
+    """Tokens generated for an item of `task`: its recipe's answer length, capped by --max-new-tokens."""
+    return min(TASKS[task].gen_tokens, args.max_new_tokens)
 
 
 def check_window(args, window: int) -> None:
     """Every item runs with full attention first (the reference): prompt and answer must fit the model's context."""
-    answer = max(min(TASKS[task].gen_tokens, args.max_new_tokens) for task in args.tasks)
+    answer = max(max_new_tokens(task, args) for task in args.tasks)
     if max(args.lengths) + answer > window:
         raise LocretError(f"--lengths {max(args.lengths)}: with its answer (up to {answer} tokens) past the model's "
                           f"{window}-token context, where full attention, the reference, cannot run "
@@ -153,7 +173,7 @@ def run_suite(model, tokenizer, stop_ids, args, base, policies: list[str], out: 
                     continue
                 reference = None
             settings = settings_for(policy, budget, args, base, encoded.question_tokens)
-            max_new = min(TASKS[task].gen_tokens, args.max_new_tokens)
+            max_new = max_new_tokens(task, args)
             result, reference = evaluate(model, tokenizer, item, encoded, settings, max_new, stop_ids, reference)
             row = {"task": task, "length": length, "index": index, **asdict(result)}
             if policy == "full":
@@ -177,7 +197,7 @@ def run_multi_question(model, tokenizer, stop_ids, args, base, policies: list[st
             items = questions_of(make_item(task, index, args.seed, tokenizer, length))
             encoded = [encode_item(tokenizer, item, args.form) for item in items]
             settings = [settings_for(policy, budget, args, base, e.question_tokens) for e in encoded]
-            max_new = min(TASKS[task].gen_tokens, args.max_new_tokens)
+            max_new = max_new_tokens(task, args)
             t0 = time.perf_counter()
             if mode == "shared":
                 results = ask_together(model, tokenizer, items, encoded, settings[0], max_new, stop_ids)
@@ -198,7 +218,7 @@ def summarize_multi_question(rows: list[dict]) -> list[dict]:
     seconds per document, and how much faster shared is than separate."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        fraction = "-" if r["policy"] == "full" else f"{r['budget'] / r['length']:.4g}"
+        fraction = budget_fraction(r)
         groups.setdefault((r["policy"], fraction, r["mode"]), []).append(r)
     table = []
     for (policy, fraction, mode), group in groups.items():
@@ -206,11 +226,21 @@ def summarize_multi_question(rows: list[dict]) -> list[dict]:
         seconds = sum(r["seconds"] for r in group) / len(group)
         separate = groups[(policy, fraction, "separate")]
         line = {"policy": policy, "budget": fraction, "mode": mode, "n": len(scores),
-                "accuracy": 100 * sum(scores) / len(scores), "ci95": "{:.0f}-{:.0f}".format(*wilson(sum(scores), len(scores))),
+                "accuracy": 100 * sum(scores) / len(scores), "ci95": ci95(scores),
                 "needle_kept": float(np.nanmean([x for r in group for x in r["needle_kept"]])),
                 "seconds_per_doc": seconds, "speedup": sum(r["seconds"] for r in separate) / len(separate) / seconds}
         table.append(line)
     return table
+
+
+def budget_fraction(row: dict) -> str:
+    """A result row's budget as a share of its prompt ("-" for full attention, which keeps everything)."""
+    return "-" if row["policy"] == "full" else f"{row['budget'] / row['length']:.4g}"
+
+
+def ci95(scores: list[float]) -> str:
+    """The Wilson 95% interval of the scores' mean, in percent: "lo-hi"."""
+    return "{:.0f}-{:.0f}".format(*wilson(sum(scores), len(scores)))
 
 
 def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -231,7 +261,7 @@ def summarize(rows: list[dict], tasks: list[str], by_length: bool = False) -> li
     mean accuracy with its Wilson interval and n, fidelity, cost."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        fraction = "-" if r["policy"] == "full" else f"{r['budget'] / r['length']:.4g}"
+        fraction = budget_fraction(r)
         groups.setdefault((r["policy"], fraction) + ((r["length"],) if by_length else ()), []).append(r)
     table = []
     for key, group in groups.items():
@@ -246,7 +276,7 @@ def summarize(rows: list[dict], tasks: list[str], by_length: bool = False) -> li
         scored = [r["score"] for r in group if not is_text_task(r["task"])]
         line["n"] = len(scored)
         line["mean"] = 100 * sum(scored) / len(scored) if scored else float("nan")
-        line["ci95"] = "{:.0f}-{:.0f}".format(*wilson(sum(scored), len(scored))) if scored else "-"
+        line["ci95"] = ci95(scored) if scored else "-"
         for name, key in (("ll_gap", "ll_gap"), ("top1_agree", "top1_agreement"), ("needle_kept", "needle_retention"),
                           ("compression", "compression"), ("prefill_tok_s", "prefill_tps"), ("decode_tok_s", "decode_tps")):
             values = [r[key] for r in group if not math.isnan(r[key])]
@@ -333,7 +363,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    f"(default: {SUITES['default']['budgets']})")
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated (default: all)")
     p.add_argument("--n", type=int, default=None, help=f"items per task and length (default: {SUITES['default']['n']})")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0, help="item draw and random policy seed (default: 0)")
     p.add_argument("--form", choices=["completion", "chat"], default="completion",
                    help="completion: InfiniteBench's base-model form ending in the answer prefix (default)")
     p.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: the zoo's)")
@@ -388,8 +418,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not parsed:
         p.error(f"--lengths must be integers and --budgets fractions of the prompt in (0, 1] (1/8) or positive "
                 f"integers (512): got {args.lengths!r} and {args.budgets!r}")
-    if min(args.lengths) < 1 or int(args.n) < 1:
-        p.error("--lengths and --n must be positive")
+    if min(args.lengths) < 1 or int(args.n) < 1 or args.max_new_tokens < 1 or (args.chunk is not None and args.chunk < 1):
+        p.error("--lengths, --n, --max-new-tokens and --chunk must be positive")
     if args.n_loc not in (None, "question") and not str(args.n_loc).isdigit():
         p.error(f"--n-loc must be a number of tokens or 'question' (got {args.n_loc!r})")
     args.n = int(args.n)

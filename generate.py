@@ -24,8 +24,9 @@ import torch
 
 from locret.devices import check_device, default_device, default_dtype
 from locret.context import Context, GenerationStats
-from locret.engine import EVICTIONS, NEEDS_HEADS, EngineSettings, check_settings, pool_capacity
-from locret.errors import LocretError, run_script, writable_file_path
+from locret.engine import EVICTIONS, NEEDS_HEADS, EngineSettings, check_settings, pool_capacity, turns_keys
+from locret.errors import LocretError, run_script, seed
+from locret.files import writable_file_path
 from locret.heads import load_heads, read_heads, trained_eviction
 from locret.loading import DTYPES, load_model, stop_token_ids
 from locret.official_heads import find_heads
@@ -38,14 +39,8 @@ from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, ZooEntry, local_heads, r
 
 
 def read_prompt(source: str, what: str = "prompt") -> str:
-    try:
-        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
-    except OSError as e:
-        raise LocretError(f"cannot read {what} {source}: {e.strerror}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise LocretError(f"{what} {source} is not UTF-8 text (byte {e.start})") from None
+    """The whole text of file `source` (or "-": standard input), or one clear error."""
+    text = "".join(read_blocks(source, what))
     if not text.strip():
         raise LocretError(f"{what} {source} is empty")
     return text.removesuffix("\n")  # the file's final newline; everything else is kept exactly
@@ -124,10 +119,9 @@ def fit_memory(model, settings: EngineSettings, args, capacity_of, upper: int) -
 def check_fits(model, settings: EngineSettings, capacity: int, last_position: int | None) -> None:
     """Before anything is allocated: positions within the model's context (`last_position`: the largest one
     the run reaches; None for a stream, checked as it goes), memory within the machine's."""
-    compact = settings.evicts and settings.positions == "compact"
     window = model.config.max_position_embeddings
     if last_position is not None and last_position > window:
-        fix = ("fewer --max-new-tokens, --evict-during-decode or a smaller --budget" if compact else
+        fix = ("fewer --max-new-tokens, --evict-during-decode or a smaller --budget" if turns_keys(settings) else
                "fewer --max-new-tokens, or a policy that evicts with --positions compact")
         raise LocretError(f"positions would reach {last_position}, past the model's {window}-token context: "
                           f"the answer would be garbage; use {fix}")
@@ -145,8 +139,8 @@ def prepare(args, settings: EngineSettings, model, prompt_tokens: int | None) ->
     if args.max_memory is not None:
         settings = fit_memory(model, settings, args, capacity_of, upper=prompt_tokens or window)
     capacity = capacity_of(settings)
-    compact = settings.evicts and settings.positions == "compact"
-    last = capacity if compact else None if prompt_tokens is None else prompt_tokens + args.max_new_tokens
+    # compact positions stay within the pool, whatever the prompt
+    last = capacity if turns_keys(settings) else None if prompt_tokens is None else prompt_tokens + args.max_new_tokens
     check_fits(model, settings, capacity, last)
     return settings, capacity
 
@@ -269,9 +263,7 @@ def answer_whole_prompt(run: Run) -> None:
     model = load_backbone(run, settings.policy == "locret")
     settings, capacity = prepare(args, settings, model, len(prompt))
     context = Context(model, settings, capacity, len(prompt), progress=sys.stderr.isatty(), total=len(prompt))
-    body = len(prompt) - settings.n_loc
-    context.feed(prompt[:body])
-    report(settings, answer(context, prompt[body:], run))
+    report(settings, answer(context, context.feed_body(prompt), run))
 
 
 def read_question(args) -> str | None:
@@ -330,7 +322,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default: 0)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--seed", type=seed, default=0, help="sampling seed (default: 0)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bfloat16 on GPUs and CPUs with native bf16, else float32 (float16 on old GPUs)")
     args = p.parse_args(argv)
@@ -340,8 +332,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("need a finite --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
     if args.max_memory is not None and not (math.isfinite(args.max_memory) and args.max_memory > 0):
         p.error(f"--max-memory must be a positive number of GiB (got {args.max_memory})")
-    if not 0 <= args.seed < 2**64:
-        p.error("--seed must be in [0, 2**64)")
     if args.heads and args.policy not in (None, "locret"):
         p.error(f"--heads is used by --policy locret only, not {args.policy}")
     check_modes(p, args)
@@ -358,7 +348,9 @@ def check_modes(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                                 ("--policy", args.policy), ("--budget", args.budget), ("--chunk", args.chunk),
                                 ("--stabilizers", args.stabilizers), ("--n-loc", args.n_loc), ("--eviction", args.eviction),
                                 ("--max-memory", args.max_memory), ("--evict-during-decode", args.evict_during_decode),
-                                ("--unprotected-final-eviction", args.unprotected_final_eviction)] if v]
+                                ("--unprotected-final-eviction", args.unprotected_final_eviction),
+                                ("--span", args.span), ("--shared-layers", args.shared_layers),
+                                ("--kv-int8", args.kv_int8)] if v]
         if fixed:
             p.error(f"--load-context answers from a context compressed already: drop {', '.join(fixed)}")
         if not asks:

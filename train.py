@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from locret.devices import check_device, default_device, default_dtype
 from locret.engine import layer_slice
-from locret.errors import LocretError, run_script, writable_file_path
+from locret.errors import LocretError, run_script, seed
+from locret.files import remove_stale_temporaries, save_atomic, writable_file_path
 from locret.head_inputs import chunked_head_inputs, evicted_settings
 from locret.heads import load_heads, read_heads, save_heads, target_eviction
 from locret.labels import LabelRecorder
@@ -111,10 +111,7 @@ def save_state(path: Path, model, optimizer, step: int, args) -> None:
     for i, p in enumerate(head_parameters(model)):
         for name, value in optimizer.state[p].items():
             tensors[f"adam.{i}.{name}"] = value
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
-              metadata={"step": str(step), "args": json.dumps(vars(args), default=str)})
-    os.replace(tmp, path)
+    save_atomic(tensors, path, {"step": str(step), "args": json.dumps(vars(args), default=str)}, "training state")
 
 
 def load_state(path: Path, model, optimizer, args) -> int:
@@ -122,17 +119,27 @@ def load_state(path: Path, model, optimizer, args) -> int:
     heads and the data must be the saved run's (--steps, validation and saving may change)."""
     if not path.is_file():
         raise LocretError(f"--resume: no training state at {path}")
-    with safe_open(path, framework="pt") as f:
-        step, saved = int(f.metadata()["step"]), json.loads(f.metadata()["args"])
-        changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(args, k)}" for k in SAME_ON_RESUME
-                   if k in saved and saved[k] != getattr(args, k)]
-        if changed:
-            raise LocretError(f"--resume: the saved run used other settings ({'; '.join(changed)}); "
-                              "resume with the same ones, or start a new --out")
-        for i, p in enumerate(head_parameters(model)):
-            p.data.copy_(f.get_tensor(f"param.{i}"))
-            optimizer.state[p] = {name: f.get_tensor(f"adam.{i}.{name}").to(p.device)
-                                  for name in ("step", "exp_avg", "exp_avg_sq")}
+    try:
+        with safe_open(path, framework="pt") as f:
+            return restore_state(f, model, optimizer, args)
+    except (SafetensorError, KeyError, TypeError, ValueError, RuntimeError) as e:  # truncated, foreign, misshaped
+        raise LocretError(f"--resume: unreadable training state {path} ({type(e).__name__}: {e})") from None
+
+
+def restore_state(f, model, optimizer, args) -> int:
+    """`load_state`'s reading of the open state file `f`: the step to continue from."""
+    step, saved = int(f.metadata()["step"]), json.loads(f.metadata()["args"])
+    if not isinstance(saved, dict):
+        raise ValueError("its args are not a settings object")
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(args, k)}" for k in SAME_ON_RESUME
+               if k in saved and saved[k] != getattr(args, k)]
+    if changed:
+        raise LocretError(f"--resume: the saved run used other settings ({'; '.join(changed)}); "
+                          "resume with the same ones, or start a new --out")
+    for i, p in enumerate(head_parameters(model)):
+        p.data.copy_(f.get_tensor(f"param.{i}"))
+        optimizer.state[p] = {name: f.get_tensor(f"adam.{i}.{name}").to(p.device)
+                              for name in ("step", "exp_avg", "exp_avg_sq")}
     return step
 
 
@@ -172,8 +179,7 @@ def main(args: argparse.Namespace) -> None:
     params = head_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     out = Path(args.out)
-    for stale in out.parent.glob(f".{state_path(out).name}.tmp-*"):  # left by a run killed while saving
-        stale.unlink(missing_ok=True)
+    remove_stale_temporaries(state_path(out))
     step = load_state(state_path(out), model, optimizer, args) if args.resume else 0
     warmup = args.warmup if args.warmup is not None else round(args.steps * 2 / 3)
     bar = tqdm(total=args.steps, initial=step, desc="train", disable=not rank.main, file=sys.stderr)
@@ -282,19 +288,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate (official: 5e-4)")
     p.add_argument("--warmup", type=int, help="warmup steps, then linear decay (official: 2/3 of --steps, as its "
                    f"2000 of 3000; cpu: {PRESETS['cpu']['warmup']})")
-    p.add_argument("--seed", type=int, default=0, help="data and initialisation seed")
+    p.add_argument("--seed", type=seed, default=0, help="data and initialisation seed")
     p.add_argument("--val-every", type=int, help=f"validate every N steps, 0: never ({preset('val_every')})")
     p.add_argument("--val-samples", type=int, help=f"held-out samples per validation ({preset('val_samples')})")
     p.add_argument("--save-every", type=int, help=f"write the resumable state every N steps ({preset('save_every')})")
     p.add_argument("--resume", action="store_true", help="continue from the training state next to --out")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
-                   help="backbone and heads dtype (default: bfloat16 where native, as official; else float32)")
+                   help="backbone and heads dtype (default: bfloat16 where native, as official; else float32 on CPU, "
+                        "float16 on GPUs without bf16)")
     args = p.parse_args(argv)
     if args.init:
         _, meta = read_heads(Path(args.init), tensors=False)
-        if meta.get("locret_heads") != "1":
-            p.error(f"--init {args.init}: not a retaining-heads file")
         if args.head_hidden not in (None, int(meta["head_hidden"])):
             p.error(f"--init {args.init} holds heads of hidden size {meta['head_hidden']}: drop --head-hidden")
         args.head_hidden = int(meta["head_hidden"])

@@ -131,11 +131,9 @@ def run_timed(model, prompt: list[int], settings: EngineSettings, decode_tokens:
     context = Context(model, settings, capacity, len(prompt), progress=True, total=len(prompt))
     instrument_engine(context, timers)
     counter = FlopCounter(model, context.engine)
-    body = len(prompt) - settings.n_loc
     timers.reset()
     t0 = timers.now()
-    context.feed(prompt[:body])
-    logits = context.start(prompt[body:])
+    logits = context.prefill(prompt)
     prefill = timers.now() - t0
     prefill_parts, prefill_flops = breakdown(timers.seconds, prefill), counter.flops
     timers.reset()

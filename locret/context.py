@@ -115,12 +115,16 @@ class Context:
             raise LocretError("nothing to answer from: the context and the question are both empty")
         return self.last_logits
 
-    @torch.inference_mode()
-    def prefill(self, prompt: list[int]) -> torch.Tensor:
-        """Feed all but the prompt's last n_loc tokens, close, and run those: the last logits [V]."""
+    def feed_body(self, prompt: list[int]) -> list[int]:
+        """Feed all but the prompt's last n_loc tokens; return those (the question, never evicted)."""
         body = len(prompt) - self.settings.n_loc
         self.feed(prompt[:body])
-        return self.start(prompt[body:])
+        return prompt[body:]
+
+    @torch.inference_mode()
+    def prefill(self, prompt: list[int]) -> torch.Tensor:
+        """Feed the prompt's body, close, and run its n_loc tail: the last logits [V]."""
+        return self.start(self.feed_body(prompt))
 
     @torch.inference_mode()
     def ask(self, tail: list[int], max_new_tokens: int, stop_ids: set[int] = frozenset(),
@@ -155,10 +159,11 @@ class Context:
     @torch.inference_mode()
     def teacher_forced(self, tail: list[int], answer: list[int]) -> torch.Tensor:
         """Logits [len(answer), V] predicting each token of `answer` after the question `tail`."""
-        last = self.start(tail)
-        logits = torch.cat((last[None], self.engine.forward(answer[:-1], scoring=False, all_logits=True)))
+        logits = [self.start(tail)[None]]  # predicts the answer's first token
+        if len(answer) > 1:
+            logits.append(self.engine.forward(answer[:-1], scoring=False, all_logits=True))
         self.engine.rewind(*self.closed_at)
-        return logits
+        return torch.cat(logits)
 
     def save(self, path, **metadata: str) -> None:
         """Write the compressed context (closing it first), with `metadata` strings (e.g. the prompt form)."""
@@ -189,6 +194,4 @@ def generate(model: CausalLM, prompt: list[int], settings: EngineSettings, max_n
     check_settings(settings, len(prompt))
     capacity = pool_capacity(settings, len(prompt), max_new_tokens)
     context = Context(model, settings, capacity, len(prompt), progress=progress, total=len(prompt))
-    body = len(prompt) - settings.n_loc
-    context.feed(prompt[:body])
-    return context.ask(prompt[body:], max_new_tokens, stop_ids, sampling, on_token)
+    return context.ask(context.feed_body(prompt), max_new_tokens, stop_ids, sampling, on_token)

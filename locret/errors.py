@@ -1,6 +1,6 @@
-import os
+"""The one error type for bad input, how scripts report it, and the checks every script shares."""
+import argparse
 import sys
-from pathlib import Path
 from typing import Callable
 
 
@@ -16,7 +16,12 @@ def run_script(main: Callable, parse_args: Callable) -> None:
         sys.exit(f"error: {e}")
 
 
-def writable_file_path(path: str | Path) -> bool:
-    """Whether a file can be written at `path`: not a folder, in an existing folder we may write to."""
-    path = Path(path)
-    return not path.is_dir() and path.parent.is_dir() and os.access(path.parent, os.W_OK)
+def seed(text: str) -> int:
+    """argparse type of every --seed: an integer torch's generators accept."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, not {text!r}") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**64), not {value}")
+    return value

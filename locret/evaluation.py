@@ -96,11 +96,11 @@ def evaluate(model: CausalLM, tokenizer: Tokenizer, item: Item, encoded: Encoded
     context = Context(model, settings, pool_capacity(settings, len(prompt), max(max_new_tokens, len(answer))), len(prompt))
     if scorer is not None:
         context.engine.cache.policy = scorer
-    body = len(prompt) - settings.n_loc
-    context.feed(prompt[:body])
+    tail = context.feed_body(prompt)
     context.close()
+    body = len(prompt) - len(tail)
     retention = needle_retention(context.pool, encoded.needles, body)
-    return judge(context, tokenizer, item, prompt[body:], answer, max_new_tokens, stop_ids, reference, retention,
+    return judge(context, tokenizer, item, tail, answer, max_new_tokens, stop_ids, reference, retention,
                  needle_in_tail=any(r.stop > body for r in encoded.needles))
 
 

@@ -1,16 +1,15 @@
 """Retaining-head checkpoints: safetensors holding only the heads' weights, with metadata naming the
 backbone they were trained for. Loading heads onto a different backbone is a clear error."""
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from models import CausalLM
 
 from .errors import LocretError
+from .files import save_atomic
 
 SIGNATURE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "head_dim", "vocab_size")
@@ -27,20 +26,14 @@ def head_tensors(model: CausalLM) -> dict:
 
 def save_heads(model: CausalLM, path: str | Path, backbone: str, training: dict | None = None,
                dtype: torch.dtype | None = None) -> None:
-    """Write the heads (in `dtype`, default theirs) atomically: a temporary file renamed into place."""
+    """Write the heads (in `dtype`, default theirs) atomically."""
     heads = [h for h in model.retaining_heads if h is not None]
     if len(heads) != len(model.retaining_heads):
         raise LocretError("the model has no retaining heads to save")
     metadata = {"format": "pt", "locret_heads": "1", "backbone": backbone,
                 "backbone_config": json.dumps(backbone_signature(model)),
                 "head_hidden": str(heads[0].fc1.out_features), "training": json.dumps(training or {})}
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file({k: v.to(dtype or v.dtype).contiguous() for k, v in head_tensors(model).items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_atomic({k: v.to(dtype or v.dtype) for k, v in head_tensors(model).items()}, path, metadata, "heads")
 
 
 def read_heads(path: Path, tensors: bool = True) -> tuple[dict, dict]:
@@ -51,9 +44,24 @@ def read_heads(path: Path, tensors: bool = True) -> tuple[dict, dict]:
         raise LocretError(f"heads file {path} not found")
     try:
         with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys() if tensors}, f.metadata() or {}
+            found, meta = {k: f.get_tensor(k) for k in f.keys() if tensors}, f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise LocretError(f"{path}: unreadable safetensors file ({e})") from None
+    check_metadata(meta, path)
+    return found, meta
+
+
+def check_metadata(meta: dict, path: Path) -> None:
+    """What the rest of this module reads from a heads file's metadata must be there and well formed."""
+    if meta.get("locret_heads") != "1":
+        raise LocretError(f"{path}: not a retaining-heads file (no locret_heads metadata)")
+    try:
+        backbone, training = json.loads(meta["backbone_config"]), json.loads(meta.get("training") or "{}")
+        hidden = int(meta["head_hidden"])
+    except (KeyError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise LocretError(f"{path}: broken retaining-heads metadata ({type(e).__name__}: {e})") from None
+    if not isinstance(backbone, dict) or not isinstance(training, dict) or hidden < 1:
+        raise LocretError(f"{path}: broken retaining-heads metadata (backbone_config, training or head_hidden)")
 
 
 def target_eviction(target: str | None) -> str:
@@ -70,8 +78,6 @@ def load_heads(model: CausalLM, path: str | Path) -> dict:
     """Attach the heads in `path` to `model` (after checking they fit it); return the file's metadata."""
     path = Path(path)
     tensors, meta = read_heads(path)
-    if meta.get("locret_heads") != "1":
-        raise LocretError(f"{path}: not a retaining-heads file (no locret_heads metadata)")
     theirs, ours = json.loads(meta["backbone_config"]), backbone_signature(model)
     wrong = [k for k in SIGNATURE_KEYS if theirs.get(k) != ours[k]]
     if wrong:

@@ -9,7 +9,7 @@ from models import CausalLM
 
 from .errors import LocretError
 from .engine import pool_bytes
-from .policies import QUERY_BLOCK
+from .policies import QUERY_BLOCK, READS_ATTENTION
 
 
 def rss_bytes(field: str = "VmRSS") -> int:
@@ -81,7 +81,7 @@ def activation_bytes(model: CausalLM, tokens: int, attended: int, policy: str) -
     mlp = 3 * tokens * c.intermediate_size * item
     attention = sdpa_bytes(model, tokens, attended)
     slot_rope = 2 * attended * c.head_dim * item
-    if policy in ("h2o", "snapkv", "tova"):  # policies.py: QUERY_BLOCK queries at a time
+    if policy in READS_ATTENTION:  # QUERY_BLOCK queries at a time
         attention += 2 * c.num_attention_heads * min(tokens, QUERY_BLOCK) * attended * 4
         attention += c.num_key_value_heads * attended * c.head_dim * 4
     heads = [h for h in model.retaining_heads if h is not None]

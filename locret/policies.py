@@ -114,6 +114,7 @@ class Precomputed:
 EVICTING = {"locret": locret, "streamingllm": streamingllm, "h2o": h2o, "snapkv": snapkv,
             "tova": tova, "knorm": knorm, "random": Random}
 POLICIES = ["full", *EVICTING]
+READS_ATTENTION = ("h2o", "snapkv", "tova")  # score from softmax attention weights: Chunk.attention_rows
 
 
 def make_policy(name: str, seed: int = 0, span: int = 1):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable
 
+# RULER's keys are adjective-noun pairs from wonderwords' lists; these lists are our own.
 ADJECTIVES = """abrupt agile ancient arid bashful bland brisk bumpy clumsy cozy crisp curious damp dizzy dusty eager
 elegant faint fancy fierce fluffy fragile frosty giddy glossy grumpy hasty hollow humble icy jagged jolly lanky lively
 lofty lucky mellow misty modest muddy nimble odd plain polite proud quaint rapid rough rusty salty shaggy shiny silent

@@ -49,9 +49,6 @@ VT_QUESTION = "Question: Find all variables that are assigned the value {value} 
 VT_PREFIX = ("Answer: According to the chain(s) of variable assignment in the text above, {num_v} variables are "
              "assgined the value {value}, they are: ")  # sic, as in RULER
 
-# RULER's keys are adjective-noun pairs from wonderwords' lists; these lists are our own.
-
-
 # --- haystack pieces -------------------------------------------------------------------------------
 
 def noise_lines(n_sentences: int, end: str) -> list[str]:
@@ -277,7 +274,7 @@ def fit(build, count, length: int) -> Item:
 
 def make_item(task: str, index: int, seed: int, tokenizer, length: int) -> Item:
     """Item `index` of `task` for `seed`, deterministic in (task, index, seed): prompt and answer take at most
-    `length` tokens and, but for one haystack unit, within 2% of it; the needle depth sweeps over indices."""
+    `length` tokens and, but for one haystack unit, within 0.5% of it (fit); the needle depth sweeps over indices."""
     if task not in TASKS:
         raise LocretError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     spec, depth = TASKS[task], (index % N_DEPTHS) / (N_DEPTHS - 1)

@@ -10,25 +10,25 @@ from .tokenizer import Tokenizer
 BLOCK = 1 << 16  # bytes read at a time
 
 
-def read_blocks(source: str) -> Iterator[str]:
+def read_blocks(source: str, what: str = "prompt") -> Iterator[str]:
     """The UTF-8 text of file `source` (or "-": standard input) in pieces as it arrives; a character split
-    across reads waits for its last byte. Undecodable bytes are a LocretError naming their offset."""
+    across reads waits for its last byte. Undecodable bytes are a LocretError naming `what` and their offset."""
     decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
     try:
         stream = sys.stdin.buffer if source == "-" else open(source, "rb")
     except OSError as e:
-        raise LocretError(f"cannot read prompt {source}: {e.strerror}") from None
+        raise LocretError(f"cannot read {what} {source}: {e.strerror}") from None
     with stream:
         while True:
             try:
                 block = stream.read1(BLOCK)  # what is there now: do not wait for a whole block
             except OSError as e:
-                raise LocretError(f"cannot read prompt {source}: {e.strerror}") from None
+                raise LocretError(f"cannot read {what} {source}: {e.strerror}") from None
             held = len(decoder.getstate()[0])  # bytes of an unfinished character from the last block
             try:
                 text = decoder.decode(block, final=not block)
             except UnicodeDecodeError as e:
-                raise LocretError(f"prompt {source} is not UTF-8 text (byte {offset - held + e.start})") from None
+                raise LocretError(f"{what} {source} is not UTF-8 text (byte {offset - held + e.start})") from None
             if text:
                 yield text
             if not block:

@@ -126,8 +126,7 @@ def document(rng: random.Random, n_chars: int, style: str | None = None) -> tupl
             pieces.append(source[i % len(source)])
             i += 1
         total += len(pieces[-1]) + 2
-    if pieces:
-        pieces[-1] = trim_words(pieces[-1], max(40, len(pieces[-1]) - (total - n_chars)))
+    pieces[-1] = trim_words(pieces[-1], max(40, len(pieces[-1]) - (total - n_chars)))
     return [p for p in pieces if p], JOINERS.get(style, "\n\n"), style
 
 
@@ -316,7 +315,7 @@ def fit_length(generate, seed_text: str, tokenizer, target: int, form: str, tole
             best = (prompt, answer, n_tokens)
         if abs(n_tokens - target) <= tolerance * target:
             break
-        slope = n_tokens / len(prompt)  # tokens per haystack character
+        slope = n_tokens / len(prompt)  # tokens per prompt character
         if last and last[0] != hay_chars and (n_tokens - last[1]) / (hay_chars - last[0]) > 0.2 * slope:
             slope = (n_tokens - last[1]) / (hay_chars - last[0])
         last, hay_chars = (hay_chars, n_tokens), max(0.0, hay_chars + (target - n_tokens) / slope)

@@ -26,6 +26,8 @@ def llama3_inv_freq(rope: RopeConfig, dim: int) -> torch.Tensor:
 
 
 def longrope_inv_freq(rope: RopeConfig, dim: int, ext_factors: list[float]) -> torch.Tensor:
+    if len(ext_factors) != dim // 2:
+        raise ValueError(f"longrope needs {dim // 2} short and long factors (one per frequency), not {len(ext_factors)}")
     shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     return 1.0 / (torch.tensor(ext_factors, dtype=torch.float32) * rope.theta**shape)
 

@@ -60,9 +60,9 @@ def sharded(weight_map):
     return edit
 
 
-def heads_file(change=lambda tensors: None, backbone_change=None):
-    """A heads file for this model at <model>/heads.safetensors, its tensors changed by `change(tensors)`
-    and the backbone it claims by `backbone_change`."""
+def heads_file(change=lambda tensors: None, backbone_change=None, meta_change=None):
+    """A heads file for this model at <model>/heads.safetensors, its tensors changed by `change(tensors)`,
+    the backbone it claims by `backbone_change` and its other metadata by `meta_change`."""
     def edit(folder):
         from safetensors import safe_open
         from locret.heads import save_heads
@@ -74,6 +74,7 @@ def heads_file(change=lambda tensors: None, backbone_change=None):
         with safe_open(path, "pt") as f:
             meta = f.metadata()
         meta["backbone_config"] = json.dumps(json.loads(meta["backbone_config"]) | (backbone_change or {}))
+        meta.update(meta_change or {})
         tensors = load_file(path)
         change(tensors)
         save_file(tensors, path, metadata=meta)
@@ -107,8 +108,9 @@ CASES = [
     ("top-k-negative", "generate", ["--top-k", "-1"], None, "--top-k >= 0"),
     ("max-memory-nan", "generate", ["--max-memory", "nan"], None, "--max-memory must be a positive"),
     ("max-memory-zero", "generate", ["--max-memory", "0"], None, "--max-memory must be a positive"),
-    ("seed-negative", "generate", ["--seed", "-1"], None, "--seed must be in"),
-    ("seed-beyond-64-bits", "generate", ["--seed", str(2 ** 64)], None, "--seed must be in"),
+    ("seed-negative", "generate", ["--seed", "-1"], None, "--seed: must be in"),
+    ("seed-beyond-64-bits", "generate", ["--seed", str(2 ** 64)], None, "--seed: must be in"),
+    ("seed-word", "generate", ["--seed", "lucky"], None, "--seed: must be an integer"),
     ("max-new-tokens-zero", "generate", ["--max-new-tokens", "0"], None, "--max-new-tokens must be at least 1"),
     ("heads-with-heuristic", "generate", ["--policy", "h2o", "--heads", "x.safetensors"], None,
      "--heads is used by --policy locret only"),
@@ -157,6 +159,14 @@ CASES = [
      "not a retaining-heads file"),
     ("heads-nan", "generate", ["--policy", "locret", "--heads", "{m}/heads.safetensors"],
      heads_file(lambda t: nan_first(t)), "holds NaN or inf"),
+    ("heads-hidden-not-a-number", "generate", ["--policy", "locret", "--heads", "{m}/heads.safetensors"],
+     heads_file(meta_change={"head_hidden": "eight"}), "broken retaining-heads metadata"),
+    ("heads-backbone-not-json", "generate", ["--policy", "locret", "--heads", "{m}/heads.safetensors"],
+     heads_file(meta_change={"backbone_config": "{hidden"}), "broken retaining-heads metadata"),
+    ("heads-training-a-list", "generate", ["--policy", "locret", "--heads", "{m}/heads.safetensors"],
+     heads_file(meta_change={"training": "[]"}), "broken retaining-heads metadata"),
+    ("load-context-with-span", "generate", ["--load-context", "{d}/c.safetensors", "--question", "q", "--span", "3"],
+     None, "drop .*--span"),
     ("heads-other-backbone", "generate", ["--policy", "locret", "--heads", "{m}/heads.safetensors"],
      heads_file(backbone_change={"hidden_size": 96}), "trained for another backbone"),
     ("cache-is-a-file", "generate", ["--ckpt", "smollm2-135m-instruct"], "cache-file", "LOCRET_CACHE"),
@@ -174,6 +184,9 @@ CASES = [
     ("config-missing-key", "generate", [], edit_config(intermediate_size=None), "invalid config"),
     ("config-unsupported-rope", "generate", [], edit_config(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}),
      "unsupported rope type 'dynamic'"),
+    ("config-longrope-factors", "generate", [], edit_config(rope_parameters={
+        "rope_type": "longrope", "rope_theta": 1e4, "factor": 2.0, "original_max_position_embeddings": 128,
+        "short_factor": [1.0], "long_factor": [1.0]}), "longrope needs 8 short and long factors"),
     ("config-bad-activation", "generate", [], edit_config(hidden_act="gelu"), "unsupported hidden_act"),
     ("weights-missing", "generate", [], lambda f: (f / "model.safetensors").unlink(), "no model.safetensors"),
     ("weights-truncated", "generate", [], lambda f: (f / "model.safetensors").write_bytes(
@@ -213,6 +226,15 @@ CASES = [
     ("eval-out-under-file", "eval", ["--out", "{m}/config.json/results", "--quick", "--lengths", "128"], None,
      "cannot create --out"),
     ("eval-length-past-window", "eval", ["--lengths", "250"], None, "past the model's 256-token context"),
+    ("eval-seed-negative", "eval", ["--seed", "-5"], None, "--seed: must be in"),
+    ("eval-chunk-zero", "eval", ["--chunk", "0"], None, "--chunk must be positive"),
+    ("eval-max-new-tokens-zero", "eval", ["--max-new-tokens", "0"], None, "--max-new-tokens and --chunk must be"),
+    ("eval-settings-corrupt", "eval", ["--quick", "--lengths", "128"],
+     lambda f: ((f.parent / "results").mkdir(), (f.parent / "results" / "settings.json").write_text("{")),
+     "settings.json is unreadable"),
+    ("eval-settings-a-list", "eval", ["--quick", "--lengths", "128"],
+     lambda f: ((f.parent / "results").mkdir(), (f.parent / "results" / "settings.json").write_text("[1]")),
+     "settings.json is not a settings object"),
     ("eval-heads-missing", "eval", ["--policies", "locret", "--heads", "{d}/none.safetensors"], None, "not found"),
     ("eval-heads-not-heads", "eval", ["--policies", "locret", "--heads", "{m}/model.safetensors"], None,
      "not a retaining-heads file"),
@@ -230,6 +252,9 @@ CASES = [
     ("train-warmup-negative", "train", ["--warmup", "-5"], None, "--warmup >= 0"),
     ("train-float16-cpu", "train", ["--dtype", "float16", "--device", "cpu"], None, "float16 on CPU"),
     ("train-resume-without-state", "train", ["--resume"], None, "no training state"),
+    ("train-seed-beyond-64-bits", "train", ["--seed", str(2 ** 64)], None, "--seed: must be in"),
+    ("train-resume-garbage-state", "train", ["--resume"],
+     lambda f: (f.parent / "heads.train-state.safetensors").write_bytes(b"not a state file"), "unreadable training state"),
     ("train-init-missing", "train", ["--init", "{d}/none.safetensors"], None, "not found"),
     ("train-init-not-heads", "train", ["--init", "{m}/model.safetensors"], None, "not a retaining-heads file"),
     ("train-init-other-size", "train", ["--init", "{m}/heads.safetensors", "--head-hidden", "4"], heads_file(),

@@ -145,6 +145,20 @@ def test_streamed_context_answers_as_generate(model, policy):
     assert stats.kept_after_prefill == s.budget + len(question)
 
 
+@pytest.mark.parametrize("answer_length", [1, 5])
+def test_teacher_forced_logits_predict_each_answer_token(model, answer_length):
+    """Row i predicts answer token i: the first from the question's last logits, the rest from the answer itself,
+    as one plain forward over everything does (one-token answers included); the context is as before after."""
+    document, question, answer = ids_of(40), ids_of(5, seed=1), ids_of(answer_length, seed=2)
+    context = streamed_context(model, document, len(question) + answer_length)  # under the budget: nothing evicted
+    logits = context.teacher_forced(question, answer)
+    whole = torch.tensor([document + question + answer[:-1]])
+    expected = model(whole, torch.arange(whole.shape[1]))[0, -answer_length:]
+    assert logits.shape == (answer_length, model.config.vocab_size)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert context.pool.length == len(document)
+
+
 def test_many_questions_from_one_context(model):
     document = ids_of(200)
     q1, q2 = ids_of(6, seed=2), ids_of(11, seed=3)
@@ -271,6 +285,7 @@ def test_cli_streams_stdin_saves_and_answers_from_the_saved_context(tiny_chat_mo
 @pytest.mark.parametrize("flags, message", [
     (["--load-context", "x.safetensors", "--question", "q", "--budget", "8"], "drop --budget"),
     (["--load-context", "x.safetensors"], "needs --question"),
+    (["--load-context", "x.safetensors", "--question", "q", "--span", "3", "--kv-int8"], "drop --span, --kv-int8"),
     (["--question", "q"], "give --prompt FILE"),
     (["--prompt", "p.txt", "--question", "q", "--n-loc", "4"], "--n-loc does not apply to a streamed document"),
     (["--prompt", "p.txt", "--question", "q", "--question-file", "f"], "not both"),
