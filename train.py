@@ -157,25 +157,10 @@ def validate(model, tokenizer, args, evicted: tuple | None, layers: slice) -> tu
 
 
 def main(args: argparse.Namespace) -> None:
-    device = check_device(args.device or default_device())
-    dtype = args.dtype or default_dtype(device)
-    if dtype == "float16" and device == "cpu":
-        raise LocretError("--dtype float16 on CPU overflows in training (NaN heads): use float32 or bfloat16")
-    rank = setup_distributed(device)
-    if device == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    folder, entry = resolve_checkpoint(args.ckpt)
-    zoo = entry.settings if entry else GENERIC_SETTINGS
+    device, dtype, rank = training_device(args)
+    model, tokenizer, zoo = backbone_with_heads(args, device, dtype)
     evicted = (zoo, float(Fraction(args.evicted))) if args.evicted else None
-    tokenizer = Tokenizer(folder)
-    model = load_model(folder, device, DTYPES[dtype])
-    fit_window(args, model.config.max_position_embeddings)
     layers = layer_slice(zoo.shared_layers, model.config.num_hidden_layers)  # what --target joint ranks by
-    torch.manual_seed(args.seed)  # identical initial heads on every rank
-    if args.init:
-        load_heads(model, args.init)
-    else:
-        model.add_retaining_heads(args.head_hidden)
     params = head_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     out = Path(args.out)
@@ -191,16 +176,7 @@ def main(args: argparse.Namespace) -> None:
         lengths.append(prompt_len)
         pred, label = heads_forward(model, ids, prompt_len, args.target, evicted, layers)
         loss = LOSSES[args.target](pred, label, args.alpha)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if rank.world > 1:  # data parallel: average the heads' gradients over ranks
-            for p in params:
-                dist.all_reduce(p.grad)
-                p.grad /= rank.world
-        torch.nn.utils.clip_grad_value_(params, 0.5)
-        for group in optimizer.param_groups:
-            group["lr"] = args.lr * lr_factor(step, warmup, args.steps)
-        optimizer.step()
+        update(params, optimizer, loss, args.lr * lr_factor(step, warmup, args.steps), rank)
         step, tokens = step + 1, tokens + len(ids) * rank.world
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", overlap=f"{topk_overlap(pred, label):.3f}",
@@ -219,6 +195,46 @@ def main(args: argparse.Namespace) -> None:
                   f"{tokens / (time.perf_counter() - started):.0f} tok/s{seen})", file=sys.stderr)
     if rank.world > 1:
         dist.destroy_process_group()
+
+
+def training_device(args: argparse.Namespace) -> tuple[str, str, Rank]:
+    """(device, dtype, this process's rank); under torchrun each rank takes its own GPU."""
+    device = check_device(args.device or default_device())
+    dtype = args.dtype or default_dtype(device)
+    if dtype == "float16" and device == "cpu":
+        raise LocretError("--dtype float16 on CPU overflows in training (NaN heads): use float32 or bfloat16")
+    rank = setup_distributed(device)
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return device, dtype, rank
+
+
+def backbone_with_heads(args: argparse.Namespace, device: str, dtype: str):
+    """The frozen backbone with heads to train (--init's, or fresh from --seed) -> (model, tokenizer, zoo settings)."""
+    folder, entry = resolve_checkpoint(args.ckpt)
+    tokenizer = Tokenizer(folder)
+    model = load_model(folder, device, DTYPES[dtype])
+    fit_window(args, model.config.max_position_embeddings)
+    torch.manual_seed(args.seed)  # identical initial heads on every rank
+    if args.init:
+        load_heads(model, args.init)
+    else:
+        model.add_retaining_heads(args.head_hidden)
+    return model, tokenizer, entry.settings if entry else GENERIC_SETTINGS
+
+
+def update(params: list, optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float, rank: Rank) -> None:
+    """One AdamW step on the heads at learning rate `lr`: gradients averaged over ranks, clipped by value."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if rank.world > 1:  # data parallel
+        for p in params:
+            dist.all_reduce(p.grad)
+            p.grad /= rank.world
+    torch.nn.utils.clip_grad_value_(params, 0.5)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
 
 
 def fit_window(args, window: int) -> None:
