@@ -398,6 +398,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=list(DTYPES), default=None)
     args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill what the suite presets, parse the lists, and refuse what cannot run (argparse's one-line errors)."""
     args.suite = "quick" if args.quick else args.suite
     for name, value in SUITES[args.suite].items():
         if getattr(args, name) is None:
@@ -423,7 +429,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.n_loc not in (None, "question") and not str(args.n_loc).isdigit():
         p.error(f"--n-loc must be a number of tokens or 'question' (got {args.n_loc!r})")
     args.n = int(args.n)
-    return args
 
 
 if __name__ == "__main__":
