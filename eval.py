@@ -10,7 +10,8 @@ Each item is prefilled once per policy and budget; full attention is the referen
 Accuracy carries a Wilson 95% interval. Results are appended to <out>/results.jsonl as they
 come, so an interrupted run resumes where it stopped (the settings that change results are kept in
 <out>/settings.json: a rerun with others is refused); then <out>/table.md, <out>/table.csv and
-<out>/accuracy_vs_budget.png are written."""
+<out>/accuracy_vs_budget.png are written, and <out>/paired.md: the first policy named against each other one
+and full attention on the same items (how many it scored higher and lower, and an exact sign test's p)."""
 import argparse
 import csv
 import hashlib
@@ -34,6 +35,7 @@ from locret.heads import load_heads, trained_eviction
 from locret.loading import DTYPES, load_model, stop_token_ids
 from locret.official_heads import find_heads
 from locret.policies import POLICIES
+from locret.stats import paired, wilson
 from locret.tasks import TASKS, make_item, not_scored, questions_of
 from locret.tokenizer import Tokenizer
 from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
@@ -243,14 +245,6 @@ def ci95(scores: list[float]) -> str:
     return "{:.0f}-{:.0f}".format(*wilson(sum(scores), len(scores)))
 
 
-def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score 95% interval of a proportion, in percent (never +-0 at 0/n or n/n)."""
-    p = successes / n
-    center = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return 100 * max(0.0, center - half), 100 * min(1.0, center + half)
-
-
 def is_text_task(task: str) -> bool:
     """Natural-text tasks are measured by perplexity and fidelity, not scored."""
     return TASKS[task].score is not_scored
@@ -286,18 +280,32 @@ def summarize(rows: list[dict], tasks: list[str], by_length: bool = False) -> li
     return table
 
 
-def write_reports(table: list[dict], out: Path, plotted: bool = True) -> None:
+def markdown(table: list[dict]) -> str:
     columns = list(table[0])
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
     md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     md += ["| " + " | ".join(fmt(line[c]) for c in columns) + " |" for line in table]
-    (out / "table.md").write_text("\n".join(md) + "\n")
+    return "\n".join(md) + "\n"
+
+
+def write_reports(table: list[dict], out: Path, plotted: bool = True) -> None:
+    columns = list(table[0])
+    (out / "table.md").write_text(markdown(table))
     with open(out / "table.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(table)
     if plotted:
         plot(table, out / "accuracy_vs_budget.png")
+
+
+def write_paired(rows: list[dict], policies: list[str], out: Path) -> bool:
+    """<out>/paired.md: the first of the evicting `policies` against the others and full attention, item by
+    item (sign tests); False when there is nothing to pair."""
+    table = paired([r for r in rows if not is_text_task(r["task"])], policies[0]) if policies else []
+    if table:
+        (out / "paired.md").write_text(markdown(table))
+    return bool(table)
 
 
 def plot(table: list[dict], path: Path) -> None:
@@ -349,7 +357,8 @@ def main(args: argparse.Namespace) -> None:
         write_reports(summarize(rows, args.tasks, by_length=args.suite == "heldout"), out)
     print((out / "table.md").read_text())
     plotted = ", accuracy_vs_budget.png" if args.suite != "multiquestion" else ""
-    print(f"wrote {out / 'results.jsonl'}, table.md, table.csv{plotted}", file=sys.stderr)
+    pairs = ", paired.md" if args.suite != "multiquestion" and write_paired(rows, policies, out) else ""
+    print(f"wrote {out / 'results.jsonl'}, table.md, table.csv{plotted}{pairs}", file=sys.stderr)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

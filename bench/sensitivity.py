@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import torch
 from tqdm import tqdm
 
-from eval import is_text_task, parse_budget, read_results, wilson
+from eval import is_text_task, parse_budget, read_results
+from locret.stats import wilson
 from locret.devices import default_device, default_dtype
 from locret.engine import EVICTIONS, EngineSettings, layer_slice
 from locret.errors import run_script

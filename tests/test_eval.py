@@ -11,6 +11,7 @@ from locret.engine import EngineSettings
 from locret.errors import LocretError
 from locret.evaluation import encode_item, evaluate
 from locret.loading import load_model, stop_token_ids
+from locret.stats import paired, sign_test, wilson
 from locret.tasks import make_item
 from locret.tokenizer import Tokenizer
 
@@ -37,6 +38,8 @@ def test_quick_eval_writes_consistent_reports(tiny_chat_model, tmp_path):
     markdown = (tmp_path / "a" / "table.md").read_text()
     assert markdown.count("\n") == len(table) + 2 and "| snapkv | 0.25 |" in markdown
     assert (tmp_path / "a" / "accuracy_vs_budget.png").read_bytes()[:4] == b"\x89PNG"
+    pairs = (tmp_path / "a" / "paired.md").read_text()  # the first policy named against the others and full
+    assert pairs.count("| streamingllm |") == 2 * 3 and "| random |" in pairs and "| full |" in pairs
     full = [r for r in rows if r["policy"] == "full"]
     assert all(r["ll_gap"] == 0.0 and r["top1_agreement"] == 1.0 and r["needle_retention"] == 1.0 for r in full)
 
@@ -123,12 +126,32 @@ def test_perplexity_is_per_token(tiny_chat_model, tmp_path, monkeypatch):
 
 
 def test_wilson_interval_is_exact_at_the_edges():
-    low, high = cli.wilson(0, 16)
+    low, high = wilson(0, 16)
     assert low == 0.0 and high == pytest.approx(100 * 1.96 ** 2 / (16 + 1.96 ** 2))  # 19.4, not +-0
-    low, high = cli.wilson(16, 16)
+    low, high = wilson(16, 16)
     assert high == 100.0 and low == pytest.approx(100 - 100 * 1.96 ** 2 / (16 + 1.96 ** 2))
-    low, high = cli.wilson(12, 24)
+    low, high = wilson(12, 24)
     assert low < 50 < high and high - 50 == pytest.approx(50 - low)
+
+
+def test_sign_test_is_the_exact_binomial():
+    assert sign_test(10, 0) == pytest.approx(2 / 2 ** 10) and sign_test(0, 10) == sign_test(10, 0)
+    assert sign_test(7, 3) == pytest.approx(2 * (1 + 10 + 45 + 120) / 2 ** 10)  # P(X <= 3) + P(X >= 7), n = 10
+    assert sign_test(5, 5) == 1.0 and sign_test(0, 0) == 1.0
+
+
+def test_paired_table_counts_items_both_policies_answered():
+    row = lambda policy, budget, index, score: {"task": "t", "length": 100, "index": index, "policy": policy,
+                                                "budget": budget, "score": score}
+    rows = [row("full", 0, i, s) for i, s in enumerate([1, 1, 0, 0])]
+    rows += [row("a", 10, i, s) for i, s in enumerate([1, 1, 1, 0.5])] + [row("b", 10, i, s) for i, s in enumerate([0, 1, 0])]
+    rows += [row("b", 20, 0, 1.0)]  # another budget: never paired with a's budget-10 rows
+    table = {line["against"]: line for line in paired(rows, "a")}
+    assert table.keys() == {"full", "b"}
+    assert (table["b"]["n"], table["b"]["higher"], table["b"]["lower"]) == (3, 2, 0)
+    assert (table["b"]["score"], table["b"]["their_score"], table["b"]["budget"]) == (3, 1, "0.1")
+    assert (table["full"]["n"], table["full"]["higher"], table["full"]["lower"]) == (4, 2, 0)
+    assert table["full"]["p"] == pytest.approx(sign_test(2, 0)) == 0.5
 
 
 def test_rerun_with_other_settings_is_refused(tiny_chat_model, tmp_path):
