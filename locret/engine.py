@@ -161,8 +161,9 @@ class Engine:
             raise LocretError(f"token id {max(tokens)} is beyond the model's vocabulary of {vocab}: "
                               "tokenizer and weights do not belong together")
         if start + len(tokens) > window:
-            raise LocretError(f"positions would go past the model's {window}-token context ({pool.seen + len(tokens)} "
-                              "tokens so far): use a policy that evicts, with --positions compact")
+            fix = "a smaller --budget or --chunk" if turns_keys(self.settings) else "a policy that evicts, with --positions compact"
+            raise LocretError(f"positions would go past the model's {window}-token context ({start + len(tokens)} "
+                              f"positions): use {fix}")
         self.cache.scoring = scoring
         logits = self.model(torch.tensor([tokens], device=device), torch.arange(start, start + len(tokens), device=device),
                             self.cache, last_only=not all_logits, rope_length=self.rope_length)

@@ -253,8 +253,16 @@ def test_heads_file_is_not_a_context_file(model, tmp_path):
 def test_original_positions_past_the_window_stop_the_stream(model):
     s = EngineSettings(policy="knorm", budget=48, chunk=16, stabilizers=8, positions="original")
     context = Context(model, s, pool_capacity(s, 10**9, 4), 1024)
-    with pytest.raises(LocretError, match="past the model's 1024-token context"):
+    with pytest.raises(LocretError, match="past the model's 1024-token context .* use a policy that evicts"):
         context.feed(ids_of(1100))
+
+
+def test_compact_positions_past_the_window_ask_for_a_smaller_pool(model):
+    """A pool larger than the window reaches past it even in compact mode: the advice is the pool's size."""
+    s = EngineSettings(policy="knorm", budget=1000, chunk=100, stabilizers=8)
+    context = Context(model, s, pool_capacity(s, 10**9, 4), 1024)
+    with pytest.raises(LocretError, match="past the model's 1024-token context .* use a smaller --budget or --chunk"):
+        context.feed(ids_of(1200))
 
 
 def run_cli(folder, *args, stdin=None):
