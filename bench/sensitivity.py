@@ -25,7 +25,6 @@ import torch
 from tqdm import tqdm
 
 from eval import is_text_task, parse_budget, read_results
-from locret.stats import wilson
 from locret.devices import default_device, default_dtype
 from locret.engine import EVICTIONS, EngineSettings, layer_slice
 from locret.errors import run_script
@@ -36,6 +35,7 @@ from locret.loading import DTYPES, load_model, stop_token_ids
 from locret.official_heads import find_heads
 from locret.policies import Precomputed
 from locret.ranking import best_rank
+from locret.stats import wilson
 from locret.tasks import TASKS, make_item
 from locret.tokenizer import Tokenizer
 from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
