@@ -1,5 +1,6 @@
-"""Statistics for the accuracy tables: Wilson intervals of a policy's accuracy, and paired sign tests of one
-policy against another on the same items (every policy answers the same seeded items)."""
+"""Statistics for the accuracy tables: Wilson intervals of a policy's accuracy, paired sign tests of one
+policy against another on the same items (every policy answers the same seeded items), and Fieller intervals
+of one policy's accuracy as a share of full attention's on the same items."""
 import math
 
 
@@ -18,10 +19,35 @@ def sign_test(higher: int, lower: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def share_interval(ours: list[float], theirs: list[float], z: float = 1.96) -> tuple[float, float] | None:
+    """Fieller's 95% interval of mean(ours) / mean(theirs) for paired scores: every r with |mean(ours - r *
+    theirs)| within z standard errors (normal approximation). None when unbounded (theirs too near zero)."""
+    n = len(ours)
+    if n < 2:
+        return None
+    mx, my = sum(ours) / n, sum(theirs) / n
+    sxx = sum((x - mx) ** 2 for x in ours) / (n - 1) / n  # variances and covariance of the two means
+    syy = sum((y - my) ** 2 for y in theirs) / (n - 1) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(ours, theirs)) / (n - 1) / n
+    a, b, c = my * my - z * z * syy, -2 * (mx * my - z * z * sxy), mx * mx - z * z * sxx
+    if a <= 0:
+        return None
+    root = math.sqrt(max(0.0, b * b - 4 * a * c))
+    return (-b - root) / (2 * a), (-b + root) / (2 * a)
+
+
+def share_text(ours: list[float], theirs: list[float]) -> str:
+    """"share (lo-hi)" in percent, or "-" when full attention scored too little to bound it."""
+    bounds = share_interval(ours, theirs)
+    if bounds is None:
+        return "-"
+    return f"{100 * sum(ours) / sum(theirs):.0f}% ({100 * bounds[0]:.0f}-{100 * bounds[1]:.0f})"
+
+
 def paired(rows: list[dict], policy: str) -> list[dict]:
     """`policy` against every other policy at the same budget and against full attention, per (task, length,
     budget), on the items both answered: their summed scores, the items where `policy` scored higher and
-    lower, and the sign test's p."""
+    lower, the sign test's p, and against full attention its share of full attention's score (Fieller 95%)."""
     scores: dict[tuple, dict[int, float]] = {}
     for r in rows:
         scores.setdefault((r["task"], r["length"], r["budget"], r["policy"]), {})[r["index"]] = r["score"]
@@ -38,5 +64,7 @@ def paired(rows: list[dict], policy: str) -> list[dict]:
             table.append({"task": task, "length": length, "budget": f"{budget / length:.4g}", "policy": policy,
                           "against": other, "n": len(items), "score": sum(ours[i] for i in items),
                           "their_score": sum(theirs[i] for i in items), "higher": higher, "lower": lower,
-                          "p": sign_test(higher, lower)})
+                          "p": sign_test(higher, lower),
+                          "share_of_full": share_text([ours[i] for i in items], [theirs[i] for i in items])
+                          if other == "full" else "-"})
     return table

@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from locret.engine import EngineSettings
 from locret.errors import LocretError
 from locret.evaluation import encode_item, evaluate
 from locret.loading import load_model, stop_token_ids
-from locret.stats import paired, sign_test, wilson
+from locret.stats import paired, share_interval, share_text, sign_test, wilson
 from locret.tasks import make_item
 from locret.tokenizer import Tokenizer
 
@@ -152,6 +153,26 @@ def test_paired_table_counts_items_both_policies_answered():
     assert (table["b"]["score"], table["b"]["their_score"], table["b"]["budget"]) == (3, 1, "0.1")
     assert (table["full"]["n"], table["full"]["higher"], table["full"]["lower"]) == (4, 2, 0)
     assert table["full"]["p"] == pytest.approx(sign_test(2, 0)) == 0.5
+    assert table["b"]["share_of_full"] == "-" and table["full"]["share_of_full"] == share_text([1, 1, 1, 0.5], [1, 1, 0, 0])
+
+
+def test_share_interval_holds_exactly_the_ratios_within_two_standard_errors():
+    rng = random.Random(0)
+    ours = [float(rng.random() < 0.6) for _ in range(60)]
+    theirs = [float(rng.random() < 0.5) if x else float(rng.random() < 0.3) for x in ours]
+    lo, hi = share_interval(ours, theirs)
+    assert lo < sum(ours) / sum(theirs) < hi
+    for r in [i / 100 for i in range(50, 300)]:  # Fieller: the ratios a paired z-test of ours - r * theirs keeps
+        d = [x - r * y for x, y in zip(ours, theirs)]
+        mean = sum(d) / len(d)
+        se = math.sqrt(sum((v - mean) ** 2 for v in d) / (len(d) - 1) / len(d))
+        assert (abs(mean) <= 1.96 * se) == (lo <= r <= hi), r
+
+
+def test_share_interval_is_unbounded_when_the_reference_scores_nothing():
+    assert share_interval([1.0, 0.0, 1.0], [0.0, 0.0, 0.0]) is None and share_text([1.0, 0.0], [0.0, 0.0]) == "-"
+    assert share_interval([1.0], [1.0]) is None
+    assert share_interval([1.0, 0.0] * 8, [1.0, 0.0] * 8) == pytest.approx((1.0, 1.0))
 
 
 def test_rerun_with_other_settings_is_refused(tiny_chat_model, tmp_path):
