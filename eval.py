@@ -35,7 +35,7 @@ from locret.heads import load_heads, trained_eviction
 from locret.loading import DTYPES, load_model, stop_token_ids
 from locret.official_heads import find_heads
 from locret.policies import POLICIES
-from locret.stats import paired, wilson
+from locret.stats import budget_share, paired, wilson
 from locret.tasks import TASKS, make_item, not_scored, questions_of
 from locret.tokenizer import Tokenizer
 from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
@@ -237,7 +237,7 @@ def summarize_multi_question(rows: list[dict]) -> list[dict]:
 
 def budget_fraction(row: dict) -> str:
     """A result row's budget as a share of its prompt ("-" for full attention, which keeps everything)."""
-    return "-" if row["policy"] == "full" else f"{row['budget'] / row['length']:.4g}"
+    return "-" if row["policy"] == "full" else budget_share(row["budget"], row["length"])
 
 
 def ci95(scores: list[float]) -> str:

@@ -4,6 +4,11 @@ of one policy's accuracy as a share of full attention's on the same items."""
 import math
 
 
+def budget_share(budget: int, length: int) -> str:
+    """A budget as a share of its prompt, as the tables print it ("0.125")."""
+    return f"{budget / length:.4g}"
+
+
 def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
     """The Wilson score 95% interval of a proportion, in percent (never +-0 at 0/n or n/n)."""
     p = successes / n
@@ -61,7 +66,7 @@ def paired(rows: list[dict], policy: str) -> list[dict]:
             items = sorted(ours.keys() & theirs.keys())
             higher = sum(ours[i] > theirs[i] for i in items)
             lower = sum(ours[i] < theirs[i] for i in items)
-            table.append({"task": task, "length": length, "budget": f"{budget / length:.4g}", "policy": policy,
+            table.append({"task": task, "length": length, "budget": budget_share(budget, length), "policy": policy,
                           "against": other, "n": len(items), "score": sum(ours[i] for i in items),
                           "their_score": sum(theirs[i] for i in items), "higher": higher, "lower": lower,
                           "p": sign_test(higher, lower),
