@@ -187,11 +187,9 @@ class Context:
 
 @torch.inference_mode()
 def generate(model: CausalLM, prompt: list[int], settings: EngineSettings, max_new_tokens: int,
-             stop_ids: set[int] = frozenset(), sampling: Sampling = Sampling(),
-             on_token: Callable[[int], None] | None = None, progress: bool = False
-             ) -> tuple[list[int], GenerationStats]:
+             stop_ids: set[int] = frozenset()) -> tuple[list[int], GenerationStats]:
     """Prefill `prompt` under `settings` (its last n_loc tokens as the question), then generate."""
     check_settings(settings, len(prompt))
     capacity = pool_capacity(settings, len(prompt), max_new_tokens)
-    context = Context(model, settings, capacity, len(prompt), progress=progress, total=len(prompt))
-    return context.ask(context.feed_body(prompt), max_new_tokens, stop_ids, sampling, on_token)
+    context = Context(model, settings, capacity, len(prompt), total=len(prompt))
+    return context.ask(context.feed_body(prompt), max_new_tokens, stop_ids)

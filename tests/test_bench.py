@@ -51,9 +51,13 @@ def test_quick_grid(tiny_chat_model, tmp_path, capsys):
 
     ratios = {line["prompt_tokens"]: line for line in result["speed_ratios"]}
     assert sorted(ratios) == [256, 512]
-    for line in ratios.values():
-        assert {"prefill_locret_vs_full", "decode_locret_vs_full", "prefill_locret_vs_transformers",
-                "heads_overhead_pct"} <= line.keys()
+    for n, line in ratios.items():
+        at = {r["run"]: r for r in rows if r["prompt_tokens"] == n}
+        assert line["prefill_locret_vs_full"] == pytest.approx(at["locret"]["prefill_tok_s"] / at["full"]["prefill_tok_s"])
+        assert line["decode_locret_vs_transformers"] == pytest.approx(
+            at["locret"]["decode_tok_s"] / at["transformers"]["decode_tok_s"])
+        no_heads = at[bench.NO_EVICT]["prefill_tok_s"]
+        assert line["heads_overhead_pct"] == pytest.approx(100 * (at["full"]["prefill_tok_s"] / no_heads - 1))
     assert {g["run"] for g in result["memory_growth"]} == {*RUNS, "transformers"}
 
     table = capsys.readouterr().out
@@ -126,7 +130,6 @@ def test_sensitivity_varies_one_setting_at_a_time_and_resumes(heldout_heads, tmp
                       default | {"scorer": "labels", "eviction": "shared"},
                       default | {"scorer": "shared labels", "eviction": "shared"}]
     assert len(rows) == 20 and all(r["budget"] == 100 for r in rows)
-    assert all(r["top1_agreement"] == 1.0 and r["ll_gap"] == 0 for r in rows if r["point"] is None)
     by_point = lambda p: [r["prediction"] + str(r["needle_retention"]) for r in rows if r["point"] == p]
     assert by_point(default | {"scorer": "labels"}) != by_point(default)  # the labels, not the heads, chose
     table = capsys.readouterr().out
