@@ -65,8 +65,8 @@ def check_metadata(meta: dict, path: Path) -> None:
 
 
 def target_eviction(target: str | None) -> str:
-    """The eviction mode a train.py --target is meant for: shared (shared, joint) or per-head (cis, none)."""
-    return "shared" if target in ("shared", "joint") else "per-head"
+    """The eviction mode a train.py --target is meant for: shared (shared, graded, joint) or per-head (cis, none)."""
+    return "shared" if target in ("shared", "graded", "joint") else "per-head"
 
 
 def trained_eviction(meta: dict) -> str:

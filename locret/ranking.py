@@ -1,6 +1,6 @@
 """Scores made comparable across layers and KV heads: each (layer, head) ranks its tokens, and a token's
 shared score is its mean rank. Used for one kept set in every layer (`--eviction shared`) and for the
-training targets of heads meant for it (`train.py --target shared` or `joint`)."""
+training targets of heads meant for it (`train.py --target shared`, `graded` or `joint`)."""
 import torch
 
 
@@ -32,6 +32,14 @@ def shared_target(labels: torch.Tensor, share: float = 1 / 8) -> torch.Tensor:
     """Per-layer labels [L, B, KVH, P] -> one 0/1 target for every layer and KV head, [L, B, KVH, P]: 1 for
     the `share` of prompt tokens with the highest best_rank, the set a shared eviction at that budget keeps."""
     return top_share(best_rank(labels), labels, share)
+
+
+def graded_target(labels: torch.Tensor, shares: tuple = (1 / 32, 1 / 16, 1 / 8, 1 / 4)) -> torch.Tensor:
+    """Like shared_target, at several budgets at once: a token's target is the share of `shares` whose kept
+    set holds it (1 for the top 1/32, 0.25 for the 1/8-1/4 band), so the heads also learn an order among
+    the kept tokens that budgets below 1/8 need. [L, B, KVH, P] in [0, 1]."""
+    rank = best_rank(labels)
+    return torch.stack([top_share(rank, labels, share) for share in shares]).mean(dim=0)
 
 
 def joint_target(labels: torch.Tensor, layers: slice, share: float = 1 / 8) -> torch.Tensor:

@@ -9,7 +9,7 @@ from conftest import longrope, tiny_llama_config, tiny_phi3_config
 from locret.labels import LabelRecorder, cis_labels
 from locret.loading import load_model
 from locret.loss import keep_loss, retaining_loss, topk_overlap
-from locret.ranking import best_rank, joint_target, percentile_rank, shared_rank, shared_target
+from locret.ranking import best_rank, graded_target, joint_target, percentile_rank, shared_rank, shared_target
 
 
 def hf_rotated_qk(hf, tokens):
@@ -138,3 +138,15 @@ def test_shared_target_marks_the_tokens_with_the_best_rank_in_any_layer():
     graded = best_rank(labels)[0]
     torch.testing.assert_close(graded.sort().values, torch.arange(16) / 15)  # spread evenly over [0, 1]
     assert graded.argsort().tolist() == sorted(range(16), key=lambda j: (best[j], j))
+
+
+def test_graded_target_counts_the_budgets_whose_kept_set_holds_a_token():
+    labels = torch.randn(3, 1, 2, 32, generator=torch.Generator().manual_seed(4))
+    target = graded_target(labels)  # shares 1/32, 1/16, 1/8, 1/4 of 32 tokens: the top 1, 2, 4, 8
+    assert target.shape == labels.shape and (target == target[0, 0, 0]).all()  # one target for all
+    best = [max(sorted(labels[l, 0, h].tolist()).index(float(labels[l, 0, h, j])) for l in range(3) for h in range(2))
+            for j in range(32)]
+    order = sorted(range(32), key=lambda j: (best[j], j), reverse=True)  # best first; ties by position
+    expected = [1.0] + [0.75] + [0.5] * 2 + [0.25] * 4 + [0.0] * 24  # by place in that order
+    assert [float(target[0, 0, 0, j]) for j in order] == expected
+    assert torch.equal((target >= 0.5).float(), shared_target(labels))  # its 1/8 cut is the shared target

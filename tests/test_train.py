@@ -124,9 +124,9 @@ def test_shared_target_heads_learn_it(tiny_chat_model, tmp_path, capsys):
     assert '"target": "shared"' in load_heads(load_model(tiny_chat_model), tmp_path / "h.safetensors")["training"]
 
 
-def test_joint_target_ranks_by_the_zoo_layers_and_its_heads_evict_shared(tiny_chat_model, tmp_path):
+def test_joint_and_graded_targets_come_from_the_labels_and_their_heads_evict_shared(tiny_chat_model, tmp_path):
     from locret.heads import trained_eviction
-    from locret.ranking import joint_target
+    from locret.ranking import graded_target, joint_target
     model = load_model(tiny_chat_model)
     model.add_retaining_heads(8)
     tok = Tokenizer(tiny_chat_model)
@@ -135,10 +135,14 @@ def test_joint_target_ranks_by_the_zoo_layers_and_its_heads_evict_shared(tiny_ch
     _, joint = train.heads_forward(model, ids, prompt_len, target="joint", layers=slice(1, 2))
     assert torch.equal(joint, joint_target(cis, slice(1, 2)))
     assert not torch.equal(joint, train.heads_forward(model, ids, prompt_len, target="shared")[1])
+    assert torch.equal(train.heads_forward(model, ids, prompt_len, target="graded")[1], graded_target(cis))
 
     run_train(tiny_chat_model, tmp_path / "h.safetensors", "--target", "joint", "--steps", "2", "--val-every", "0")
     meta = load_heads(load_model(tiny_chat_model), tmp_path / "h.safetensors")
     assert trained_eviction(meta) == "shared" and '"target": "joint"' in meta["training"]
+    run_train(tiny_chat_model, tmp_path / "g.safetensors", "--target", "graded", "--steps", "2", "--val-every", "0")
+    meta = load_heads(load_model(tiny_chat_model), tmp_path / "g.safetensors")
+    assert trained_eviction(meta) == "shared" and '"target": "graded"' in meta["training"]
 
 
 def test_label_recorder_predictions_carry_gradients_only_to_heads(tiny_chat_model):
