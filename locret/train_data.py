@@ -2,8 +2,8 @@
 
 A sample is a long context, a question and a short answer; the heads learn which context tokens the
 answer attends to. So that they learn importance rather than templates, everything is composed from
-parts: natural documents in six styles (locret/corpora.py: scripture, drama, encyclopedia, manual,
-code, changelog) with tasks on their own text (continuation, recall of a passage, cloze, who said a line), and
+parts: natural documents in five styles (locret/corpora.py: scripture, drama, encyclopedia, manual,
+code) with tasks on their own text (continuation, recall of a passage, cloze, who said a line), and
 synthetic retrieval of facts (many subjects x attributes x value kinds x phrasings, one or several
 needles, distractors, any depth) hidden in those documents or in word salad. Half the samples are
 plain completions ending in an answer cue, half a chat turn, as the engine sees both.
@@ -76,8 +76,7 @@ STOP_WORDS = set("that with them they their there this which shall unto upon hav
                  "thee thou thine thy hath also said into your because then before after self return none".split())
 ANSWER_WORDS = 12  # a recalled passage's answer is cut to its first words
 CONTINUE_WORDS = 40  # a continuation's answer length in words
-JOINERS = {"scripture": " ", "encyclopedia": " ", "drama": "\n\n", "manual": "\n\n", "code": "\n\n", "changelog": "\n\n",
-           "salad": " "}
+JOINERS = {"scripture": " ", "encyclopedia": " ", "drama": "\n\n", "manual": "\n\n", "code": "\n\n", "salad": " "}
 
 
 @dataclass

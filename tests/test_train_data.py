@@ -2,7 +2,6 @@
 reserved source read. Generators run on small stand-in corpora, so they are tested on every machine;
 the real corpus readers are tested on what this machine has."""
 import builtins
-import gzip
 import io
 import itertools
 import json
@@ -233,25 +232,12 @@ def test_real_corpora_never_open_a_reserved_source(monkeypatch):
         return real_open(file, *args, **kwargs)
     monkeypatch.setattr(builtins, "open", recording)
     monkeypatch.setattr(io, "open", recording)
-    for reader in (corpora.manual, corpora.code, corpora.drama, corpora.encyclopedia, corpora.changelog):
+    for reader in (corpora.manual, corpora.code, corpora.drama, corpora.encyclopedia):
         reader.cache_clear()
         reader()
         reader.cache_clear()
     assert opened and not [p for p in opened if any(r in p for r in corpora.RESERVED)]
     assert any("/perl" in p for p in opened) and any(p.endswith(".py") for p in opened)
-    changelogs = [p for p in opened if p.endswith("/changelog.Debian.gz")]
-    assert changelogs and not [p for p in changelogs if p.split("/")[-2].startswith("r-")]  # R's packages left out
-
-
-def test_changelog_entries_and_gzip_reading(tmp_path):
-    text = ("foo (1.2-1) unstable; urgency=medium\n\n  * Fix the parser (Closes: #123456).\n\n"
-            " -- Ada Baird <ada@example.org>  Fri, 27 Jan 2023 20:26:01 +0100\n\n"
-            "foo (1.1-1) unstable; urgency=low\n\n  * Initial release.\n\n -- Ada Baird <ada@example.org>  Mon, 2 Jan 2023\n")
-    entries = corpora.changelog_entries(text)
-    assert len(entries) == 2 and entries[0].startswith("foo (1.2-1)") and entries[0].endswith("+0100")
-    assert entries[1].startswith("foo (1.1-1)") and "Initial release." in entries[1]
-    (tmp_path / "changelog.Debian.gz").write_bytes(gzip.compress(text.encode()))
-    assert corpora.read_text(tmp_path / "changelog.Debian.gz") == text
 
 
 def test_pod_and_speech_parsing():
