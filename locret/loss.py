@@ -1,5 +1,5 @@
 """The retaining heads' objective (Locret, arXiv 2410.01805, as the official code computes it), the loss for the
-shared target (train.py --target shared) and the metric."""
+shared targets (train.py --target shared, graded, joint) and the metric."""
 import torch
 import torch.nn.functional as F
 
@@ -17,8 +17,8 @@ def retaining_loss(pred: torch.Tensor, label: torch.Tensor, alpha: float = 0.002
 
 
 def keep_loss(pred: torch.Tensor, label: torch.Tensor, alpha: float = 0.0025) -> torch.Tensor:
-    """For the 0/1 shared target (ranking.shared_target): binary cross-entropy with the predictions as
-    logits, plus alpha times their smoothness. pred, label [L, B, KVH, P]."""
+    """For the shared targets (ranking.py: 0/1, or in [0, 1] when graded): binary cross-entropy with the
+    predictions as logits, plus alpha times their smoothness. pred, label [L, B, KVH, P]."""
     pred = pred.float()
     return F.binary_cross_entropy_with_logits(pred, label) + alpha * smoothness(pred)
 

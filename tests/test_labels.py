@@ -135,9 +135,9 @@ def test_shared_target_marks_the_tokens_with_the_best_rank_in_any_layer():
     chosen = sorted(range(16), key=lambda j: (best[j], j))[-4:]  # ties go by position, as percentile_rank does
     assert target[0, 0, 0].tolist() == [float(j in chosen) for j in range(16)]
     assert shared_target(labels).sum(dim=-1).max() == 2  # the default: the top eighth of 16 tokens
-    graded = best_rank(labels)[0]
-    torch.testing.assert_close(graded.sort().values, torch.arange(16) / 15)  # spread evenly over [0, 1]
-    assert graded.argsort().tolist() == sorted(range(16), key=lambda j: (best[j], j))
+    rank = best_rank(labels)[0]
+    torch.testing.assert_close(rank.sort().values, torch.arange(16) / 15)  # spread evenly over [0, 1]
+    assert rank.argsort().tolist() == sorted(range(16), key=lambda j: (best[j], j))
 
 
 def test_graded_target_counts_the_budgets_whose_kept_set_holds_a_token():
