@@ -285,7 +285,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--target", choices=list(LOSSES), default="cis",
                    help="cis: each layer's heads fit its causal importance scores (the paper's); shared: every head "
                         "learns which tokens one kept set for all layers needs (the top eighth by their best rank "
-                        "in any layer), for --eviction shared; graded: the same at budgets 1/32, 1/16, 1/8 and 1/4 at once (a token's target is the share of those kept sets that hold it); joint: the shared target, ranked by the mean rank over the "
+                        "in any layer), for --eviction shared; graded: the same at budgets 1/32, 1/16, 1/8 and 1/4 "
+                        "at once (a token's target is the share of those kept sets that hold it); joint: the shared "
+                        "target, ranked by the mean rank over the "
                         "layers the zoo ranks a shared eviction by (13-22 for the default model)")
     p.add_argument("--evicted", metavar="FRACTION", default=None,
                    help="eviction-aware training: fit the heads on the inputs they get at inference, from a chunked "
