@@ -1,5 +1,5 @@
 """Random values and subjects for the synthetic training facts: word lists, generated names, and
-one maker per value kind (digits, codes, word pairs, names, dates, UUIDs, amounts, times)."""
+one maker per value kind (digits, codes, plain words, names, dates, UUIDs, amounts, times)."""
 import random
 
 SALAD_WORDS = """
@@ -32,6 +32,15 @@ indigo ivory jade jasper juniper kestrel lark laurel linden maple marble myrtle 
 opal osprey pearl pewter pine plover quartz raven rowan ruby russet saffron sage slate sparrow spruce
 teal thistle topaz umber walnut willow wren zinc
 """.split()
+# Plain words for values that look like the text around them (none from the held-out suite's word lists).
+TRAIN_ADJECTIVES = """
+bold broken busy calm cheerful chilly clever crooked dainty dull early eastern empty fair false famous fat
+final flat fresh friendly frozen funny golden grand great green hidden honest huge jealous kind lame late lazy
+lean little lonely loose lost loyal mad magic mighty narrow naughty noble northern obvious pale patient pink
+plump precious purple quick rare ready rich royal sacred scarlet secret sharp shy sick simple slow soft sore
+spare stale steady strange strict strong sudden sweet tall thick thin tough true ugly upper velvet warm wild
+wise wooden worn young
+""".split()
 FIRST_NAMES = """Ada Alma Amos Anya Arlo Basil Beata Bram Cora Cyrus Dalia Dario Edda Elio Enid Ezra Faye Felix
 Greta Gus Hana Hugo Ines Ivo Jana Jonas Kira Knut Lena Levi Mara Milo Nadia Nils Olga Omar Pia Quinn Rhea Rolf Sara
 Silas Tala Theo Una Uri Vera Viggo Wanda Wim Xena Yara Yusuf Zora Zeno""".split()
@@ -59,10 +68,24 @@ def random_code(rng: random.Random) -> str:
                        f"{letters}{rng.randint(100, 999)}", f"{rng.randint(10, 99)}{letters}{rng.randint(0, 9)}"])
 
 
+def ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
 def random_date(rng: random.Random) -> str:
     day, month, year = rng.randint(1, 28), rng.randint(1, 12), rng.randint(1650, 2099)
-    return rng.choice([f"{day} {MONTHS[month - 1]} {year}", f"{MONTHS[month - 1]} {day}, {year}",
-                       f"{year}-{month:02d}-{day:02d}"])
+    name = MONTHS[month - 1]
+    return rng.choice([f"{day} {name} {year}", f"{name} {day}, {year}", f"{year}-{month:02d}-{day:02d}",
+                       f"{ordinal(day)} {name} {year}", f"{name} {ordinal(day)}, {year}", f"{name} {year}",
+                       f"{day}.{month}.{year}"])
+
+
+def random_words(rng: random.Random) -> str:
+    """One to three plain words, often as lower-case as the text around them."""
+    adjective, noun, other = rng.choice(TRAIN_ADJECTIVES), rng.choice(SALAD_WORDS), rng.choice(SALAD_WORDS)
+    return rng.choice([f"{rng.choice(NAME_WORDS)}-{noun}", f"{other} {noun}", f"{adjective} {noun}",
+                       f"{adjective}-{noun}", f"{adjective} {other} {noun}", f"the {adjective} {noun}",
+                       f"{other} and {noun}", noun, f"{adjective} {rng.choice(NAME_WORDS)}"])
 
 
 def person(rng: random.Random) -> str:
@@ -72,8 +95,7 @@ def person(rng: random.Random) -> str:
 VALUE_KINDS = {
     "digits": lambda rng: str(rng.randint(10 ** (n := rng.randint(3, 11)) // 10 * 1, 10 ** n - 1)),
     "code": random_code,
-    "words": lambda rng: rng.choice([f"{rng.choice(NAME_WORDS)}-{rng.choice(SALAD_WORDS)}",
-                                     f"{rng.choice(SALAD_WORDS)} {rng.choice(SALAD_WORDS)}"]),
+    "words": random_words,
     "name": person,
     "date": random_date,
     "uuid": random_uuid,
