@@ -47,6 +47,9 @@ Silas Tala Theo Una Uri Vera Viggo Wanda Wim Xena Yara Yusuf Zora Zeno""".split(
 LAST_NAMES = """Abbott Baird Castell Dunmore Ellery Farrow Garner Holloway Iverson Jessop Kettering Lindqvist Marchetti
 Norcross Oakley Pemberton Quayle Rasmussen Sterling Thorne Underhill Vance Whitlock Yardley Zeller Okafor Nakamura
 Petrov Haddad Moreau Brandt Szabo Kowalski Delgado Fitzroy""".split()
+ONSETS = ["b", "br", "c", "d", "dr", "f", "g", "gr", "h", "j", "k", "l", "m", "n", "p", "qu", "r", "s", "st", "t",
+          "tr", "v", "w", "z", ""]
+CODAS = ["", "", "", "", "", "n", "l", "r", "s", "m", "nd", "th"]
 MONTHS = "January February March April May June July August September October November December".split()
 UNITS = ["kg", "litres", "metres", "grams", "miles", "volts", "hours", "euros", "pounds", "degrees"]
 THINGS = ["lighthouse", "clock tower", "ferry", "telescope", "greenhouse", "boiler room", "archive", "glacier camp",
@@ -62,10 +65,10 @@ def random_uuid(rng: random.Random) -> str:
 
 
 def random_code(rng: random.Random) -> str:
-    digits = str(rng.randint(10000, 99999))
-    letters = "".join(rng.choices("ABCDEFGHJKLMNPQRSTUVWXYZ", k=3))
-    return rng.choice([f"{digits}-{letters[0]}", f"{letters[:2]}-{rng.randint(1000, 9999)}",
-                       f"{letters}{rng.randint(100, 999)}", f"{rng.randint(10, 99)}{letters}{rng.randint(0, 9)}"])
+    """Two to four groups of capitals or digits, joined by one separator: "KX-4471", "58/QT/2", "RB0917"."""
+    groups = [rng.choice([lambda: "".join(rng.choices("ABCDEFGHJKLMNPQRSTUVWXYZ", k=rng.randint(1, 4))),
+                          lambda: str(rng.randint(0, 10 ** rng.randint(1, 5) - 1))])() for _ in range(rng.randint(2, 4))]
+    return rng.choice(["-", "/", ".", ":", "", "-", "/"]).join(groups)
 
 
 def ordinal(n: int) -> str:
@@ -88,8 +91,17 @@ def random_words(rng: random.Random) -> str:
                        f"{other} and {noun}", noun, f"{adjective} {rng.choice(NAME_WORDS)}"])
 
 
+def made_up_name(rng: random.Random) -> str:
+    """A pronounceable name of two or three syllables that no list holds: "Brenoli", "Tavesk"."""
+    syllables = [rng.choice(ONSETS) + rng.choice("aeiouy") + rng.choice(CODAS) for _ in range(rng.randint(2, 3))]
+    return "".join(syllables).capitalize()
+
+
 def person(rng: random.Random) -> str:
-    return f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
+    """A listed first and last name half the time, made-up ones otherwise."""
+    if rng.random() < 0.5:
+        return f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
+    return f"{made_up_name(rng)} {made_up_name(rng)}"
 
 
 VALUE_KINDS = {
