@@ -267,3 +267,15 @@ def test_plain_word_and_date_values_vary_and_never_use_the_heldout_word_lists():
     assert all(re.search(r"\b\d{4}\b", d) for d in dates)
     assert [tv.ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 23, 28)] == \
         ["1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "23rd", "28th"]
+
+
+def test_codes_and_names_are_composed_not_listed():
+    from locret import train_values as tv
+    rng = random.Random(6)
+    codes = [tv.random_code(rng) for _ in range(300)]
+    assert all(re.fullmatch(r"[A-Z0-9]+([-/.:]?[A-Z0-9]+){1,3}", c) for c in codes), codes[:5]
+    assert {sep for c in codes for sep in "-/.:" if sep in c} == set("-/.:")
+    people = [tv.person(rng).split() for _ in range(300)]
+    made_up = [p for p in people if p[0] not in tv.FIRST_NAMES]
+    assert 90 <= len(made_up) <= 210 and len({p[0] for p in made_up}) >= 80
+    assert all(p[1] not in tv.LAST_NAMES and p[0].istitle() for p in made_up)
