@@ -32,9 +32,7 @@ ATTRIBUTES = [("locker number", "digits"), ("badge number", "digits"), ("account
               ("founding date", "date"), ("inspection date", "date"), ("serial", "uuid"), ("licence key", "uuid"),
               ("budget", "amount"), ("recorded weight", "amount"), ("opening time", "time"),
               ("departure time", "time"), ("room number", "digits"), ("favourite number", "digits"),
-              ("last reading", "amount"), ("owner", "name"), ("tag", "code"), ("motto", "words"),
-              ("pet name", "words"), ("signal phrase", "words"), ("favourite dish", "words"), ("boat name", "words"),
-              ("house name", "words"), ("wedding day", "date"), ("expiry date", "date"), ("neighbour", "name")]
+              ("last reading", "amount"), ("owner", "name"), ("tag", "code")]
 STATEMENTS = ["The {attr} of {s} is {v}.", "{S}'s {attr} is {v}.", "For the record, {s} has {v} as the {attr}.",
               "It was noted that the {attr} of {s} had become {v}.", "{S} -- {attr}: {v}.",
               "Please keep in mind: {s} uses {v} as the {attr}.", "We checked twice, and the {attr} for {s} is {v}.",
