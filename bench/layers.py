@@ -8,7 +8,9 @@ validation split (never the test split) or of another task. What `--shared-layer
     python bench/layers.py --task vt --ranges 13-22 --share 0.0625 --n 12     # vt's chain at 1/16
 
 The last row is the training labels' own ranking (a token's best rank in any layer: train.py --target shared),
-what perfect heads would reach. Table to stdout and OUT.md."""
+what perfect heads would reach. Besides the whole needle, the share of its value tokens (those that are also
+tokens of the gold answer), and for the held-out suite that share by the kind of value asked (number, words,
+name, code, date) for the rows `--ranges` names. Tables to stdout and OUT.md."""
 import argparse
 import sys
 from pathlib import Path
@@ -22,6 +24,7 @@ import eval as cli
 from locret.devices import default_device, default_dtype
 from locret.engine import layer_slice
 from locret.errors import LocretError, run_script
+from locret.heldout import ATTRIBUTES
 from locret.evaluation import encode_item
 from locret.heads import load_heads
 from locret.labels import LabelRecorder
@@ -41,6 +44,15 @@ def needle_share(score: torch.Tensor, needle: list[int], share: float) -> float:
     return (percentile_rank(score)[needle] >= 1 - share).float().mean().item()
 
 
+def value_kind(question: str) -> str:
+    """The kind of value a held-out question asks for (its attribute names it); "-" for other tasks."""
+    return next((kind for kind, attrs in ATTRIBUTES.items() if any(a in question for a in attrs)), "-")
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / max(len(values), 1)
+
+
 @torch.inference_mode()
 def main(args: argparse.Namespace) -> None:
     folder, entry = resolve_checkpoint(args.ckpt)
@@ -53,26 +65,47 @@ def main(args: argparse.Namespace) -> None:
     n_layers = model.config.num_hidden_layers
     rows = {f"layer {layer}": slice(layer, layer + 1) for layer in range(n_layers)}
     rows |= {name: layer_slice(name, n_layers, "--ranges") for name in args.ranges}  # parsed once, checked
-    shares = {row: [] for row in [*rows, LABELS]}
+    shares = {row: [] for row in [*rows, LABELS]}  # per item: (needle share, value share)
+    kinds = []
     for index in tqdm(range(args.n), desc="items", file=sys.stderr):
-        encoded = encode_item(tokenizer, make_item(args.task, index, args.seed, tokenizer, args.length), "completion")
+        item = make_item(args.task, index, args.seed, tokenizer, args.length)
+        encoded = encode_item(tokenizer, item, "completion")
         body = len(encoded.prompt) - encoded.question_tokens  # the question is never evicted
         needle = [i for span in encoded.needles for i in span if i < body]
         if not needle:
             continue
+        value = [i for i in needle if encoded.prompt[i] in set(encoded.answer)] or needle
         recorder = LabelRecorder(len(encoded.prompt))
         model(torch.tensor([encoded.prompt + encoded.answer], device=device), cache=recorder, last_only=True)
         scores, labels = (t[..., :body].float() for t in recorder.stacked())  # [L, 1, KVH, body] each
-        for row, layers in rows.items():
-            shares[row].append(needle_share(shared_rank(scores[layers])[0], needle, args.share))
-        shares[LABELS].append(needle_share(best_rank(labels)[0], needle, args.share))
-    items = len(shares[LABELS])
-    md = [f"| ranked by | needle tokens in the top {args.share:g} ({items} {args.task} items) |", "|---|---|"]
-    md += [f"| {row} | {sum(v) / max(items, 1):.2f} |" for row, v in shares.items()]
-    table = "\n".join(md) + "\n"
+        ranked = {row: shared_rank(scores[layers])[0] for row, layers in rows.items()} | {LABELS: best_rank(labels)[0]}
+        for row, score in ranked.items():
+            shares[row].append((needle_share(score, needle, args.share), needle_share(score, value, args.share)))
+        kinds.append(value_kind(item.question))
+    table = "\n".join(share_table(shares, args)) + "\n"
+    if set(kinds) - {"-"}:
+        table += "\n" + "\n".join(kind_table(shares, kinds, [*args.ranges, LABELS], args.share)) + "\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).with_suffix(".md").write_text(table)
     print(table, end="")
+
+
+def share_table(shares: dict, args: argparse.Namespace) -> list[str]:
+    items = len(shares[LABELS])
+    md = [f"| ranked by | needle tokens in the top {args.share:g} ({items} {args.task} items) | value tokens |",
+          "|---|---|---|"]
+    return md + [f"| {row} | {mean([n for n, _ in v]):.2f} | {mean([x for _, x in v]):.2f} |" for row, v in shares.items()]
+
+
+def kind_table(shares: dict, kinds: list[str], rows: list[str], share: float) -> list[str]:
+    """Value tokens in the top `share` by the kind of value asked, for `rows`."""
+    names = sorted(set(kinds))
+    md = [f"| value tokens in the top {share:g}, ranked by | " + " | ".join(
+        f"{k} ({kinds.count(k)})" for k in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for row in rows:
+        by_kind = [mean([x for (_, x), k in zip(shares[row], kinds) if k == name]) for name in names]
+        md.append(f"| {row} | " + " | ".join(f"{v:.2f}" for v in by_kind) + " |")
+    return md
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -148,12 +148,21 @@ def test_layers_ranks_needles_per_layer_and_range(heldout_heads, tmp_path, capsy
     layers.main(layers.parse_args(flags + ["--ranges", "all,1-1"]))
     table = capsys.readouterr().out
     assert table == (tmp_path / "l.md").read_text() and table.startswith("| ranked by | needle tokens in the top 0.125 (3 heldout_val items)")
-    values = {row.split(" | ")[0][2:]: float(row.split(" | ")[1][:-2]) for row in table.splitlines()[2:]}
+    shares, by_kind = table.split("\n\n")
+    cells = {row.split(" | ")[0][2:]: row.strip("| ").split(" | ")[1:] for row in shares.splitlines()[2:]}
+    values = {row: float(needle) for row, (needle, _) in cells.items()}
     assert list(values) == ["layer 0", "layer 1", "all", "1-1", "labels (best rank in any layer)"]
     assert all(0 <= v <= 1 for v in values.values()) and values["1-1"] == values["layer 1"]  # a one-layer range
     assert len(set(values.values())) > 1  # layers, ranges and labels rank differently
+    assert all(0 <= float(value) <= 1 for _, value in cells.values())
+    # value tokens by the kind asked: one column per kind among the 3 items, rows for --ranges and the labels
+    header, _, *kind_rows = by_kind.splitlines()
+    counts = [int(c.split("(")[1].rstrip(")")) for c in header.strip("| ").split(" | ")[1:]]
+    assert sum(counts) == 3 and [r.split(" | ")[0][2:] for r in kind_rows] == ["all", "1-1", "labels (best rank in any layer)"]
+    assert kind_rows[0].count(" | ") == len(counts)
     layers.main(layers.parse_args(flags + ["--task", "passkey", "--n", "2", "--share", "0.0625", "--ranges", "all"]))
-    assert "needle tokens in the top 0.0625 (2 passkey items)" in capsys.readouterr().out  # every item's key found
+    out = capsys.readouterr().out
+    assert "needle tokens in the top 0.0625 (2 passkey items)" in out and "\n\n" not in out  # no kinds outside the suite
     with pytest.raises(LocretError, match="--ranges 0-5: the model has layers 0-1"):
         layers.main(layers.parse_args(flags + ["--ranges", "0-5"]))
     with pytest.raises(LocretError, match="--ranges must be FIRST-LAST"):
