@@ -24,9 +24,9 @@ import eval as cli
 from locret.devices import default_device, default_dtype
 from locret.engine import layer_slice
 from locret.errors import LocretError, run_script
-from locret.heldout import ATTRIBUTES
 from locret.evaluation import encode_item
 from locret.heads import load_heads
+from locret.heldout import ATTRIBUTES
 from locret.labels import LabelRecorder
 from locret.loading import DTYPES, load_model
 from locret.official_heads import find_heads
@@ -74,7 +74,8 @@ def main(args: argparse.Namespace) -> None:
         needle = [i for span in encoded.needles for i in span if i < body]
         if not needle:
             continue
-        value = [i for i in needle if encoded.prompt[i] in set(encoded.answer)] or needle
+        answer_ids = set(encoded.answer)
+        value = [i for i in needle if encoded.prompt[i] in answer_ids] or needle  # the whole needle if none match
         recorder = LabelRecorder(len(encoded.prompt))
         model(torch.tensor([encoded.prompt + encoded.answer], device=device), cache=recorder, last_only=True)
         scores, labels = (t[..., :body].float() for t in recorder.stacked())  # [L, 1, KVH, body] each
