@@ -99,6 +99,7 @@ class Context:
             self.feed(self.encoder.finish())
         if self.pending:
             self.run_chunk(self.pending, protect=self.settings.final_stabilizers)
+        self.engine.settle_keys()
         self.pending, self.closed_at = [], (self.pool.length, self.pool.seen)
         self.bar.close()
 
@@ -180,6 +181,7 @@ class Context:
         length = tensors["k"].shape[3]
         context = cls(model, settings, length + room, int(meta["rope_length"]))
         context.pool.load(tensors, seen=int(meta["seen"]))
+        context.engine.settle_keys(turn=meta.get("keys") != "rotated")  # files before 2026-12-04 hold them raw
         context.tokens, context.closed_at = int(meta["tokens"]), (length, int(meta["seen"]))
         context.bar.close()
         return context, meta

@@ -11,7 +11,8 @@ Positions: in `original` mode a token keeps its prompt position, so keys are sto
 never turned again. In `compact` mode (the official default) the kept entries are re-indexed 0..n-1
 after each eviction; as in the official code, keys are then stored before RoPE and rotated to their
 current slot at each use (O(cache) per layer and forward), so they never drift, however many
-evictions and in any dtype. One RoPE frequency set serves a whole generation: the one a single
+evictions and in any dtype. Once the document is closed and no eviction can move them again, they are
+turned to their slots for good (settle_keys), so the question and the answer do not turn them again. One RoPE frequency set serves a whole generation: the one a single
 forward over the prompt would use (it matters for longrope, whose factors switch with length)."""
 from dataclasses import dataclass
 
@@ -169,6 +170,27 @@ class Engine:
                             self.cache, last_only=not all_logits, rope_length=self.rope_length)
         pool.advance(len(tokens))
         return logits[0] if all_logits else logits[0, -1]
+
+    @property
+    def raw_keys(self) -> bool:
+        """Whether the pool holds keys before RoPE, turned to their slots at each use."""
+        return self.cache.slot_rope is not None
+
+    def settle_keys(self, turn: bool = True) -> None:
+        """Turn the kept keys to their slots for good, where no eviction can move them again (the document is
+        closed; decoding does not evict); new keys are then written rotated, as in original mode. An int8 pool
+        keeps its keys before RoPE (turning them would round them again). `turn=False`: they already are
+        (a saved context)."""
+        s, pool = self.settings, self.pool
+        if not self.raw_keys or s.kv_int8 or s.evict_during_decode:
+            return
+        if turn:
+            n = pool.length
+            cos, sin = (t[:n] for t in self.cache.slot_rope)
+            for layer in range(pool.k.shape[0]):
+                keys = pool.k[layer, :, :, :n]
+                keys.copy_(apply_rope(keys, cos, sin, out=pool.turned[:, :, :n]))
+        self.cache.slot_rope = None
 
     def rewind(self, length: int, seen: int) -> None:
         """Forget everything written after the pool held `length` entries of `seen` tokens (no eviction since)."""

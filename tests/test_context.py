@@ -14,7 +14,7 @@ import torch
 from conftest import CHATML, tiny_llama_config, write_tiny_tokenizer
 from locret import text_stream
 from locret.context import Context, generate
-from locret.engine import EngineSettings, pool_capacity
+from locret.engine import Engine, EngineSettings, pool_capacity
 from locret.errors import LocretError
 from locret.heads import save_heads
 from locret.loading import load_model
@@ -187,6 +187,19 @@ def test_saved_context_answers_with_the_same_tokens(model, tmp_path):
     out, stats = loaded.ask(question, 12)
     assert out == expected and stats.prompt_tokens == 257 and stats.chunks == 1
     assert torch.equal(loaded.pool.k[..., :SETTINGS.budget, :], context.pool.k[..., :SETTINGS.budget, :])
+
+
+def test_context_saved_with_keys_before_rope_is_settled_on_load(model, tmp_path, monkeypatch):
+    """A file whose keys are still before RoPE (saved before keys were settled at the close, 2026-12-04) is
+    turned to its slots on load and answers as a context that was never saved."""
+    with monkeypatch.context() as unsettled:
+        unsettled.setattr(Engine, "settle_keys", lambda self, turn=True: None)
+        streamed_context(model, ids_of(250), 30).save(tmp_path / "raw.safetensors", form="completion")
+    loaded, meta = Context.load(tmp_path / "raw.safetensors", model, room=30)
+    fresh, question = streamed_context(model, ids_of(250), 30), ids_of(7, seed=4)
+    assert meta["keys"] == "before-rope" and not loaded.engine.raw_keys
+    assert loaded.ask(question, 12)[0] == fresh.ask(question, 12)[0]
+    torch.testing.assert_close(loaded.pool.k[..., :SETTINGS.budget, :], fresh.pool.k[..., :SETTINGS.budget, :])
 
 
 def test_saved_context_from_other_model_heads_dtype_or_positions_is_refused(model, tmp_path, save_hf):

@@ -100,21 +100,44 @@ def check_keys_turned_to_their_positions(model, monkeypatch, settings, prompt, a
         torch.testing.assert_close(attended[layer], expected, atol=atol, rtol=atol)
 
 
-@pytest.mark.parametrize("positions", ["compact", "original"])
-def test_compact_mode_turns_keys_in_the_pools_buffer(model, positions):
-    """Compact mode's keys, turned to their slots at each forward, land in the pool's one-layer buffer (no
-    cache-sized temporaries); with original positions keys are stored rotated and there is no such buffer."""
-    s = EngineSettings(policy="knorm", budget=20, chunk=16, stabilizers=6, n_loc=4, positions=positions)
+@pytest.mark.parametrize("positions, int8", [("compact", False), ("compact", True), ("original", False)])
+def test_compact_mode_turns_keys_in_the_pools_buffer_until_the_document_closes(model, positions, int8):
+    """While the document is fed, compact mode's keys are turned to their slots at each forward into the pool's
+    one-layer buffer (no cache-sized temporaries); once it is closed they are settled (turned for good) in each
+    layer's own K, except in an int8 pool. With original positions keys are stored rotated, no such buffer."""
+    s = EngineSettings(policy="knorm", budget=20, chunk=16, stabilizers=6, n_loc=4, positions=positions, kv_int8=int8)
+    ptr = lambda k: k.data_ptr()
     with torch.inference_mode():
-        context = Context(model, s, pool_capacity(s, 60, 2), 60)
-        context.prefill(prompt_of(60, seed=2))
-        engine = context.engine
-        where = keys_attended(engine, 5, record=lambda k: k.data_ptr()).values()
-    turned = engine.pool.turned
-    if positions == "compact":
-        assert turned is not None and set(where) == {turned.data_ptr()}
+        context = Context(model, s, pool_capacity(s, 61, 2), 61)
+        context.feed(prompt_of(60, seed=2))  # every chunk but the last
+        while_open = set(keys_attended(context.engine, 5, record=ptr).values())
+        context.close()
+        once_closed = set(keys_attended(context.engine, 5, record=ptr).values())
+    turned, layers = context.pool.turned, model.config.num_hidden_layers
+    if positions == "original":
+        assert turned is None and len(while_open) == len(once_closed) == layers  # each layer's own K
     else:
-        assert turned is None and len(set(where)) == model.config.num_hidden_layers  # each layer's own K
+        assert while_open == {turned.data_ptr()} and context.engine.raw_keys == int8
+        assert once_closed == ({turned.data_ptr()} if int8 else {context.pool.k[i].data_ptr() for i in range(layers)})
+
+
+def test_settled_keys_answer_as_keys_turned_at_each_use(model, monkeypatch):
+    """Turning the kept keys for good at the close changes no logits beyond fp32 rounding, over a question,
+    twenty decoded tokens and a second question from the same context."""
+    s = EngineSettings(policy="locret", budget=24, chunk=16, stabilizers=6, n_loc=5)
+    document, q1, q2 = prompt_of(120, seed=5), prompt_of(5, seed=6), prompt_of(9, seed=7)
+
+    def answers():
+        with torch.inference_mode():
+            context = Context(model, s, pool_capacity(s, 125, 30), 125)
+            context.feed(document)
+            return [context.ask(q, 20)[0] for q in (q1, q2)] + [context.teacher_forced(q1, q2)], context
+    settled, settled_context = answers()
+    monkeypatch.setattr(Engine, "settle_keys", lambda self, turn=True: None)
+    raw, raw_context = answers()
+    assert not settled_context.engine.raw_keys and raw_context.engine.raw_keys
+    assert settled[:2] == raw[:2]
+    torch.testing.assert_close(settled[2], raw[2], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("positions", ["compact", "original"])
