@@ -12,8 +12,8 @@ never turned again. In `compact` mode (the official default) the kept entries ar
 after each eviction; as in the official code, keys are then stored before RoPE and rotated to their
 current slot at each use (O(cache) per layer and forward), so they never drift, however many
 evictions and in any dtype. Once the document is closed and no eviction can move them again, they are
-turned to their slots for good (settle_keys), so the question and the answer do not turn them again. One RoPE frequency set serves a whole generation: the one a single
-forward over the prompt would use (it matters for longrope, whose factors switch with length)."""
+turned to their slots for good (settle_keys), so the question and the answer do not turn them again.
+One RoPE frequency set serves a whole generation: the one a single forward over the prompt would use (it matters for longrope, whose factors switch with length)."""
 from dataclasses import dataclass
 
 import torch
@@ -111,19 +111,26 @@ class PolicyCache:
     """The cache the model sees: writes into the pool and, while `scoring`, lets the policy score entries.
 
     With `slot_rope` (cos, sin for slots 0..capacity-1) the pool holds keys before RoPE and each use
-    turns them to their slots; without, it holds them rotated by their own positions."""
+    turns them to their slots (once `settled`, each new key is turned once, in the pool); without, it holds
+    them rotated by their own positions."""
 
     def __init__(self, pool: KVPool, policy, slot_rope: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.pool, self.policy, self.slot_rope, self.scoring = pool, policy, slot_rope, False
+        self.settled = False  # slot_rope's keys before the new ones are turned for good (Engine.settle_keys)
 
     def update(self, layer, q, k, v, head_scores, rope):
         if self.slot_rope is None:
             k_all, v_all = self.pool.write(layer, apply_rope(k, *rope), v)
         else:
             k_all, v_all = self.pool.write(layer, k, v)
-            S = k_all.shape[2]
-            cos, sin = (t[:S] for t in self.slot_rope)
-            k_all = apply_rope(k_all, cos, sin, out=self.pool.turned[:, :, :S])  # no cache-sized temporaries
+            S, T = k_all.shape[2], k.shape[2]
+            first = S - T if self.settled else 0  # only the new keys, or all (eviction may have moved them)
+            cos, sin = (t[first:S] for t in self.slot_rope)
+            turned = apply_rope(k_all[:, :, first:], cos, sin, out=self.pool.turned[:, :, :S - first])  # no temporaries
+            if self.settled:
+                k_all[:, :, first:] = turned  # the pool holds them turned from now on
+            else:
+                k_all = turned
         if self.scoring:
             S, T = k_all.shape[2], k.shape[2]
             scores = self.pool.scores[layer, :, :, :S]
@@ -174,13 +181,13 @@ class Engine:
     @property
     def raw_keys(self) -> bool:
         """Whether the pool holds keys before RoPE, turned to their slots at each use."""
-        return self.cache.slot_rope is not None
+        return self.cache.slot_rope is not None and not self.cache.settled
 
     def settle_keys(self, turn: bool = True) -> None:
         """Turn the kept keys to their slots for good, where no eviction can move them again (the document is
-        closed; decoding does not evict); new keys are then written rotated, as in original mode. An int8 pool
+        closed; decoding does not evict); each new key is then turned once, as it is written. An int8 pool
         keeps its keys before RoPE (turning them would round them again). `turn=False`: they already are
-        (a saved context)."""
+        (a saved context). Turned as each use turns them: the same values to the bit."""
         s, pool = self.settings, self.pool
         if not self.raw_keys or s.kv_int8 or s.evict_during_decode:
             return
@@ -190,7 +197,7 @@ class Engine:
             for layer in range(pool.k.shape[0]):
                 keys = pool.k[layer, :, :, :n]
                 keys.copy_(apply_rope(keys, cos, sin, out=pool.turned[:, :, :n]))
-        self.cache.slot_rope = None
+        self.cache.settled = True
 
     def rewind(self, length: int, seen: int) -> None:
         """Forget everything written after the pool held `length` entries of `seen` tokens (no eviction since)."""
