@@ -34,14 +34,14 @@ from locret.labels import LabelRecorder
 from locret.loading import DTYPES, load_model, stop_token_ids
 from locret.official_heads import find_heads
 from locret.policies import Precomputed
-from locret.ranking import best_rank
+from locret.ranking import best_rank, percentile_rank
 from locret.stats import wilson
 from locret.tasks import TASKS, make_item
 from locret.tokenizer import Tokenizer
 from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
 
 
-ORACLES = [("labels", "per-head"), ("labels", "shared"), ("shared labels", "shared")]  # (scores, eviction)
+ORACLES = [("labels", "per-head"), ("labels", "shared"), ("shared labels", "shared"), ("joint labels", "shared")]  # (scores, eviction)
 
 
 def grid(args, base, eviction: str) -> list[dict]:
@@ -67,15 +67,18 @@ def label(point: dict) -> dict:
     return point | {"stabilizers": str(point["stabilizers"])}
 
 
-def oracle_scores(model, encoded) -> dict[str, torch.Tensor]:
+def oracle_scores(model, encoded, ranking_layers: slice) -> dict[str, torch.Tensor]:
     """The item's training labels from one frozen forward over prompt + gold answer, [L, 1, KVH, P]:
     each layer's own (`labels`) and, the same for all, each token's best rank in any layer (`shared labels`:
-    the graded form of train.py --target shared)."""
+    the graded form of train.py --target shared) or its mean rank over the `ranking_layers` (`joint labels`,
+    of --target joint)."""
     recorder = LabelRecorder(len(encoded.prompt))
     model(torch.tensor([encoded.prompt + encoded.answer], device=model.lm_head.weight.device), cache=recorder,
           last_only=True)
     labels = recorder.stacked()[1]
-    return {"labels": labels, "shared labels": best_rank(labels)[None, :, None].expand_as(labels)}
+    everywhere = lambda scores: scores[None, :, None].expand_as(labels)  # [B, P] -> every layer and KV head
+    return {"labels": labels, "shared labels": everywhere(best_rank(labels)),
+            "joint labels": everywhere(percentile_rank(labels[ranking_layers]).mean(dim=(0, 2)))}
 
 
 def summarize(rows: list[dict], points: list[dict]) -> list[str]:
@@ -122,8 +125,8 @@ def main(args: argparse.Namespace) -> None:
                     EngineSettings("full", n_loc=encoded.question_tokens)
                 scorer = None
                 if point and point["scorer"] != "heads":
-                    oracle = oracle or oracle_scores(model, encoded)
-                    scorer = Precomputed(oracle[point["scorer"]])
+                    oracle = oracle or oracle_scores(model, encoded, layer_slice(point["layers"]))
+                    scorer = Precomputed(oracle[point["scorer"]], point["span"])
                 result, reference = evaluate(model, tokenizer, item, encoded, settings, max_new, stops, reference, scorer)
                 row = {"task": args.task, "length": args.length, "index": index, **asdict(result), "budget": budget,
                        "mode": key[-1], "point": point and label(point)}
@@ -165,7 +168,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="layer ranges that rank shared eviction (e.g. all,13-22; see eval.py --shared-layers)")
     p.add_argument("--oracle", action="store_true",
                    help="add rows where each item's exact training labels stand in for the heads (per layer, and "
-                        "shared across layers): what perfect heads for either target would keep")
+                        "shared across layers by best or mean rank), pooled by the same span: what perfect heads "
+                        "for each target would keep")
     p.add_argument("--n", type=int, default=24, help="items")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/sensitivity", help="writes OUT.jsonl and OUT.md")

@@ -53,13 +53,17 @@ class Chunk:
         return torch.cat((self.stored, new.float()), dim=-1)
 
 
+def best_within(scores: torch.Tensor, span: int) -> torch.Tensor:
+    """scores [B, KVH, T] -> each token's best score within span // 2 tokens either side (odd `span`): a token
+    the scorer values keeps its neighbours, so a fact stays whole."""
+    if span == 1:
+        return scores
+    return F.max_pool1d(scores.flatten(0, 1)[:, None], span, stride=1, padding=span // 2).view(scores.shape)
+
+
 def locret(c: Chunk, span: int = 1) -> torch.Tensor:
-    """Trained retaining heads: each token keeps the score its chunk gave it. With an odd `span` > 1, the best
-    score within span // 2 tokens either side, so a token the heads value keeps its neighbours (a fact whole)."""
-    scores = c.head_scores.float()  # [B, KVH, T]
-    if span > 1:
-        scores = F.max_pool1d(scores.flatten(0, 1)[:, None], span, stride=1, padding=span // 2).view(scores.shape)
-    return c.append(scores)
+    """Trained retaining heads: each token keeps the score its chunk gave it (best_within `span`)."""
+    return c.append(best_within(c.head_scores.float(), span))
 
 
 def streamingllm(c: Chunk, sinks: int = 4) -> torch.Tensor:
@@ -102,13 +106,14 @@ class Random:
 
 class Precomputed:
     """Scores known in advance, [L, B, KVH, P] by layer and prompt position: an oracle's labels standing in
-    for the heads (bench/sensitivity.py --oracle). Each new entry gets its token's score in its layer."""
+    for the heads (bench/sensitivity.py --oracle). Each new entry gets its token's score in its layer, taken
+    best_within `span` in its chunk as the heads' scores are."""
 
-    def __init__(self, scores: torch.Tensor):
-        self.scores = scores
+    def __init__(self, scores: torch.Tensor, span: int = 1):
+        self.scores, self.span = scores, span
 
     def __call__(self, c: Chunk) -> torch.Tensor:
-        return c.append(self.scores[c.layer].gather(-1, c.index[..., -c.n_new:]))
+        return c.append(best_within(self.scores[c.layer].gather(-1, c.index[..., -c.n_new:]).float(), self.span))
 
 
 EVICTING = {"locret": locret, "streamingllm": streamingllm, "h2o": h2o, "snapkv": snapkv,

@@ -124,20 +124,21 @@ def test_sensitivity_varies_one_setting_at_a_time_and_resumes(heldout_heads, tmp
     # per item: full attention, the defaults (GENERIC_SETTINGS: share 1/4, chunk 1024), one change each, the oracles
     default = {"stabilizers": "1/4", "chunk": 1024, "span": 1, "eviction": "per-head", "layers": "all",
                "scorer": "heads"}
-    points = [r["point"] for r in rows[:10]]
+    points = [r["point"] for r in rows[:11]]
     assert points == [None, default, default | {"stabilizers": "0"}, default | {"chunk": 64}, default | {"span": 5},
                       default | {"eviction": "shared"}, default | {"layers": "1-1"}, default | {"scorer": "labels"},
                       default | {"scorer": "labels", "eviction": "shared"},
-                      default | {"scorer": "shared labels", "eviction": "shared"}]
-    assert len(rows) == 20 and all(r["budget"] == 100 for r in rows)
+                      default | {"scorer": "shared labels", "eviction": "shared"},
+                      default | {"scorer": "joint labels", "eviction": "shared"}]
+    assert len(rows) == 22 and all(r["budget"] == 100 for r in rows)
     by_point = lambda p: [r["prediction"] + str(r["needle_retention"]) for r in rows if r["point"] == p]
     assert by_point(default | {"scorer": "labels"}) != by_point(default)  # the labels, not the heads, chose
     table = capsys.readouterr().out
-    assert table == (tmp_path / "sens.md").read_text() and len(table.splitlines()) == 2 + 10
+    assert table == (tmp_path / "sens.md").read_text() and len(table.splitlines()) == 2 + 11
     assert "| full attention | - | - | - | - | - |" in table and "| 1/4 | 64 | 1 | per-head | all | heads |" in table
     assert "| 1/4 | 1024 | 1 | shared | all | shared labels |" in table
     sensitivity.main(sensitivity.parse_args(flags))  # everything done: nothing is added
-    assert len((tmp_path / "sens.jsonl").read_text().splitlines()) == 20
+    assert len((tmp_path / "sens.jsonl").read_text().splitlines()) == 22
     assert capsys.readouterr().out == table
 
 
@@ -309,7 +310,8 @@ def test_sensitivity_runs_the_oracle_on_a_benchmark_task(heldout_heads, tmp_path
                              "--out", str(tmp_path / "passkey")]
     sensitivity.main(sensitivity.parse_args(flags))
     rows = [json.loads(line) for line in (tmp_path / "passkey.jsonl").read_text().splitlines()]
-    assert [r["point"] and r["point"]["scorer"] for r in rows] == [None, "heads", "labels", "labels", "shared labels"]
+    assert [r["point"] and r["point"]["scorer"] for r in rows] == [None, "heads", "labels", "labels", "shared labels",
+                                                                   "joint labels"]
     assert all(r["task"] == "passkey" and 0 <= r["score"] <= 1 for r in rows)
     assert all(0 <= r["needle_retention"] <= 1 for r in rows)  # the passkey is tracked as a needle
     assert rows[0]["needle_retention"] == 1.0 and "shared labels" in capsys.readouterr().out

@@ -4,12 +4,13 @@ A chunk of T new tokens over a pool of S entries (the first S - T kept from earl
 query head h reads KV head h // G, and the chunk's i-th query sits at slot S - T + i, seeing
 every slot up to its own."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from locret.errors import LocretError
-from locret.policies import POLICIES, QUERY_BLOCK, Chunk, Random, h2o, knorm, locret, make_policy, snapkv, streamingllm, tova
+from locret.policies import POLICIES, QUERY_BLOCK, Chunk, Precomputed, Random, h2o, knorm, locret, make_policy, snapkv, streamingllm, tova
 
 B, KVH, G, D, S, T = 2, 2, 2, 8, 12, 5
 H = KVH * G
@@ -206,6 +207,17 @@ def test_locret_span_takes_the_best_score_among_neighbours(chunk, span):
     out = make_policy("locret", span=span)(chunk)
     assert torch.equal(out, torch.tensor(stored_then(chunk, best), dtype=torch.float32))
     assert not torch.equal(out, locret(chunk))
+
+
+def test_precomputed_scores_take_the_span_as_the_heads_do(chunk):
+    """An oracle's scores, looked up by each new entry's prompt position, pooled within the chunk like the heads'."""
+    P = int(chunk.index.max()) + 1
+    table = torch.zeros(2, B, KVH, P)
+    table[1].scatter_(-1, chunk.index[..., -T:], chunk.head_scores.float())  # layer 1 holds the heads' scores
+    for span in (1, 3):
+        looked_up = Precomputed(table, span)(replace(chunk, layer=1))
+        assert torch.equal(looked_up, make_policy("locret", span=span)(chunk))
+    assert torch.equal(Precomputed(table, 3)(chunk)[..., -T:], torch.zeros(B, KVH, T))  # layer 0's zeros
 
 
 def test_random(chunk):
