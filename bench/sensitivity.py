@@ -41,7 +41,8 @@ from locret.tokenizer import Tokenizer
 from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
 
 
-ORACLES = [("labels", "per-head"), ("labels", "shared"), ("shared labels", "shared"), ("joint labels", "shared")]  # (scores, eviction)
+# (scores, eviction)
+ORACLES = [("labels", "per-head"), ("labels", "shared"), ("shared labels", "shared"), ("joint labels", "shared")]
 
 
 def grid(args, base, eviction: str) -> list[dict]:

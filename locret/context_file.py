@@ -47,8 +47,8 @@ def write(context, path: str | Path, extra: dict[str, str]) -> None:
     backbone, heads = identities(context.engine.model)
     metadata = {**extra, "format": FORMAT, "model": backbone, "heads": heads if settings.policy == "locret" else "",
                 "dtype": dtype_name(pool.dtype), "settings": json.dumps(asdict(settings)),
-                "rope_length": str(context.engine.rope_length),
-                "keys": "before-rope" if context.engine.raw_keys else "rotated", "seen": str(pool.seen), "tokens": str(context.tokens)}
+                "rope_length": str(context.engine.rope_length), "seen": str(pool.seen), "tokens": str(context.tokens),
+                "keys": "before-rope" if context.engine.raw_keys else "rotated"}
     save_atomic({name: t[:, :, :, :n] for name, t in pool.stored().items()}, path, metadata, "context")
 
 

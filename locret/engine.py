@@ -13,7 +13,8 @@ after each eviction; as in the official code, keys are then stored before RoPE a
 current slot at each use (O(cache) per layer and forward), so they never drift, however many
 evictions and in any dtype. Once the document is closed and no eviction can move them again, they are
 turned to their slots for good (settle_keys), so the question and the answer do not turn them again.
-One RoPE frequency set serves a whole generation: the one a single forward over the prompt would use (it matters for longrope, whose factors switch with length)."""
+One RoPE frequency set serves a whole generation: the one a single forward over the prompt would use
+(it matters for longrope, whose factors switch with length)."""
 from dataclasses import dataclass
 
 import torch

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from locret.errors import LocretError
-from locret.policies import POLICIES, QUERY_BLOCK, Chunk, Precomputed, Random, h2o, knorm, locret, make_policy, snapkv, streamingllm, tova
+from locret.policies import (POLICIES, QUERY_BLOCK, Chunk, Precomputed, Random, h2o, knorm, locret, make_policy, snapkv,
+                             streamingllm, tova)
 
 B, KVH, G, D, S, T = 2, 2, 2, 8, 12, 5
 H = KVH * G
