@@ -124,10 +124,8 @@ class PolicyCache:
             k_all, v_all = self.pool.write(layer, apply_rope(k, *rope), v)
         else:
             k_all, v_all = self.pool.write(layer, k, v)
-            S, T = k_all.shape[2], k.shape[2]
-            first = S - T if self.settled else 0  # only the new keys, or all (eviction may have moved them)
-            cos, sin = (t[first:S] for t in self.slot_rope)
-            turned = apply_rope(k_all[:, :, first:], cos, sin, out=self.pool.turned[:, :, :S - first])  # no temporaries
+            first = k_all.shape[2] - k.shape[2] if self.settled else 0  # the new keys, or all (eviction moves them)
+            turned = self.turn(k_all, first)
             if self.settled:
                 k_all[:, :, first:] = turned  # the pool holds them turned from now on
             else:
@@ -141,6 +139,13 @@ class PolicyCache:
 
     def attention_mask(self, n_new):
         return self.pool.attention_mask(n_new)
+
+    def turn(self, keys: torch.Tensor, first: int) -> torch.Tensor:
+        """keys [B, KVH, S, D] before RoPE, from slot `first` on, turned to their slots in the pool's one-layer
+        buffer (no cache-sized temporaries): [B, KVH, S - first, D]."""
+        S = keys.shape[2]
+        cos, sin = (t[first:S] for t in self.slot_rope)
+        return apply_rope(keys[:, :, first:], cos, sin, out=self.pool.turned[:, :, :S - first])
 
 
 class Engine:
@@ -193,11 +198,9 @@ class Engine:
         if not self.raw_keys or s.kv_int8 or s.evict_during_decode:
             return
         if turn:
-            n = pool.length
-            cos, sin = (t[:n] for t in self.cache.slot_rope)
             for layer in range(pool.k.shape[0]):
-                keys = pool.k[layer, :, :, :n]
-                keys.copy_(apply_rope(keys, cos, sin, out=pool.turned[:, :, :n]))
+                keys = pool.k[layer, :, :, :pool.length]
+                keys.copy_(self.cache.turn(keys, 0))
         self.cache.settled = True
 
     def rewind(self, length: int, seen: int) -> None:
