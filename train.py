@@ -32,7 +32,7 @@ from locret.heads import load_heads, read_heads, save_heads, target_eviction
 from locret.labels import LabelRecorder
 from locret.loading import DTYPES, load_model
 from locret.loss import keep_loss, retaining_loss, topk_overlap
-from locret.ranking import graded_target, joint_target, shared_target
+from locret.ranking import graded_target, joint_rank_target, joint_target, shared_target
 from locret.tokenizer import Tokenizer
 from locret.train_data import make_sample
 from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
@@ -72,7 +72,8 @@ def heads_forward(model, ids: list[int], prompt_len: int, target: str = "cis", e
                   layers: slice = slice(None)):
     """One causal forward over prompt + answer -> (predictions, labels), each [L, 1, KVH, prompt_len]:
     per-layer CIS labels, or one 0/1 target for all layers and heads (`shared`: ranking.shared_target;
-    `graded`: ranking.graded_target, in [0, 1]; `joint`: ranking.joint_target over `layers`).
+    `graded`: ranking.graded_target, in [0, 1]; `joint`: ranking.joint_target over `layers`; `joint-rank`:
+    ranking.joint_rank_target over `layers`, in [0, 1]).
     With `evicted` (zoo settings, budget fraction), the predictions come from the head inputs of a chunked
     prefill of the prompt under that budget instead (head_inputs.py): what the heads see at inference."""
     recorder = LabelRecorder(prompt_len)
@@ -89,6 +90,8 @@ def heads_forward(model, ids: list[int], prompt_len: int, target: str = "cis", e
         label = graded_target(label)
     elif target == "joint":
         label = joint_target(label, layers)
+    elif target == "joint-rank":
+        label = joint_rank_target(label, layers)
     return pred, label
 
 
@@ -255,7 +258,7 @@ def fit_window(args, window: int) -> None:
 
 
 ANSWER_SHARE = 16  # 1/ANSWER_SHARE of the context kept for a sample's answer and its prompt's overshoot (up to ~2%)
-LOSSES = {"cis": retaining_loss, "shared": keep_loss, "graded": keep_loss, "joint": keep_loss}
+LOSSES = {"cis": retaining_loss, "shared": keep_loss, "graded": keep_loss, "joint": keep_loss, "joint-rank": keep_loss}
 PRESETS = {  # defaults by preset; any flag given wins
     "official": dict(steps=3000, min_tokens=1024, max_tokens=10240, head_hidden=1024, warmup=None, val_every=100,
                      val_samples=8, save_every=50),
@@ -288,7 +291,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "in any layer), for --eviction shared; graded: the same at budgets 1/32, 1/16, 1/8 and 1/4 "
                         "at once (a token's target is the share of those kept sets that hold it); joint: the shared "
                         "target, ranked by the mean rank over the "
-                        "layers the zoo ranks a shared eviction by (13-22 for the default model)")
+                        "layers the zoo ranks a shared eviction by (13-22 for the default model); joint-rank: that "
+                        "rank itself, every budget's order, raised to the 8th power to weight its top")
     p.add_argument("--evicted", metavar="FRACTION", default=None,
                    help="eviction-aware training: fit the heads on the inputs they get at inference, from a chunked "
                         "prefill of each prompt under this budget (e.g. 1/8 of it; the zoo's chunk, stabilizer share "

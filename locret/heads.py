@@ -65,8 +65,9 @@ def check_metadata(meta: dict, path: Path) -> None:
 
 
 def target_eviction(target: str | None) -> str:
-    """The eviction mode a train.py --target is meant for: shared (shared, graded, joint) or per-head (cis, none)."""
-    return "shared" if target in ("shared", "graded", "joint") else "per-head"
+    """The eviction mode a train.py --target is meant for: shared (shared, graded, joint, joint-rank) or per-head
+    (cis, none)."""
+    return "shared" if target in ("shared", "graded", "joint", "joint-rank") else "per-head"
 
 
 def trained_eviction(meta: dict) -> str:

@@ -42,7 +42,21 @@ def graded_target(labels: torch.Tensor, shares: tuple = (1 / 32, 1 / 16, 1 / 8, 
     return torch.stack([top_share(rank, labels, share) for share in shares]).mean(dim=0)
 
 
+def joint_rank(labels: torch.Tensor, layers: slice) -> torch.Tensor:
+    """Per-layer labels [L, B, KVH, P] -> [B, P]: a token's mean rank over `layers`' labels and KV heads (the
+    order a shared eviction ranked by those layers gives when the heads fit each layer's labels exactly),
+    re-ranked over the prompt."""
+    return percentile_rank(shared_rank(labels[layers]))
+
+
 def joint_target(labels: torch.Tensor, layers: slice, share: float = 1 / 8) -> torch.Tensor:
-    """Like shared_target, but ranking tokens by their mean rank over `layers`' labels: the set a shared
-    eviction ranked by those layers keeps when the heads fit each layer's labels exactly."""
-    return top_share(percentile_rank(shared_rank(labels[layers])), labels, share)
+    """Like shared_target, ranking tokens by joint_rank: 1 for the `share` of tokens it ranks highest."""
+    return top_share(joint_rank(labels, layers), labels, share)
+
+
+def joint_rank_target(labels: torch.Tensor, layers: slice, sharpness: float = 8.0) -> torch.Tensor:
+    """joint_rank itself, raised to `sharpness` and shared by every layer and KV head, [L, B, KVH, P] in
+    [0, 1]: the whole order (which every budget's kept set follows), weighted toward its top (1 for the
+    best token, 0.6 at the edge of the top sixteenth, 0.34 of the top eighth, 0.1 of the top quarter)."""
+    target = joint_rank(labels, layers) ** sharpness
+    return target[None, :, None].expand_as(labels)

@@ -9,7 +9,8 @@ from conftest import longrope, tiny_llama_config, tiny_phi3_config
 from locret.labels import LabelRecorder, cis_labels
 from locret.loading import load_model
 from locret.loss import keep_loss, retaining_loss, topk_overlap
-from locret.ranking import best_rank, graded_target, joint_target, percentile_rank, shared_rank, shared_target
+from locret.ranking import (best_rank, graded_target, joint_rank_target, joint_target, percentile_rank, shared_rank,
+                            shared_target)
 
 
 def hf_rotated_qk(hf, tokens):
@@ -109,6 +110,19 @@ def test_joint_target_marks_the_tokens_with_the_best_mean_rank_over_the_given_la
     assert target[0, 0, 0].tolist() == [float(j in chosen) for j in range(16)]
     assert joint_target(labels, slice(None)).sum(dim=-1).max() == 2  # the default share: an eighth of 16
     assert not torch.equal(joint_target(labels, slice(0, 1)), joint_target(labels, slice(4, 5)))  # layers matter
+
+
+def test_joint_rank_target_keeps_the_whole_joint_order_weighted_toward_its_top():
+    labels = torch.randn(5, 1, 2, 16, generator=torch.Generator().manual_seed(3))
+    target = joint_rank_target(labels, slice(1, 4))
+    assert target.shape == labels.shape and (target == target[0, 0, 0]).all()  # one target for all
+    row = target[0, 0, 0]
+    torch.testing.assert_close(row.sort().values, (torch.arange(16) / 15) ** 8)  # each rank once, sharpened
+    for share in (1 / 4, 1 / 8):  # every budget's kept set is the joint target's
+        kept = joint_target(labels, slice(1, 4), share)[0, 0, 0]
+        assert torch.equal(torch.zeros(16).index_fill_(0, row.topk(int(16 * share)).indices, 1.0), kept)
+    torch.testing.assert_close(joint_rank_target(labels, slice(1, 4), sharpness=1.0)[0, 0, 0].sort().values,
+                               torch.arange(16) / 15)
 
 
 def test_percentile_rank_and_shared_rank():

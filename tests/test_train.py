@@ -124,9 +124,9 @@ def test_shared_target_heads_learn_it(tiny_chat_model, tmp_path, capsys):
     assert '"target": "shared"' in load_heads(load_model(tiny_chat_model), tmp_path / "h.safetensors")["training"]
 
 
-def test_joint_and_graded_targets_come_from_the_labels_and_their_heads_evict_shared(tiny_chat_model, tmp_path):
+def test_joint_graded_and_rank_targets_come_from_the_labels_and_their_heads_evict_shared(tiny_chat_model, tmp_path):
     from locret.heads import trained_eviction
-    from locret.ranking import graded_target, joint_target
+    from locret.ranking import graded_target, joint_rank_target, joint_target
     model = load_model(tiny_chat_model)
     model.add_retaining_heads(8)
     tok = Tokenizer(tiny_chat_model)
@@ -136,13 +136,16 @@ def test_joint_and_graded_targets_come_from_the_labels_and_their_heads_evict_sha
     assert torch.equal(joint, joint_target(cis, slice(1, 2)))
     assert not torch.equal(joint, train.heads_forward(model, ids, prompt_len, target="shared")[1])
     assert torch.equal(train.heads_forward(model, ids, prompt_len, target="graded")[1], graded_target(cis))
+    ranked = train.heads_forward(model, ids, prompt_len, target="joint-rank", layers=slice(1, 2))[1]
+    assert torch.equal(ranked, joint_rank_target(cis, slice(1, 2)))
 
     run_train(tiny_chat_model, tmp_path / "h.safetensors", "--target", "joint", "--steps", "2", "--val-every", "0")
     meta = load_heads(load_model(tiny_chat_model), tmp_path / "h.safetensors")
     assert trained_eviction(meta) == "shared" and '"target": "joint"' in meta["training"]
-    run_train(tiny_chat_model, tmp_path / "g.safetensors", "--target", "graded", "--steps", "2", "--val-every", "0")
-    meta = load_heads(load_model(tiny_chat_model), tmp_path / "g.safetensors")
-    assert trained_eviction(meta) == "shared" and '"target": "graded"' in meta["training"]
+    for target in ("graded", "joint-rank"):
+        run_train(tiny_chat_model, tmp_path / "g.safetensors", "--target", target, "--steps", "2", "--val-every", "0")
+        meta = load_heads(load_model(tiny_chat_model), tmp_path / "g.safetensors")
+        assert trained_eviction(meta) == "shared" and f'"target": "{target}"' in meta["training"]
 
 
 def test_label_recorder_predictions_carry_gradients_only_to_heads(tiny_chat_model):
