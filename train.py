@@ -32,7 +32,7 @@ from locret.heads import load_heads, read_heads, save_heads, target_eviction
 from locret.labels import LabelRecorder
 from locret.loading import DTYPES, load_model
 from locret.loss import keep_loss, retaining_loss, topk_overlap
-from locret.ranking import graded_target, joint_rank_target, joint_target, shared_target
+from locret.ranking import SHARED_TARGETS
 from locret.tokenizer import Tokenizer
 from locret.train_data import make_sample
 from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
@@ -84,14 +84,8 @@ def heads_forward(model, ids: list[int], prompt_len: int, target: str = "cis", e
         settings = evicted_settings(*evicted, prompt_len, target_eviction(target))
         inputs = chunked_head_inputs(model, ids[:prompt_len], settings)
         pred = torch.stack([head(x) for head, x in zip(model.retaining_heads, inputs)])
-    if target == "shared":
-        label = shared_target(label)
-    elif target == "graded":
-        label = graded_target(label)
-    elif target == "joint":
-        label = joint_target(label, layers)
-    elif target == "joint-rank":
-        label = joint_rank_target(label, layers)
+    if target in SHARED_TARGETS:
+        label = SHARED_TARGETS[target](label, layers)
     return pred, label
 
 
@@ -258,7 +252,7 @@ def fit_window(args, window: int) -> None:
 
 
 ANSWER_SHARE = 16  # 1/ANSWER_SHARE of the context kept for a sample's answer and its prompt's overshoot (up to ~2%)
-LOSSES = {"cis": retaining_loss, "shared": keep_loss, "graded": keep_loss, "joint": keep_loss, "joint-rank": keep_loss}
+LOSSES = {"cis": retaining_loss} | dict.fromkeys(SHARED_TARGETS, keep_loss)
 PRESETS = {  # defaults by preset; any flag given wins
     "official": dict(steps=3000, min_tokens=1024, max_tokens=10240, head_hidden=1024, warmup=None, val_every=100,
                      val_samples=8, save_every=50),

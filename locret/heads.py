@@ -10,6 +10,7 @@ from models import CausalLM
 
 from .errors import LocretError
 from .files import save_atomic
+from .ranking import SHARED_TARGETS
 
 SIGNATURE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "head_dim", "vocab_size")
@@ -65,9 +66,8 @@ def check_metadata(meta: dict, path: Path) -> None:
 
 
 def target_eviction(target: str | None) -> str:
-    """The eviction mode a train.py --target is meant for: shared (shared, graded, joint, joint-rank) or per-head
-    (cis, none)."""
-    return "shared" if target in ("shared", "graded", "joint", "joint-rank") else "per-head"
+    """The eviction mode a train.py --target is meant for: shared (ranking.SHARED_TARGETS) or per-head (cis, none)."""
+    return "shared" if target in SHARED_TARGETS else "per-head"
 
 
 def trained_eviction(meta: dict) -> str:

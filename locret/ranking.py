@@ -60,3 +60,12 @@ def joint_rank_target(labels: torch.Tensor, layers: slice, sharpness: float = 8.
     best token, 0.6 at the edge of the top sixteenth, 0.34 of the top eighth, 0.1 of the top quarter)."""
     target = joint_rank(labels, layers) ** sharpness
     return target[None, :, None].expand_as(labels)
+
+
+# train.py's --target names of these targets: (per-layer labels, the layers a shared eviction ranks by) -> target.
+SHARED_TARGETS = {
+    "shared": lambda labels, layers: shared_target(labels),
+    "graded": lambda labels, layers: graded_target(labels),
+    "joint": joint_target,
+    "joint-rank": joint_rank_target,
+}
