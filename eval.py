@@ -177,7 +177,7 @@ def run_suite(model, tokenizer, stop_ids, args, base, policies: list[str], out: 
             settings = settings_for(policy, budget, args, base, encoded.question_tokens)
             max_new = max_new_tokens(task, args)
             result, reference = evaluate(model, tokenizer, item, encoded, settings, max_new, stop_ids, reference)
-            row = {"task": task, "length": length, "index": index, **asdict(result)}
+            row = {"task": task, "length": length, "index": index, "kind": item.kind, **asdict(result)}
             if policy == "full":
                 row |= {"answer_log_probs": reference.log_probs.tolist(), "answer_top1": reference.top1.tolist()}
             log.write(json.dumps(row) + "\n")
@@ -280,6 +280,23 @@ def summarize(rows: list[dict], tasks: list[str], by_length: bool = False) -> li
     return table
 
 
+def summarize_by_kind(rows: list[dict]) -> list[dict]:
+    """One line per (length, kind of value asked, policy, budget fraction), over the rows that name a kind
+    (the held-out suite's): accuracy with its Wilson interval and n, needle tokens kept."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("kind"):
+            groups.setdefault((r["length"], r["kind"], r["policy"], budget_fraction(r)), []).append(r)
+    table = []
+    for (length, kind, policy, fraction), group in sorted(groups.items(), key=lambda g: g[0][:2]):
+        scores = [r["score"] for r in group]
+        kept = [r["needle_retention"] for r in group if not math.isnan(r["needle_retention"])]
+        table.append({"length": length, "kind": kind, "policy": policy, "budget": fraction, "n": len(scores),
+                      "accuracy": 100 * sum(scores) / len(scores), "ci95": ci95(scores),
+                      "needle_kept": sum(kept) / len(kept) if kept else float("nan")})
+    return table
+
+
 def markdown(table: list[dict]) -> str:
     columns = list(table[0])
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
@@ -358,7 +375,11 @@ def main(args: argparse.Namespace) -> None:
     print((out / "table.md").read_text())
     plotted = ", accuracy_vs_budget.png" if args.suite != "multiquestion" else ""
     pairs = ", paired.md" if args.suite != "multiquestion" and write_paired(rows, policies, out) else ""
-    print(f"wrote {out / 'results.jsonl'}, table.md, table.csv{plotted}{pairs}", file=sys.stderr)
+    by_kind = summarize_by_kind(rows) if args.suite != "multiquestion" else []
+    if by_kind:
+        (out / "by_kind.md").write_text(markdown(by_kind))
+    kinds = ", by_kind.md" if by_kind else ""
+    print(f"wrote {out / 'results.jsonl'}, table.md, table.csv{plotted}{pairs}{kinds}", file=sys.stderr)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

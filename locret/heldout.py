@@ -102,7 +102,7 @@ def random_fact(rng, subjects: list[str]) -> dict:
     statement, question, cue = rng.choice(NEEDLES)
     fields = dict(attr=attr, subj=subj, Subj=subj[:1].upper() + subj[1:], value=value)
     return dict(needle=statement.format(**fields), question=question.format(**fields),
-                answer_prefix=cue.format(**fields), answers=[value])
+                answer_prefix=cue.format(**fields), answers=[value], kind=kind)
 
 
 def needle_task(split: str, n_facts: int = 1):

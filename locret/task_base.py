@@ -30,6 +30,7 @@ class Item:
     needles: list[str]    # inserted needle texts, the first at `depth`
     depth: float          # relative insertion depth of the first needle, 0..1
     instruction: str = ""  # the task's preamble, before the context
+    kind: str = ""        # the kind of value asked for (held-out suite: number, words, name, code or date)
     more: list[dict] = field(default_factory=list)  # further questions on the same context: Item fields each
 
 

@@ -241,6 +241,11 @@ def test_heldout_suite_keeps_just_the_question_uncompressed(tiny_chat_model, tmp
             assert r["compression"] == r["prompt_tokens"] / r["budget"]
     table = list(csv.DictReader(open(tmp_path / "table.csv")))
     assert {(t["policy"], t["length"], t["n"]) for t in table} == {("full", "400", "2"), ("knorm", "400", "2")}
+    kinds = [make_item("heldout_val", i, 0, Tokenizer(tiny_chat_model), 400).kind for i in range(2)]
+    assert [r["kind"] for r in needles if r["policy"] == "full"] == kinds  # the item's own value kind
+    by_kind = (tmp_path / "by_kind.md").read_text().splitlines()[2:]
+    assert sum(int(line.split(" | ")[4]) for line in by_kind) == 4  # every needle row once, by kind and policy
+    assert all(line.split(" | ")[1] in heldout.ATTRIBUTES for line in by_kind)
 
 
 def test_multi_question_suite_asks_one_context_what_separate_compressions_ask(tiny_chat_model, tmp_path, monkeypatch):

@@ -334,6 +334,7 @@ def test_heldout_needles_at_spread_depths_with_question_and_cue(tok, split):
         prompt = T.completion_prompt(item)
         needle, value = item.needles[0], item.answers[0]
         assert value in needle and needle in item.context and value not in item.context.replace(needle, "")
+        assert item.kind in heldout.ATTRIBUTES and (item.kind == "number") == value.isdigit()
         assert prompt == f"{item.context}\n\n{item.question}\n{item.answer_prefix}"
         assert 0.975 * 1024 <= n_tokens(tok, item) <= 1024
         at = item.context.index(needle) / max(1, len(item.context) - len(needle))
