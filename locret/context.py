@@ -182,6 +182,8 @@ class Context:
         context = cls(model, settings, length + room, int(meta["rope_length"]))
         context.pool.load(tensors, seen=int(meta["seen"]))
         context.engine.settle_keys(turn=meta.get("keys") != "rotated")  # files before 2026-12-04 hold them raw
+        if meta.get("keys") == "rotated" and context.engine.raw_keys:  # they would be turned twice
+            raise LocretError(f"{path}: damaged context file (turned keys in a pool that keeps them before RoPE)")
         context.tokens, context.closed_at = int(meta["tokens"]), (length, int(meta["seen"]))
         context.bar.close()
         return context, meta

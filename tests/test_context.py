@@ -220,6 +220,14 @@ def test_saved_context_from_other_model_heads_dtype_or_positions_is_refused(mode
         Context.load(path, model, 30, positions="original")
 
 
+def test_int8_context_at_original_positions_round_trips(model, tmp_path):
+    """Keys turned at their original positions as they are written: the file says so, and loads."""
+    context = streamed_context(model, ids_of(250), 30, replace(SETTINGS, kv_int8=True, positions="original"))
+    loaded, meta = save_and_load(model, context, tmp_path / "c.safetensors")
+    question = ids_of(7, seed=4)
+    assert meta["keys"] == "rotated" and loaded.ask(question, 12)[0] == context.ask(question, 12)[0]
+
+
 def test_int8_context_round_trips_and_a_tampered_one_is_refused(model, tmp_path):
     s = replace(SETTINGS, kv_int8=True)
     context = streamed_context(model, ids_of(250), 30, s)
@@ -238,6 +246,13 @@ def test_int8_context_round_trips_and_a_tampered_one_is_refused(model, tmp_path)
     save_file({**tensors, "k": tensors["k"].float()}, tmp_path / "float.safetensors", metadata=meta)
     with pytest.raises(LocretError, match="K and V are stored as float32, expected int8"):
         Context.load(tmp_path / "float.safetensors", model, 30)
+    assert meta["keys"] == "before-rope"  # an int8 pool keeps its keys raw: a file claiming otherwise is refused
+    save_file(tensors, tmp_path / "turned.safetensors", metadata=meta | {"keys": "rotated"})
+    with pytest.raises(LocretError, match="damaged context file"):
+        Context.load(tmp_path / "turned.safetensors", model, 30)
+    save_file(tensors, tmp_path / "odd.safetensors", metadata=meta | {"keys": "sideways"})
+    with pytest.raises(LocretError, match="metadata keys missing or wrong"):
+        Context.load(tmp_path / "odd.safetensors", model, 30)
     del tensors["v_scale"]
     save_file(tensors, tmp_path / "unscaled.safetensors", metadata=meta)
     with pytest.raises(LocretError, match="unreadable context file"):
