@@ -71,9 +71,8 @@ def encode_sample(tokenizer: Tokenizer, sample) -> tuple[list[int], int]:
 def heads_forward(model, ids: list[int], prompt_len: int, target: str = "cis", evicted: tuple | None = None,
                   layers: slice = slice(None)):
     """One causal forward over prompt + answer -> (predictions, labels), each [L, 1, KVH, prompt_len]:
-    per-layer CIS labels, or one 0/1 target for all layers and heads (`shared`: ranking.shared_target;
-    `graded`: ranking.graded_target, in [0, 1]; `joint`: ranking.joint_target over `layers`; `joint-rank`:
-    ranking.joint_rank_target over `layers`, in [0, 1]).
+    per-layer CIS labels, or one target in [0, 1] for all layers and heads (ranking.SHARED_TARGETS[target];
+    `joint` and `joint-rank` rank tokens by `layers`).
     With `evicted` (zoo settings, budget fraction), the predictions come from the head inputs of a chunked
     prefill of the prompt under that budget instead (head_inputs.py): what the heads see at inference."""
     recorder = LabelRecorder(prompt_len)
