@@ -325,6 +325,14 @@ def write_paired(rows: list[dict], policies: list[str], out: Path) -> bool:
     return bool(table)
 
 
+def write_by_kind(rows: list[dict], out: Path) -> bool:
+    """<out>/by_kind.md (summarize_by_kind); False when no row names a kind."""
+    table = summarize_by_kind(rows)
+    if table:
+        (out / "by_kind.md").write_text(markdown(table))
+    return bool(table)
+
+
 def plot(table: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -375,10 +383,7 @@ def main(args: argparse.Namespace) -> None:
     print((out / "table.md").read_text())
     plotted = ", accuracy_vs_budget.png" if args.suite != "multiquestion" else ""
     pairs = ", paired.md" if args.suite != "multiquestion" and write_paired(rows, policies, out) else ""
-    by_kind = summarize_by_kind(rows) if args.suite != "multiquestion" else []
-    if by_kind:
-        (out / "by_kind.md").write_text(markdown(by_kind))
-    kinds = ", by_kind.md" if by_kind else ""
+    kinds = ", by_kind.md" if args.suite != "multiquestion" and write_by_kind(rows, out) else ""
     print(f"wrote {out / 'results.jsonl'}, table.md, table.csv{plotted}{pairs}{kinds}", file=sys.stderr)
 
 

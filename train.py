@@ -336,8 +336,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not writable_file_path(args.out):
         p.error(f"--out {args.out}: need a file path in an existing, writable folder")
     if (args.warmup or 0) >= args.steps:
-        print(f"note: --warmup {args.warmup} is not shorter than --steps {args.steps}: the learning rate stays below "
-              f"--lr (at most {args.steps / args.warmup:.0%} of it) and never decays", file=sys.stderr)
+        print(f"note: --warmup {args.warmup} is not shorter than --steps {args.steps}: the learning rate peaks at "
+              f"{args.steps / args.warmup:.0%} of --lr, at the last step, and never decays", file=sys.stderr)
     if args.min_tokens < 256:
         print(f"note: samples shorter than about 256 tokens come out longer than --min-tokens {args.min_tokens} "
               "(a question and its needles need room); the real range is reported at the end", file=sys.stderr)

@@ -68,7 +68,7 @@ def read(path: str | Path, model: CausalLM, positions: str | None) -> tuple[dict
         raise LocretError(f"{path}: unreadable context file ({type(e).__name__}: {e})") from None
     missing = sorted({"dtype", "model", "heads", "rope_length", "seen", "tokens"} - meta.keys())
     if meta.get("keys", "before-rope") not in ("before-rope", "rotated"):
-        missing = ["keys"]
+        missing.append("keys")
     if missing or not all(meta[k].isdigit() for k in ("rope_length", "seen", "tokens")):
         raise LocretError(f"{path}: unreadable context file (metadata {', '.join(missing) or 'numbers'} missing or wrong)")
     check_fits(path, meta, settings, model, positions)
