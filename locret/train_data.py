@@ -32,7 +32,9 @@ ATTRIBUTES = [("locker number", "digits"), ("badge number", "digits"), ("account
               ("founding date", "date"), ("inspection date", "date"), ("serial", "uuid"), ("licence key", "uuid"),
               ("budget", "amount"), ("recorded weight", "amount"), ("opening time", "time"),
               ("departure time", "time"), ("room number", "digits"), ("favourite number", "digits"),
-              ("last reading", "amount"), ("owner", "name"), ("tag", "code")]
+              ("last reading", "amount"), ("owner", "name"), ("tag", "code"), ("motto", "words"),
+              ("pet name", "words"), ("signal phrase", "words"), ("favourite dish", "words"), ("boat name", "words"),
+              ("house name", "words"), ("wedding day", "date"), ("expiry date", "date"), ("neighbour", "name")]
 STATEMENTS = ["The {attr} of {s} is {v}.", "{S}'s {attr} is {v}.", "For the record, {s} has {v} as the {attr}.",
               "It was noted that the {attr} of {s} had become {v}.", "{S} -- {attr}: {v}.",
               "Please keep in mind: {s} uses {v} as the {attr}.", "We checked twice, and the {attr} for {s} is {v}.",
@@ -269,7 +271,7 @@ SYNTHETIC = {"fact_lookup": fact_lookup, "kv_json": kv_json, "variable_tracking"
 NATURAL = {"continuation": continuation, "recall": recall, "cloze": cloze, "speaker": speaker,
            "verse_quote": verse_quote}
 NEEDS = {"speaker": "drama", "verse_quote": "scripture"}  # natural tasks that need one style
-WEIGHTS = {"fact_lookup": 5, "kv_json": 1, "variable_tracking": 1, "continuation": 2, "recall": 2, "cloze": 1,
+WEIGHTS = {"fact_lookup": 20, "kv_json": 1, "variable_tracking": 1, "continuation": 2, "recall": 2, "cloze": 1,
            "speaker": 1, "verse_quote": 1}
 
 

@@ -1,5 +1,5 @@
 """Random values and subjects for the synthetic training facts: word lists, generated names, and
-one maker per value kind (digits, codes, word pairs, names, dates, UUIDs, amounts, times)."""
+one maker per value kind (digits, codes, plain words, names, dates, UUIDs, amounts, times)."""
 import random
 
 SALAD_WORDS = """
@@ -32,12 +32,24 @@ indigo ivory jade jasper juniper kestrel lark laurel linden maple marble myrtle 
 opal osprey pearl pewter pine plover quartz raven rowan ruby russet saffron sage slate sparrow spruce
 teal thistle topaz umber walnut willow wren zinc
 """.split()
+# Plain words for values that look like the text around them (none from the held-out suite's word lists).
+TRAIN_ADJECTIVES = """
+bold broken busy calm cheerful chilly clever crooked dainty dull early eastern empty fair false famous fat
+final flat fresh friendly frozen funny golden grand great green hidden honest huge jealous kind lame late lazy
+lean little lonely loose lost loyal mad magic mighty narrow naughty noble northern obvious pale patient pink
+plump precious purple quick rare ready rich royal sacred scarlet secret sharp shy sick simple slow soft sore
+spare stale steady strange strict strong sudden sweet tall thick thin tough true ugly upper velvet warm wild
+wise wooden worn young
+""".split()
 FIRST_NAMES = """Ada Alma Amos Anya Arlo Basil Beata Bram Cora Cyrus Dalia Dario Edda Elio Enid Ezra Faye Felix
 Greta Gus Hana Hugo Ines Ivo Jana Jonas Kira Knut Lena Levi Mara Milo Nadia Nils Olga Omar Pia Quinn Rhea Rolf Sara
 Silas Tala Theo Una Uri Vera Viggo Wanda Wim Xena Yara Yusuf Zora Zeno""".split()
 LAST_NAMES = """Abbott Baird Castell Dunmore Ellery Farrow Garner Holloway Iverson Jessop Kettering Lindqvist Marchetti
 Norcross Oakley Pemberton Quayle Rasmussen Sterling Thorne Underhill Vance Whitlock Yardley Zeller Okafor Nakamura
 Petrov Haddad Moreau Brandt Szabo Kowalski Delgado Fitzroy""".split()
+ONSETS = ["b", "br", "c", "d", "dr", "f", "g", "gr", "h", "j", "k", "l", "m", "n", "p", "qu", "r", "s", "st", "t",
+          "tr", "v", "w", "z", ""]
+CODAS = ["", "", "", "", "", "n", "l", "r", "s", "m", "nd", "th"]
 MONTHS = "January February March April May June July August September October November December".split()
 UNITS = ["kg", "litres", "metres", "grams", "miles", "volts", "hours", "euros", "pounds", "degrees"]
 THINGS = ["lighthouse", "clock tower", "ferry", "telescope", "greenhouse", "boiler room", "archive", "glacier camp",
@@ -53,27 +65,49 @@ def random_uuid(rng: random.Random) -> str:
 
 
 def random_code(rng: random.Random) -> str:
-    digits = str(rng.randint(10000, 99999))
-    letters = "".join(rng.choices("ABCDEFGHJKLMNPQRSTUVWXYZ", k=3))
-    return rng.choice([f"{digits}-{letters[0]}", f"{letters[:2]}-{rng.randint(1000, 9999)}",
-                       f"{letters}{rng.randint(100, 999)}", f"{rng.randint(10, 99)}{letters}{rng.randint(0, 9)}"])
+    """Two to four groups of capitals or digits, joined by one separator: "KX-4471", "58/QT/2", "RB0917"."""
+    groups = [rng.choice([lambda: "".join(rng.choices("ABCDEFGHJKLMNPQRSTUVWXYZ", k=rng.randint(1, 4))),
+                          lambda: str(rng.randint(0, 10 ** rng.randint(1, 5) - 1))])() for _ in range(rng.randint(2, 4))]
+    return rng.choice(["-", "/", ".", ":", "", "-", "/"]).join(groups)
+
+
+def ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def random_date(rng: random.Random) -> str:
     day, month, year = rng.randint(1, 28), rng.randint(1, 12), rng.randint(1650, 2099)
-    return rng.choice([f"{day} {MONTHS[month - 1]} {year}", f"{MONTHS[month - 1]} {day}, {year}",
-                       f"{year}-{month:02d}-{day:02d}"])
+    name = MONTHS[month - 1]
+    return rng.choice([f"{day} {name} {year}", f"{name} {day}, {year}", f"{year}-{month:02d}-{day:02d}",
+                       f"{ordinal(day)} {name} {year}", f"{name} {ordinal(day)}, {year}", f"{name} {year}",
+                       f"{day}.{month}.{year}"])
+
+
+def random_words(rng: random.Random) -> str:
+    """One to three plain words, often as lower-case as the text around them."""
+    adjective, noun, other = rng.choice(TRAIN_ADJECTIVES), rng.choice(SALAD_WORDS), rng.choice(SALAD_WORDS)
+    return rng.choice([f"{rng.choice(NAME_WORDS)}-{noun}", f"{other} {noun}", f"{adjective} {noun}",
+                       f"{adjective}-{noun}", f"{adjective} {other} {noun}", f"the {adjective} {noun}",
+                       f"{other} and {noun}", noun, f"{adjective} {rng.choice(NAME_WORDS)}"])
+
+
+def made_up_name(rng: random.Random) -> str:
+    """A pronounceable name of two or three syllables that no list holds: "Brenoli", "Tavesk"."""
+    syllables = [rng.choice(ONSETS) + rng.choice("aeiouy") + rng.choice(CODAS) for _ in range(rng.randint(2, 3))]
+    return "".join(syllables).capitalize()
 
 
 def person(rng: random.Random) -> str:
-    return f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
+    """A listed first and last name half the time, made-up ones otherwise."""
+    if rng.random() < 0.5:
+        return f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
+    return f"{made_up_name(rng)} {made_up_name(rng)}"
 
 
 VALUE_KINDS = {
     "digits": lambda rng: str(rng.randint(10 ** (n := rng.randint(3, 11)) // 10 * 1, 10 ** n - 1)),
     "code": random_code,
-    "words": lambda rng: rng.choice([f"{rng.choice(NAME_WORDS)}-{rng.choice(SALAD_WORDS)}",
-                                     f"{rng.choice(SALAD_WORDS)} {rng.choice(SALAD_WORDS)}"]),
+    "words": random_words,
     "name": person,
     "date": random_date,
     "uuid": random_uuid,

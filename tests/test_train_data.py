@@ -249,3 +249,33 @@ def test_pod_and_speech_parsing():
     long = "A sentence that runs on for a while. " * 80
     pieces = corpora.bounded([long])
     assert len(pieces) > 1 and all(corpora.MIN_CHARS <= len(p) <= corpora.MAX_CHARS for p in pieces)
+
+
+def test_plain_word_and_date_values_vary_and_never_use_the_heldout_word_lists():
+    """Values that look like the text around them come in several shapes; the held-out suite's
+    adjectives and nouns are never among their words, so its word values stay unseen."""
+    from locret import task_base, train_values as tv
+    rng = random.Random(5)
+    words = [tv.random_words(rng) for _ in range(400)]
+    shapes = {re.sub(r"\b(?!the\b|and\b)[a-z]+\b", "w", w) for w in words}  # e.g. "w w", "w-w", "the w w"
+    assert len(shapes) >= 6, shapes
+    assert all(w == w.lower() for w in words)
+    heldout_words = set(task_base.ADJECTIVES) | set(task_base.NOUNS)
+    assert not heldout_words & {part for w in words for part in re.split(r"[ -]", w)}
+    dates = [tv.random_date(rng) for _ in range(400)]
+    assert any(re.search(r"\b\d+(st|nd|rd|th)\b", d) for d in dates)
+    assert all(re.search(r"\b\d{4}\b", d) for d in dates)
+    assert [tv.ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 23, 28)] == \
+        ["1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "23rd", "28th"]
+
+
+def test_codes_and_names_are_composed_not_listed():
+    from locret import train_values as tv
+    rng = random.Random(6)
+    codes = [tv.random_code(rng) for _ in range(300)]
+    assert all(re.fullmatch(r"[A-Z0-9]+([-/.:]?[A-Z0-9]+){1,3}", c) for c in codes), codes[:5]
+    assert {sep for c in codes for sep in "-/.:" if sep in c} == set("-/.:")
+    people = [tv.person(rng).split() for _ in range(300)]
+    made_up = [p for p in people if p[0] not in tv.FIRST_NAMES]
+    assert 90 <= len(made_up) <= 210 and len({p[0] for p in made_up}) >= 80
+    assert all(p[1] not in tv.LAST_NAMES and p[0].istitle() for p in made_up)
