@@ -165,7 +165,8 @@ def fact_lookup(rng, n_chars):
     facts = list(dict.fromkeys(f for f in facts if f[:2] != (subj, attr) or f in facts[:1 + 3 * several]))
     rng.shuffle(facts)
     pieces, joiner, style = document(rng, n_chars)
-    needles = [wrap(rng, capital(rng.choice(STATEMENTS).format(s=s, S=capital(s), attr=a, v=v)), style)
+    # not capitalised: a statement may open with its value, which must stay as the answer spells it
+    needles = [wrap(rng, rng.choice(STATEMENTS).format(s=s, S=capital(s), attr=a, v=v), style)
                for s, a, v in facts]
     asked = [v for s, a, v in facts if (s, a) == (subj, attr)]
     question = rng.choice(LIST_QUESTIONS if several else QUESTIONS).format(s=subj, S=capital(subj), attr=attr)

@@ -279,3 +279,10 @@ def test_codes_and_names_are_composed_not_listed():
     made_up = [p for p in people if p[0] not in tv.FIRST_NAMES]
     assert 90 <= len(made_up) <= 210 and len({p[0] for p in made_up}) >= 80
     assert all(p[1] not in tv.LAST_NAMES and p[0].istitle() for p in made_up)
+
+
+def test_fact_values_appear_as_the_answer_spells_them():
+    """A statement may open with its value ("{v} is the ..."): the value keeps its case there."""
+    for i in range(300):
+        context, _, answer, _ = td.fact_lookup(random.Random(i), 400)
+        assert all(value in context for value in answer.split(", ")), (i, answer)
