@@ -286,3 +286,9 @@ def test_fact_values_appear_as_the_answer_spells_them():
     for i in range(300):
         context, _, answer, _ = td.fact_lookup(random.Random(i), 400)
         assert all(value in context for value in answer.split(", ")), (i, answer)
+
+
+def test_training_attributes_are_not_the_heldout_suites():
+    from locret import heldout
+    held_out = {a for names in heldout.ATTRIBUTES.values() for a in names}
+    assert not held_out & {a for a, _ in td.ATTRIBUTES}
