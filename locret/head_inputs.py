@@ -4,6 +4,8 @@ At inference a prompt token is scored once, when its chunk runs over the cache t
 left (compacted, re-indexed); a full forward over the prompt shows the heads other q, k, v. Here the
 prompt is prefilled in chunks under a budget, the heads being trained choosing what is kept, and every
 layer's head input is recorded for each prompt token."""
+from dataclasses import replace
+
 import torch
 
 from models import CausalLM
@@ -27,6 +29,7 @@ def chunked_head_inputs(model: CausalLM, prompt: list[int], settings: EngineSett
     """Prefill `prompt` under `settings` -> per layer, the head input cat(q, k, v) [1, P, qkv_size] that
     each prompt token had when its chunk ran (ordinary tensors: they can feed a head with gradients)."""
     check_settings(settings, len(prompt))
+    settings = replace(settings, evict_during_decode=True)  # so the n_loc tail is scored too: training wants every token
     captured: list[list[torch.Tensor]] = [[] for _ in model.retaining_heads]
     hooks = [head.register_forward_hook(lambda _head, inputs, _out, parts=parts: parts.append(inputs[0]))
              for head, parts in zip(model.retaining_heads, captured)]

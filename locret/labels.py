@@ -25,6 +25,7 @@ def cis_labels(q: torch.Tensor, k: torch.Tensor, prompt_len: int) -> torch.Tenso
 class LabelRecorder:
     """A pass-through cache for one full causal forward: records each layer's CIS labels and the
     retaining heads' predictions for the prompt tokens (predictions keep their autograd graph)."""
+    scoring = True
 
     def __init__(self, prompt_len: int):
         self.prompt_len = prompt_len

@@ -13,6 +13,7 @@ from .rope import RotaryEmbedding, apply_rope
 
 class KVCache(Protocol):
     """What attention needs from a cache: store the new keys/values, return everything to attend over."""
+    scoring: bool  # whether update() may use the retaining heads' scores this forward (if not, none are computed)
 
     def update(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor | None,
                rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,7 +92,8 @@ class Attention(nn.Module):
                 cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.project(x)  # [B, T, H*D], [B, T, KVH*D], [B, T, KVH*D]
-        scores = None if self.retaining_head is None else self.retaining_head(torch.cat((q, k, v), dim=-1))
+        scoring = self.retaining_head is not None and cache is not None and cache.scoring
+        scores = self.retaining_head(torch.cat((q, k, v), dim=-1)) if scoring else None
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]

@@ -264,6 +264,27 @@ def test_evict_during_decode_stays_within_capacity(model):
     assert len(out) == 200 and stats.pool_bytes == Engine(model, s, capacity, len(prompt)).pool.nbytes
 
 
+@pytest.mark.parametrize("evict_during_decode", [False, True])
+def test_heads_run_only_where_the_policy_scores(model, evict_during_decode):
+    """The document's chunks score, so every layer's head runs on each; the question (the n_loc tail) and the
+    decoding steps score only when decoding may evict, and otherwise skip the heads."""
+    prompt = prompt_of(60, seed=5)
+    s = EngineSettings(policy="locret", budget=24, chunk=12, stabilizers=4, n_loc=6,
+                       evict_during_decode=evict_during_decode)
+    tokens_scored = []  # per head call: how many tokens it scored
+    hooks = [head.register_forward_hook(lambda m, i, o: tokens_scored.append(i[0].shape[1]))
+             for head in model.retaining_heads]
+    try:
+        out, _ = generate(model, prompt, s, max_new_tokens=8)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    L = model.config.num_hidden_layers
+    body = 5 * L  # head calls for the 54 document tokens: 5 chunks
+    assert len(out) == 8 and sum(tokens_scored[:body]) == L * (len(prompt) - s.n_loc)
+    assert tokens_scored[body:] == ([s.n_loc] * L + [1] * L * 7 if evict_during_decode else [])
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(budget=8, stabilizers=8), r"--budget \(8\) must be larger than --stabilizers \(8\)"),
     (dict(chunk=0), "--chunk must be at least 1"),

@@ -124,7 +124,7 @@ def test_retaining_heads_are_optional_and_score_each_kv_head(save_hf):
     assert 0.015 < head.fc1.weight.std().item() < 0.025  # normal(0, 0.02), not the official Phi-3 zero init
 
     class Recorder:
-        scores = {}
+        scores, scoring = {}, True
 
         def update(self, layer, q, k, v, scores, rope):
             self.scores[layer] = scores

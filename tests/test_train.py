@@ -177,7 +177,7 @@ def full_forward_head_inputs(model, ids):
     captured = []
     hooks = [h.register_forward_hook(lambda _h, inputs, _o: captured.append(inputs[0])) for h in model.retaining_heads]
     with torch.no_grad():
-        model(torch.tensor([ids]))
+        model(torch.tensor([ids]), cache=LabelRecorder(len(ids) - 1))  # a cache that scores: the heads run
     for hook in hooks:
         hook.remove()
     return captured
