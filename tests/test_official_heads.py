@@ -9,6 +9,7 @@ from conftest import tiny_llama_config, tiny_phi3_config
 from locret import official_heads
 from locret.errors import LocretError
 from locret.heads import load_heads
+from locret.labels import LabelRecorder
 from locret.loading import load_model
 from locret.official_heads import convert_official_heads, ensure_official_heads, read_official_heads
 from locret.zoo import ZOO, local_heads
@@ -60,7 +61,7 @@ def test_convert_is_exact_and_scores_match(kind, save_hf, tmp_path):
     assert load_heads(fresh, out)["backbone"] == "tiny"
     seen = record_scores(fresh)
     with torch.no_grad():
-        fresh(torch.randint(0, 128, (1, 9)))
+        fresh(torch.randint(0, 128, (1, 9)), cache=LabelRecorder(8))  # a cache that scores: the heads run
     for i, (fc1, fc2) in weights.items():
         head = fresh.retaining_heads[i]
         assert torch.equal(head.fc1.weight, fc1.float()) and torch.equal(head.fc2.weight, fc2.float())
