@@ -4,7 +4,8 @@
     python bench/attention.py --chunk 256 --dtype float32
 
 A prefill chunk's queries attend over the kept entries plus, causally, each other. Timed here: the engine's
-call (sdpa with GQA and an additive mask in the model's dtype) and the alternatives one might try, each the
+call (models/base.attend: the kept entries and the chunk apart in sdpa's CPU flash kernel, merged by their
+log-sum-exps) and the alternatives one might try, each the
 best of --repeats, with its GFLOP/s (4 x heads x chunk x keys x head dim per call, the masked half counted),
 its share of a square `torch.mm`'s rate in the same dtype (the peak, measured first) and its largest error
 against sdpa in float32.
@@ -19,13 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from locret.devices import default_dtype
 from locret.errors import LocretError, run_script
 from locret.loading import DTYPES, read_config
 from locret.zoo import DEFAULT_MODEL, resolve_checkpoint
 from models import config_from_hf
-from models.base import additive_mask
+from models.base import attend
 
 
 def best_seconds(fn, repeats: int) -> float:
@@ -47,24 +49,18 @@ def matmul_peak(size: int, dtype: torch.dtype, repeats: int) -> float:
 def variants(q, k, v, mask):
     """name -> a function computing the chunk's attention [B, H, T, D] another way."""
     (B, H, T, D), KVH, S = q.shape, k.shape[1], k.shape[2]
-    G, past = H // KVH, S - T
+    G = H // KVH
 
     def matmuls():  # bf16 scores, fp32 softmax: what a hand-written kernel would start from
         scores = (q.view(B, KVH, G * T, D) @ k.transpose(-1, -2)).float().mul_(D**-0.5)  # [B, KVH, G*T, S]
         scores = scores.view(B, KVH, G, T, S).masked_fill_(~mask, float("-inf"))
         return (scores.softmax(-1).to(q.dtype).view(B, KVH, G * T, S) @ v).view(B, H, T, D)
 
-    def split():  # the kept entries unmasked, the chunk causal, merged by their log-sum-exps
-        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # the one op that returns them
-        k_all, v_all = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
-        o1, lse1 = flash(q, k_all[:, :, :past], v_all[:, :, :past])
-        o2, lse2 = flash(q, k_all[:, :, past:], v_all[:, :, past:], is_causal=True)
-        w1 = torch.sigmoid(lse1 - lse2)[..., None]  # [B, H, T, 1]: the share of the kept entries' softmax mass
-        return (o1.float() * w1 + o2.float() * (1 - w1)).to(q.dtype)
-
-    additive = additive_mask(mask, q.dtype)
+    additive = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
     return {
-        "sdpa, additive mask, GQA (the engine's)": lambda: F.scaled_dot_product_attention(
+        "cache and chunk apart, merged by log-sum-exp (the engine's)": lambda: attend(
+            q, k, v, causal_lower_right(T, S), False),
+        "sdpa, additive mask, GQA (the engine's until 2026-12-04)": lambda: F.scaled_dot_product_attention(
             q, k, v, attn_mask=additive, enable_gqa=True),
         "sdpa, boolean mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
         "sdpa, K and V repeated per query head": lambda: F.scaled_dot_product_attention(
@@ -72,7 +68,6 @@ def variants(q, k, v, mask):
         "sdpa in float32": lambda: F.scaled_dot_product_attention(
             q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True).to(q.dtype),
         "matmuls, float32 softmax": matmuls,
-        "kept entries and chunk apart, merged (CPU flash kernel)": split,
         "no mask (a bound: wrong answer)": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
     }
 

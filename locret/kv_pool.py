@@ -9,6 +9,7 @@ original order, gathered into the front of the same buffers through a preallocat
 With `int8`, K and V are stored as int8 with an fp16 scale per group of values (int8.py) and each
 read dequantizes one layer's into preallocated buffers in the model's dtype."""
 import torch
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from models import ModelConfig
 
@@ -89,15 +90,13 @@ class KVPool:
         return tuple(dequantize(t, scale[layer, :, :, :end], work, out[:, :, :end])
                      for t, scale, out in zip((k, v), self.scales, self.dequantized))
 
-    def attention_mask(self, n_new: int) -> torch.Tensor | None:
-        """[n_new, length + n_new] bool: new tokens see all filled entries and, causally, each other.
-        None when the pool is empty (plain causal attention) or for one new token (it sees every entry):
-        without a mask, sdpa can pick its fused kernels (on CUDA, none takes a mask together with GQA)."""
+    def attention_mask(self, n_new: int) -> CausalBias | None:
+        """New tokens see all filled entries and, causally, each other: a lower-right causal bias over
+        [n_new, length + n_new], never materialised. None when the pool is empty (plain causal attention) or
+        for one new token (it sees every entry)."""
         if self.length == 0 or n_new == 1:
             return None
-        device = self.k.device
-        keys = torch.arange(self.length + n_new, device=device)
-        return keys[None, :] <= self.length + torch.arange(n_new, device=device)[:, None]
+        return causal_lower_right(n_new, self.length + n_new)
 
     def stored(self) -> dict[str, torch.Tensor]:
         """Every per-layer buffer but the scratch, by name: k, v [L, B, KVH, capacity, D], scores, index

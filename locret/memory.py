@@ -57,16 +57,17 @@ class MemoryEstimate:
 
 
 def sdpa_bytes(model: CausalLM, tokens: int, attended: int) -> int:
-    """What scaled_dot_product_attention holds for `tokens` queries over `attended` entries. CPU: it works in
-    blocks; its output, the chunk's boolean mask and its additive copy (models/base.py), and for a bf16 decoding
-    step the fp32 copies of K and V (models/base.attend). Elsewhere a masked chunk can fall back to the math
-    kernel: logits and softmax, fp32 at most (README: Performance)."""
+    """What attention holds for `tokens` queries over `attended` entries. CPU: sdpa works in blocks; a chunk
+    after cached entries (models/base.cached_then_causal) holds its two partial outputs, the chunk's K and V per
+    query head, the grouped queries and the fp32 merge, none of it growing with the cache; a bf16 decoding step
+    the fp32 copies of K and V (models/base.attend). Elsewhere a chunk can fall back to the math kernel: logits
+    and softmax, fp32 at most (README: Performance)."""
     c, p = model.config, model.lm_head.weight
     if p.device.type != "cpu":
         return 2 * c.num_attention_heads * tokens * attended * 4
     decode_copies = 2 * c.num_key_value_heads * attended * c.head_dim * 4 if p.dtype == torch.bfloat16 else 0
-    masks = tokens * attended * (1 + p.element_size())
-    return c.num_attention_heads * tokens * c.head_dim * p.element_size() + masks + decode_copies
+    split = c.num_attention_heads * tokens * (c.head_dim * (5 * p.element_size() + 12) + 8)  # 8: the log-sum-exps
+    return split + decode_copies
 
 
 def activation_bytes(model: CausalLM, tokens: int, attended: int, policy: str) -> int:

@@ -301,7 +301,7 @@ def test_attention_bench(tiny_chat_model, tmp_path, capsys):
     wrong = rows.pop("no mask (a bound: wrong answer)")
     assert wrong["max_error"] > 1e-2  # the chunk's tokens see their future: a check that the errors are measured
     assert all(r["max_error"] < 1e-5 for r in rows.values()), rows  # every other way computes the same attention
-    assert "| sdpa, additive mask, GQA (the engine's) |" in capsys.readouterr().out
+    assert "| cache and chunk apart, merged by log-sum-exp (the engine's) |" in capsys.readouterr().out
 
 
 def test_sensitivity_runs_the_oracle_on_a_benchmark_task(heldout_heads, tmp_path, capsys):

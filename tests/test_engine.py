@@ -406,23 +406,25 @@ def test_int8_pool_stays_close_to_full_attention_and_evicts_as_planned(model, po
 
 
 def test_cpu_attention_memory_stays_within_the_estimate():
-    """CPU sdpa with a mask and GQA works in blocks: a chunk's attention holds about its output and the float
-    copy of the mask (memory.sdpa_bytes), not the [H, T, S] weights. Measured in a fresh process."""
+    """A chunk's attention on CPU (models/base.attend with the pool's causal bias) works in blocks: it holds about
+    its partial outputs (memory.sdpa_bytes), not the [H, T, S] weights nor a [T, S] mask. Measured in a fresh
+    process."""
     import subprocess
     import sys
     from bench.memory_speed import random_model
     from locret.memory import sdpa_bytes
     H, KVH, T, S, D = 8, 2, 256, 4096, 64
     code = f"""
-import torch, torch.nn.functional as F
+import torch
 from pathlib import Path
+from torch.nn.attention.bias import causal_lower_right
 from locret.memory import rss_bytes
+from models.base import attend
 q, k, v = torch.randn(1, {H}, {T}, {D}), torch.randn(1, {KVH}, {S}, {D}), torch.randn(1, {KVH}, {S}, {D})
-mask = torch.arange({S})[None, :] <= {S - T} + torch.arange({T})[:, None]
-F.scaled_dot_product_attention(q[:, :, :4], k, v, attn_mask=mask[:4], enable_gqa=True)  # set-up, a smaller call
+attend(q[:, :, :4], k[:, :, :{S - T} + 4], v[:, :, :{S - T} + 4], causal_lower_right(4, {S - T} + 4), False)  # set-up
 before = rss_bytes()
 Path("/proc/self/clear_refs").write_text("5")
-F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+attend(q, k, v, causal_lower_right({T}, {S}), False)
 print(rss_bytes("VmHWM") - before)"""
     used = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     model = random_model(dict(model_type="llama", vocab_size=64, hidden_size=H * D, intermediate_size=64,

@@ -4,6 +4,7 @@ Every expectation is computed here by a direct reference (plain Python per layer
 KV head), never copied from a run of the code under test."""
 import pytest
 import torch
+from torch.nn.attention.bias import CausalVariant
 
 from locret.errors import LocretError
 from locret.int8 import dequantize, group_size, quantize
@@ -197,19 +198,18 @@ def test_writing_past_capacity_raises():
 
 
 def test_attention_mask():
+    """A lower-right causal bias over the filled entries and the new tokens (never a dense mask)."""
     m = Mirror(1, total=12, dtype=torch.float32)
     pool = KVPool(tiny_config(), capacity=12)
     assert pool.attention_mask(4) is None
     write_chunk(pool, m, 0, 5)
     assert pool.attention_mask(1) is None  # one new token sees every entry: no mask needed
     for n_new in (2, 3):
-        mask = pool.attention_mask(n_new)
-        expected = torch.tensor([[j <= 5 + i for j in range(5 + n_new)] for i in range(n_new)])
-        assert mask.dtype == torch.bool
-        assert torch.equal(mask, expected)
+        bias = pool.attention_mask(n_new)
+        assert bias.variant == CausalVariant.LOWER_RIGHT and (bias.seq_len_q, bias.seq_len_kv) == (n_new, 5 + n_new)
     evict_and_check(pool, m, keep=2, protect=1)  # the mask follows the filled length, not the positions
-    mask = pool.attention_mask(2)
-    assert torch.equal(mask, torch.tensor([[True, True, True, False], [True, True, True, True]]))
+    bias = pool.attention_mask(2)
+    assert (bias.seq_len_q, bias.seq_len_kv) == (2, 4)
 
 
 def reference_shared_evict(held: list[int], scores: list[torch.Tensor], keep: int, protect: int):
