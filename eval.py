@@ -30,15 +30,15 @@ from tqdm import tqdm
 from locret.devices import check_device, default_device, default_dtype
 from locret.engine import EVICTIONS, EngineSettings
 from locret.errors import LocretError, run_script, seed
-from locret.evaluation import Reference, ask_together, encode_item, evaluate
+from locret.eval.evaluation import Reference, ask_together, encode_item, evaluate
 from locret.heads import load_heads, trained_eviction
-from locret.loading import DTYPES, load_model, stop_token_ids
-from locret.official_heads import find_heads
+from locret.loading.weights import DTYPES, load_model, stop_token_ids
+from locret.loading.official_heads import find_heads
 from locret.policies import POLICIES
-from locret.stats import budget_share, paired, wilson
-from locret.tasks import TASKS, make_item, not_scored, questions_of
-from locret.tokenizer import Tokenizer
-from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
+from locret.eval.stats import budget_share, paired, wilson
+from locret.eval.tasks import TASKS, make_item, not_scored, questions_of
+from locret.loading.tokenizer import Tokenizer
+from locret.loading.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
 
 SUITES = {
     "default": dict(tasks="passkey,niah_single_1,vt", lengths="2048", budgets="1/4,1/8,1/16", n=2),

@@ -28,14 +28,14 @@ from locret.engine import EVICTIONS, NEEDS_HEADS, EngineSettings, check_settings
 from locret.errors import LocretError, run_script, seed
 from locret.files import writable_file_path
 from locret.heads import load_heads, read_heads, trained_eviction
-from locret.loading import DTYPES, load_model, stop_token_ids
-from locret.official_heads import find_heads
+from locret.loading.weights import DTYPES, load_model, stop_token_ids
+from locret.loading.official_heads import find_heads
 from locret.memory import available_bytes, estimate, format_bytes, largest_budget, peak_memory_bytes
 from locret.policies import POLICIES
 from locret.sampling import Sampling
-from locret.text_stream import read_blocks
-from locret.tokenizer import Tokenizer
-from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, ZooEntry, local_heads, resolve_checkpoint
+from locret.loading.text_stream import read_blocks
+from locret.loading.tokenizer import Tokenizer
+from locret.loading.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, ZooEntry, local_heads, resolve_checkpoint
 
 
 def read_prompt(source: str, what: str = "prompt") -> str:

@@ -27,15 +27,15 @@ from locret.devices import check_device, default_device, default_dtype
 from locret.engine import layer_slice
 from locret.errors import LocretError, run_script, seed
 from locret.files import remove_stale_temporaries, save_atomic, writable_file_path
-from locret.head_inputs import chunked_head_inputs, evicted_settings
-from locret.heads import load_heads, read_heads, save_heads, target_eviction
-from locret.labels import LabelRecorder
-from locret.loading import DTYPES, load_model
-from locret.loss import keep_loss, retaining_loss, topk_overlap
-from locret.ranking import SHARED_TARGETS
-from locret.tokenizer import Tokenizer
-from locret.train_data import make_sample
-from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
+from locret.train.head_inputs import chunked_head_inputs, evicted_settings
+from locret.heads import load_heads, read_heads, save_heads
+from locret.train.labels import LabelRecorder
+from locret.loading.weights import DTYPES, load_model
+from locret.train.loss import keep_loss, retaining_loss, topk_overlap
+from locret.train.targets import SHARED_TARGETS, target_eviction
+from locret.loading.tokenizer import Tokenizer
+from locret.train.data import make_sample
+from locret.loading.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
 
 
 @dataclass
@@ -187,7 +187,8 @@ def main(args: argparse.Namespace) -> None:
             save_state(state_path(out), model, optimizer, step, args)
     if rank.main:
         training = {k: v for k, v in vars(args).items() if k not in ("resume", "device")}
-        save_heads(model, out, backbone=args.ckpt, training=training, dtype=torch.bfloat16)
+        save_heads(model, out, backbone=args.ckpt, training=training, dtype=torch.bfloat16,
+                   eviction=target_eviction(args.target))
         seen = f", prompts of {min(lengths)}-{max(lengths)} tokens" if lengths else ""
         bar.write(f"wrote {out} ({step} steps, {time.perf_counter() - started:.0f} s this run, "
                   f"{tokens / (time.perf_counter() - started):.0f} tok/s{seen})", file=sys.stderr)

@@ -24,8 +24,8 @@ from torch.nn.attention.bias import causal_lower_right
 
 from locret.devices import default_dtype
 from locret.errors import LocretError, run_script
-from locret.loading import DTYPES, read_config
-from locret.zoo import DEFAULT_MODEL, resolve_checkpoint
+from locret.loading.weights import DTYPES, read_config
+from locret.loading.zoo import DEFAULT_MODEL, resolve_checkpoint
 from models import config_from_hf
 from models.base import attend
 

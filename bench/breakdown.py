@@ -32,8 +32,8 @@ from locret.devices import default_dtype
 from locret.engine import NEEDS_HEADS, EngineSettings, check_settings, pool_capacity
 from locret.errors import LocretError, run_script
 from locret.heads import load_heads, trained_eviction
-from locret.loading import DTYPES, load_model
-from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, local_heads, resolve_checkpoint
+from locret.loading.weights import DTYPES, load_model
+from locret.loading.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, local_heads, resolve_checkpoint
 from models.base import RMSNorm
 
 COMPONENTS = ("MLP", "attention projections", "retaining heads", "attention (RoPE, sdpa)", "cache write, re-rotation",

@@ -23,10 +23,10 @@ from locret.devices import default_device, default_dtype
 from locret.engine import EngineSettings, pool_capacity
 from locret.errors import LocretError, run_script
 from locret.heads import load_heads
-from locret.loading import DTYPES, load_model
-from locret.official_heads import find_heads
-from locret.tokenizer import Tokenizer
-from locret.zoo import DEFAULT_MODEL, resolve_checkpoint
+from locret.loading.weights import DTYPES, load_model
+from locret.loading.official_heads import find_heads
+from locret.loading.tokenizer import Tokenizer
+from locret.loading.zoo import DEFAULT_MODEL, resolve_checkpoint
 
 
 def first_token(context: Context, question: list[int]) -> tuple[int, float]:

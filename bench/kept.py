@@ -22,14 +22,14 @@ from locret.context import Context
 from locret.devices import default_device, default_dtype
 from locret.engine import pool_capacity
 from locret.errors import run_script
-from locret.evaluation import Encoded, encode_item
+from locret.eval.evaluation import Encoded, encode_item
 from locret.heads import load_heads, trained_eviction
-from locret.loading import DTYPES, load_model
-from locret.official_heads import find_heads
+from locret.loading.weights import DTYPES, load_model
+from locret.loading.official_heads import find_heads
 from locret.policies import POLICIES
-from locret.tasks import TASKS, make_item
-from locret.tokenizer import Tokenizer
-from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
+from locret.eval.tasks import TASKS, make_item
+from locret.loading.tokenizer import Tokenizer
+from locret.loading.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
 
 PARTS = ["preamble", "needles", "rest of the context"]
 

@@ -24,16 +24,17 @@ import eval as cli
 from locret.devices import default_device, default_dtype
 from locret.engine import layer_slice
 from locret.errors import LocretError, run_script
-from locret.evaluation import encode_item
+from locret.eval.evaluation import encode_item
 from locret.heads import load_heads
-from locret.heldout import ATTRIBUTES
-from locret.labels import LabelRecorder
-from locret.loading import DTYPES, load_model
-from locret.official_heads import find_heads
-from locret.ranking import best_rank, percentile_rank, shared_rank
-from locret.tasks import TASKS, make_item
-from locret.tokenizer import Tokenizer
-from locret.zoo import DEFAULT_MODEL, resolve_checkpoint
+from locret.eval.heldout import ATTRIBUTES
+from locret.train.labels import LabelRecorder
+from locret.loading.weights import DTYPES, load_model
+from locret.loading.official_heads import find_heads
+from locret.ranking import percentile_rank, shared_rank
+from locret.train.targets import best_rank
+from locret.eval.tasks import TASKS, make_item
+from locret.loading.tokenizer import Tokenizer
+from locret.loading.zoo import DEFAULT_MODEL, resolve_checkpoint
 
 
 LABELS = "labels (best rank in any layer)"  # the last row: the training target's own ranking

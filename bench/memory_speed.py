@@ -34,10 +34,10 @@ from locret.context import Context, generate
 from locret.engine import NEEDS_HEADS, EngineSettings, check_settings, pool_bytes, pool_capacity
 from locret.errors import LocretError, run_script
 from locret.heads import load_heads
-from locret.loading import DTYPES, load_model, read_config
+from locret.loading.weights import DTYPES, load_model, read_config
 from locret.memory import estimate, rss_bytes
 from locret.policies import POLICIES
-from locret.zoo import DEFAULT_MODEL, LLAMA_OFFICIAL, PHI3_OFFICIAL, local_heads, resolve_checkpoint
+from locret.loading.zoo import DEFAULT_MODEL, LLAMA_OFFICIAL, PHI3_OFFICIAL, local_heads, resolve_checkpoint
 from models import MODEL_TYPES, ModelConfig, config_from_hf
 from models.rope import RotaryEmbedding
 

@@ -28,17 +28,18 @@ from eval import is_text_task, parse_budget, read_results
 from locret.devices import default_device, default_dtype
 from locret.engine import EVICTIONS, EngineSettings, layer_slice
 from locret.errors import run_script
-from locret.evaluation import Reference, encode_item, evaluate
+from locret.eval.evaluation import Reference, encode_item, evaluate
 from locret.heads import load_heads, trained_eviction
-from locret.labels import LabelRecorder
-from locret.loading import DTYPES, load_model, stop_token_ids
-from locret.official_heads import find_heads
+from locret.train.labels import LabelRecorder
+from locret.loading.weights import DTYPES, load_model, stop_token_ids
+from locret.loading.official_heads import find_heads
 from locret.policies import Precomputed
-from locret.ranking import best_rank, percentile_rank
-from locret.stats import wilson
-from locret.tasks import TASKS, make_item
-from locret.tokenizer import Tokenizer
-from locret.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
+from locret.ranking import percentile_rank
+from locret.train.targets import best_rank
+from locret.eval.stats import wilson
+from locret.eval.tasks import TASKS, make_item
+from locret.loading.tokenizer import Tokenizer
+from locret.loading.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
 
 
 # (scores, eviction)

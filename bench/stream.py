@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repository root, when run as a script
 
 from locret.errors import LocretError, run_script
-from locret.tokenizer import Tokenizer
-from locret.zoo import DEFAULT_MODEL, resolve_checkpoint
+from locret.loading.tokenizer import Tokenizer
+from locret.loading.zoo import DEFAULT_MODEL, resolve_checkpoint
 
 WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but have an "
          "they you were her she there been one all we their has would when if so no what up out more about time "

@@ -23,7 +23,7 @@ from bench.memory_speed import GPU_MODELS, make_prompt, random_model
 from locret.context import Context
 from locret.engine import EngineSettings, pool_bytes, pool_capacity
 from locret.errors import LocretError, run_script
-from locret.loading import DTYPES
+from locret.loading.weights import DTYPES
 from locret.memory import activation_bytes, format_bytes, rss_bytes
 from locret.policies import EVICTING
 from models import config_from_hf

@@ -24,8 +24,8 @@ from .engine import Engine, EngineSettings, check_settings, pool_capacity
 from .errors import LocretError
 from .memory import peak_memory_bytes
 from .sampling import Sampling, sample
-from .text_stream import StreamEncoder
-from .tokenizer import Tokenizer
+from .loading.text_stream import StreamEncoder
+from .loading.tokenizer import Tokenizer
 
 
 @dataclass

@@ -10,7 +10,6 @@ from models import CausalLM
 
 from .errors import LocretError
 from .files import save_atomic
-from .ranking import SHARED_TARGETS
 
 SIGNATURE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "head_dim", "vocab_size")
@@ -26,14 +25,15 @@ def head_tensors(model: CausalLM) -> dict:
 
 
 def save_heads(model: CausalLM, path: str | Path, backbone: str, training: dict | None = None,
-               dtype: torch.dtype | None = None) -> None:
-    """Write the heads (in `dtype`, default theirs) atomically."""
+               dtype: torch.dtype | None = None, eviction: str = "per-head") -> None:
+    """Write the heads (in `dtype`, default theirs) atomically, naming the eviction mode they are meant for."""
     heads = [h for h in model.retaining_heads if h is not None]
     if len(heads) != len(model.retaining_heads):
         raise LocretError("the model has no retaining heads to save")
     metadata = {"format": "pt", "locret_heads": "1", "backbone": backbone,
                 "backbone_config": json.dumps(backbone_signature(model)),
-                "head_hidden": str(heads[0].fc1.out_features), "training": json.dumps(training or {})}
+                "head_hidden": str(heads[0].fc1.out_features), "training": json.dumps(training or {}),
+                "eviction": eviction}
     save_atomic({k: v.to(dtype or v.dtype) for k, v in head_tensors(model).items()}, path, metadata, "heads")
 
 
@@ -65,14 +65,9 @@ def check_metadata(meta: dict, path: Path) -> None:
         raise LocretError(f"{path}: broken retaining-heads metadata (backbone_config, training or head_hidden)")
 
 
-def target_eviction(target: str | None) -> str:
-    """The eviction mode a train.py --target is meant for: shared (ranking.SHARED_TARGETS) or per-head (cis, none)."""
-    return "shared" if target in SHARED_TARGETS else "per-head"
-
-
 def trained_eviction(meta: dict) -> str:
-    """The eviction mode heads were trained for, from their file's metadata."""
-    return target_eviction(json.loads(meta.get("training") or "{}").get("target"))
+    """The eviction mode heads were trained for (their file's metadata; per-head, the paper's, if unnamed)."""
+    return meta.get("eviction", "per-head")
 
 
 def load_heads(model: CausalLM, path: str | Path) -> dict:

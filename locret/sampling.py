@@ -1,4 +1,4 @@
-"""Choosing the next token: greedy, or seeded sampling with temperature, top-k and top-p."""
+"""Random draws: the next token (greedy, or seeded sampling with temperature, top-k and top-p), and distinct values."""
 from dataclasses import dataclass
 
 import torch
@@ -26,3 +26,13 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None)
         drop = probs.cumsum(-1) - probs > s.top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+def distinct(make, n: int) -> list[str]:
+    """n distinct values from a random `make()`."""
+    values = []
+    while len(values) < n:
+        value = make()
+        if value not in values:
+            values.append(value)
+    return values

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import transformers  # test-only oracle (requirements-test.txt)
-from locret import corpora
+from locret.train import corpora
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)

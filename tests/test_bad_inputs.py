@@ -66,7 +66,7 @@ def heads_file(change=lambda tensors: None, backbone_change=None, meta_change=No
     def edit(folder):
         from safetensors import safe_open
         from locret.heads import save_heads
-        from locret.loading import load_model
+        from locret.loading.weights import load_model
         model = load_model(folder)
         model.add_retaining_heads(8)
         path = folder / "heads.safetensors"

@@ -13,7 +13,7 @@ from bench import memory_speed as bench
 from locret.devices import default_dtype
 from locret.errors import LocretError
 from locret.heads import save_heads
-from locret.loading import load_model
+from locret.loading.weights import load_model
 
 RUNS = ("full", "locret", "streamingllm", bench.NO_EVICT, bench.INT8)
 ENGINE_FIELDS = ("model", "policy", "kv_bytes_per_token", "pool_capacity", "predicted_pool_bytes",
@@ -104,7 +104,7 @@ def test_stream_bench_pipes_each_length_through_generate(tiny_chat_model, tmp_pa
 @pytest.fixture
 def heldout_heads(tiny_chat_model, tmp_path, monkeypatch) -> list[str]:
     """A held-out haystack of plain prose for the tiny model, random heads saved for it: the benches' first flags."""
-    from locret import heldout
+    from locret.eval import heldout
     text = " ".join(f"Option {i} now names the file it could not read, instead of failing quietly." for i in range(3000))
     monkeypatch.setattr(heldout, "text", lambda split: text)
     model = load_model(tiny_chat_model)
@@ -332,7 +332,7 @@ def test_sensitivity_bad_flags_are_one_line(flags, message, capsys):
 def test_kept_splits_the_pool_by_part_of_the_prompt(heldout_heads, tmp_path, capsys):
     from types import SimpleNamespace
     from bench import kept
-    from locret.evaluation import Encoded
+    from locret.eval.evaluation import Encoded
     encoded = Encoded(list(range(12)), [], [range(5, 7)], 2, 3)  # preamble 0-2, needle 5-6, question 10-11
     part = kept.parts_of(encoded, 10)
     assert part.tolist() == [0, 0, 0, 2, 2, 1, 1, 2, 2, 2]

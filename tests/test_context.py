@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from conftest import CHATML, tiny_llama_config, write_tiny_tokenizer
-from locret import text_stream
+from locret.loading import text_stream
 from locret.context import Context, generate
 from locret.engine import Engine, EngineSettings, pool_capacity
 from locret.errors import LocretError
 from locret.heads import save_heads
-from locret.loading import load_model
-from locret.text_stream import StreamEncoder, read_blocks
-from locret.tokenizer import Tokenizer
+from locret.loading.weights import load_model
+from locret.loading.text_stream import StreamEncoder, read_blocks
+from locret.loading.tokenizer import Tokenizer
 
 TRICKY = ("Ünïcödé ünd émojis 😀😀👩‍👩‍👧 mixed with digits 1234567890 and 3.14159, spaces   at  odd\tplaces,\n\n"
           "new  lines\r\n, CJK 漢字かな交じり文, 'quotes' \"double\" don't it's, and <|im_end|> special text. ")

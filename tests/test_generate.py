@@ -10,8 +10,8 @@ from conftest import naive_greedy
 from locret.context import generate
 from locret.engine import EngineSettings
 from locret.sampling import Sampling, sample
-from locret.loading import load_model, stop_token_ids
-from locret.tokenizer import Tokenizer
+from locret.loading.weights import load_model, stop_token_ids
+from locret.loading.tokenizer import Tokenizer
 
 FULL = EngineSettings(policy="full", n_loc=0)
 
@@ -142,7 +142,7 @@ def test_cli_eviction_defaults_to_what_the_heads_were_trained_for(tiny_chat_mode
     model = load_model(tiny_chat_model)
     model.add_retaining_heads(8)
     save_heads(model, tmp_path / "cis.safetensors", backbone="tiny", training={"target": "cis"})
-    save_heads(model, tmp_path / "shared.safetensors", backbone="tiny", training={"target": "shared"})
+    save_heads(model, tmp_path / "shared.safetensors", backbone="tiny", training={"target": "shared"}, eviction="shared")
     flags = ["--budget", "32", "--chunk", "16", "--stabilizers", "8"]
     run_cli(tiny_chat_model, tmp_path, "--heads", str(tmp_path / "shared.safetensors"), *flags)
     assert "policy locret (budget 32, shared eviction)" in capsys.readouterr().err
@@ -193,7 +193,7 @@ def test_nan_logits_stop_generation(tiny_chat_model):
 
 
 def test_zoo_settings_are_the_defaults_and_flags_override_them():
-    from locret.zoo import DEFAULT_MODEL, ZOO
+    from locret.loading.zoo import DEFAULT_MODEL, ZOO
     entry = ZOO[DEFAULT_MODEL]
     s = cli.engine_settings(cli.parse_args(["--prompt", "p.txt"]), entry, prompt_tokens=4000)
     base = entry.settings
@@ -221,7 +221,7 @@ def test_readme_links_to_docs_that_exist():
 
 def test_readme_zoo_table_matches_the_zoo():
     from pathlib import Path
-    from locret.zoo import ZOO
+    from locret.loading.zoo import ZOO
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     rows = {}
     for line in readme.splitlines():

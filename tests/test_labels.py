@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from conftest import longrope, tiny_llama_config, tiny_phi3_config
-from locret.labels import LabelRecorder, cis_labels
-from locret.loading import load_model
-from locret.loss import keep_loss, retaining_loss, topk_overlap
-from locret.ranking import (best_rank, graded_target, joint_rank_target, joint_target, percentile_rank, shared_rank,
-                            shared_target)
+from locret.train.labels import LabelRecorder, cis_labels
+from locret.loading.weights import load_model
+from locret.train.loss import keep_loss, retaining_loss, topk_overlap
+from locret.ranking import percentile_rank, shared_rank
+from locret.train.targets import best_rank, graded_target, joint_rank_target, joint_target, shared_target
 
 
 def hf_rotated_qk(hf, tokens):

@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import tiny_llama_config
 from locret.errors import LocretError
-from locret.loading import load_model
-from locret.zoo import resolve_checkpoint
+from locret.loading.weights import load_model
+from locret.loading.zoo import resolve_checkpoint
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def test_dtype(folder, dtype):
 
 PEAK_AT_LOAD = """
 import sys, torch
-from locret.loading import load_model
+from locret.loading.weights import load_model
 from locret.memory import rss_bytes
 model = load_model(sys.argv[1], dtype=torch.bfloat16)
 print(rss_bytes("VmHWM") - rss_bytes())  # the peak above what the loaded model holds

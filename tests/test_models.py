@@ -9,7 +9,7 @@ from torch.nn.attention.bias import CausalBias
 from conftest import longrope, tiny_llama_config, tiny_phi3_config, tiny_qwen2_config
 from locret.engine import PolicyCache
 from locret.kv_pool import KVPool
-from locret.loading import load_model
+from locret.loading.weights import load_model
 from models import config_from_hf
 from models.base import attend
 from models.rope import apply_rope

@@ -6,13 +6,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from conftest import tiny_llama_config, tiny_phi3_config
-from locret import official_heads
+from locret.loading import official_heads
 from locret.errors import LocretError
 from locret.heads import load_heads
-from locret.labels import LabelRecorder
-from locret.loading import load_model
-from locret.official_heads import convert_official_heads, ensure_official_heads, read_official_heads
-from locret.zoo import ZOO, local_heads
+from locret.train.labels import LabelRecorder
+from locret.loading.weights import load_model
+from locret.loading.official_heads import convert_official_heads, ensure_official_heads, read_official_heads
+from locret.loading.zoo import ZOO, local_heads
 
 CONFIGS = {"llama": tiny_llama_config, "phi3": tiny_phi3_config}
 HIDDEN, QKV, KVH, LAYERS = 24, 128, 2, 2  # tiny configs: q 4x16 + k 2x16 + v 2x16

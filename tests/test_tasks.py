@@ -6,12 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from locret import haystack, heldout, tasks as T, train_data as td
-from locret.task_base import words_of
-from locret.default_model import ensure_default_model
+from locret.eval import haystack
+from locret.eval import heldout
+from locret.eval import tasks as T
+from locret.train import data as td
+from locret.eval.task_base import words_of
+from locret.loading.default_model import ensure_default_model
 from locret.errors import LocretError
-from locret.evaluation import encode_item
-from locret.tokenizer import Tokenizer
+from locret.eval.evaluation import encode_item
+from locret.loading.tokenizer import Tokenizer
 
 REAL_ESSAYS = haystack.essays
 # Essay tasks run on this text in tests, so they pass whether or not r-cran-janeaustenr is installed.

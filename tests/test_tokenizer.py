@@ -5,7 +5,7 @@ import pytest
 
 from conftest import CHATML, write_tiny_tokenizer
 from locret.errors import LocretError
-from locret.tokenizer import Tokenizer
+from locret.loading.tokenizer import Tokenizer
 
 
 def test_tokenizer_json_round_trip_and_specials(tmp_path):
@@ -68,7 +68,7 @@ def test_sentencepiece_with_added_tokens(tmp_path):
 
 def test_a_document_cannot_open_a_chat_turn():
     """Control tokens written in the user's text stay text: only the template's own markers are special."""
-    from locret.default_model import ensure_default_model
+    from locret.loading.default_model import ensure_default_model
     tok = Tokenizer(ensure_default_model())
     specials = {tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")}
     clean = [{"role": "user", "content": "Summarise this report."}]

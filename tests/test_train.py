@@ -9,14 +9,14 @@ from safetensors.torch import load_file
 
 import train
 from locret.engine import EngineSettings
-from locret.head_inputs import chunked_head_inputs
+from locret.train.head_inputs import chunked_head_inputs
 from locret.heads import load_heads
-from locret.labels import LabelRecorder
-from locret.loading import load_model
-from locret.loss import topk_overlap
-from locret.tokenizer import Tokenizer
-from locret.train_data import make_sample
-from locret.zoo import LocretSettings
+from locret.train.labels import LabelRecorder
+from locret.loading.weights import load_model
+from locret.train.loss import topk_overlap
+from locret.loading.tokenizer import Tokenizer
+from locret.train.data import make_sample
+from locret.loading.zoo import LocretSettings
 
 TINY_RUN = ["--head-hidden", "16", "--min-tokens", "60", "--max-tokens", "120", "--val-every", "0",
             "--dtype", "float32", "--device", "cpu", "--lr", "3e-3", "--warmup", "5"]
@@ -126,7 +126,7 @@ def test_shared_target_heads_learn_it(tiny_chat_model, tmp_path, capsys):
 
 def test_joint_graded_and_rank_targets_come_from_the_labels_and_their_heads_evict_shared(tiny_chat_model, tmp_path):
     from locret.heads import trained_eviction
-    from locret.ranking import graded_target, joint_rank_target, joint_target
+    from locret.train.targets import graded_target, joint_rank_target, joint_target
     model = load_model(tiny_chat_model)
     model.add_retaining_heads(8)
     tok = Tokenizer(tiny_chat_model)

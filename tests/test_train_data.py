@@ -13,7 +13,9 @@ from collections import Counter
 
 import pytest
 
-from locret import corpora, heldout, train_data as td
+from locret.train import corpora
+from locret.eval import heldout
+from locret.train import data as td
 
 
 class WordTokenizer:
@@ -254,7 +256,8 @@ def test_pod_and_speech_parsing():
 def test_plain_word_and_date_values_vary_and_never_use_the_heldout_word_lists():
     """Values that look like the text around them come in several shapes; the held-out suite's
     adjectives and nouns are never among their words, so its word values stay unseen."""
-    from locret import task_base, train_values as tv
+    from locret.eval import task_base
+    from locret.train import values as tv
     rng = random.Random(5)
     words = [tv.random_words(rng) for _ in range(400)]
     shapes = {re.sub(r"\b(?!the\b|and\b)[a-z]+\b", "w", w) for w in words}  # e.g. "w w", "w-w", "the w w"
@@ -270,7 +273,7 @@ def test_plain_word_and_date_values_vary_and_never_use_the_heldout_word_lists():
 
 
 def test_codes_and_names_are_composed_not_listed():
-    from locret import train_values as tv
+    from locret.train import values as tv
     rng = random.Random(6)
     codes = [tv.random_code(rng) for _ in range(300)]
     assert all(re.fullmatch(r"[A-Z0-9]+([-/.:]?[A-Z0-9]+){1,3}", c) for c in codes), codes[:5]
@@ -289,6 +292,6 @@ def test_fact_values_appear_as_the_answer_spells_them():
 
 
 def test_training_attributes_are_not_the_heldout_suites():
-    from locret import heldout
+    from locret.eval import heldout
     held_out = {a for names in heldout.ATTRIBUTES.values() for a in names}
     assert not held_out & {a for a, _ in td.ATTRIBUTES}

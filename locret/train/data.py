@@ -18,7 +18,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from . import corpora
-from .train_values import FIRST_NAMES, NAME_WORDS, SALAD_WORDS, VALUE_KINDS, distinct, random_value, subject
+from ..sampling import distinct
+from .values import FIRST_NAMES, NAME_WORDS, SALAD_WORDS, VALUE_KINDS, random_value, subject
 
 # Evaluation benchmark templates (InfiniteBench, RULER, long-text PPL, the held-out suite): kept out of training.
 EVAL_PHRASES = ["The grass is green", "The sky is blue", "The sun is yellow", "Here we go",

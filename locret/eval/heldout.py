@@ -11,7 +11,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import LocretError
+from ..errors import LocretError
 from .task_base import ADJECTIVES, NOUNS, Task, insert, string_match_all, words_of
 
 R_DOC = Path("/usr/share/R/doc")

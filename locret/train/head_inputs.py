@@ -10,9 +10,9 @@ import torch
 
 from models import CausalLM
 
-from .context import Context
-from .engine import EngineSettings, check_settings, pool_capacity
-from .zoo import LocretSettings
+from ..context import Context
+from ..engine import EngineSettings, check_settings, pool_capacity
+from ..loading.zoo import LocretSettings
 
 
 def evicted_settings(zoo: LocretSettings, fraction: float, prompt_len: int, eviction: str) -> EngineSettings:

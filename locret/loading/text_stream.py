@@ -4,7 +4,7 @@ import codecs
 import sys
 from typing import Iterator
 
-from .errors import LocretError
+from ..errors import LocretError
 from .tokenizer import Tokenizer
 
 BLOCK = 1 << 16  # bytes read at a time

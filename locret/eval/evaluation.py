@@ -9,12 +9,12 @@ import torch
 
 from models import CausalLM
 
-from .context import Context
-from .engine import EngineSettings, check_settings, pool_capacity
-from .errors import LocretError
-from .kv_pool import KVPool
+from ..context import Context
+from ..engine import EngineSettings, check_settings, pool_capacity
+from ..errors import LocretError
+from ..kv_pool import KVPool
 from .tasks import Item, chat_messages, completion_prompt, score
-from .tokenizer import Tokenizer
+from ..loading.tokenizer import Tokenizer
 
 
 @dataclass

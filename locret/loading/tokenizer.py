@@ -7,8 +7,8 @@ from pathlib import Path
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import LocretError
-from .loading import read_json
+from ..errors import LocretError
+from .weights import read_json
 
 
 def token_text(token) -> str | None:

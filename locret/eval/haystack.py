@@ -13,7 +13,7 @@ import zlib
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import LocretError
+from ..errors import LocretError
 
 JANEAUSTENR = Path("/usr/lib/R/site-library/janeaustenr/data")
 NOVELS = ["sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion"]  # by date

