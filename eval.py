@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from locret.devices import check_device, default_device, default_dtype
-from locret.engine import EVICTIONS, EngineSettings
+from locret.settings import EVICTIONS, Settings
 from locret.errors import LocretError, run_script, seed
 from locret.eval.evaluation import Reference, ask_together, encode_item, evaluate
 from locret.heads import load_heads, trained_eviction
@@ -38,7 +38,8 @@ from locret.policies import POLICIES
 from locret.eval.stats import budget_share, paired, wilson
 from locret.eval.tasks import TASKS, make_item, not_scored, questions_of
 from locret.loading.tokenizer import Tokenizer
-from locret.loading.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
+from locret.loading.zoo import DEFAULT_MODEL, resolve_checkpoint
+from locret.settings import GENERIC
 
 SUITES = {
     "default": dict(tasks="passkey,niah_single_1,vt", lengths="2048", budgets="1/4,1/8,1/16", n=2),
@@ -84,15 +85,15 @@ def read_results(path: Path) -> dict[tuple, dict]:
     return {result_key(r): r for r in rows}
 
 
-def settings_for(policy: str, budget: int, args, base, question_tokens: int) -> EngineSettings:
+def settings_for(policy: str, budget: int, args, base, question_tokens: int) -> Settings:
     """Stabilizers default to the zoo's share of the budget, so small budgets stay valid; --n-loc question
     keeps just the item's question (and answer cue) out of eviction."""
-    stabilizers = args.stabilizers if args.stabilizers is not None else base.stabilizers_for(budget)
+    stabilizers = args.stabilizers if args.stabilizers is not None else budget * base.stabilizers // base.budget
     n_loc = base.n_loc if args.n_loc is None else question_tokens if args.n_loc == "question" else int(args.n_loc)
     chunk = base.chunk if args.chunk is None else args.chunk
-    return EngineSettings(policy=policy, budget=budget, chunk=chunk, stabilizers=stabilizers,
+    return Settings(policy=policy, budget=budget, chunk=chunk, stabilizers=stabilizers,
                           n_loc=n_loc, positions=args.positions, final_stabilizers=not args.unprotected_final_eviction,
-                          seed=args.seed, span=base.span if args.span is None else args.span,
+                          random_seed=args.seed, span=base.span if args.span is None else args.span,
                           eviction=args.eviction or (args.heads_eviction if policy == "locret" else "per-head"),
                           shared_layers=args.shared_layers or base.shared_layers, kv_int8=bool(args.kv_int8))
 
@@ -361,7 +362,7 @@ def heads_identity(path) -> str:
 def main(args: argparse.Namespace) -> None:
     device = check_device(args.device or default_device())
     folder, entry = resolve_checkpoint(args.ckpt)
-    base = entry.settings if entry else GENERIC_SETTINGS
+    base = entry.settings if entry else GENERIC
     tokenizer = Tokenizer(folder)
     model = load_model(folder, device, DTYPES[args.dtype or default_dtype(device)])
     heads = find_heads(args.heads, entry, model) if "locret" in args.policies else None

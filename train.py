@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from locret.devices import check_device, default_device, default_dtype
-from locret.engine import layer_slice
+from locret.settings import layer_slice
 from locret.errors import LocretError, run_script, seed
 from locret.files import remove_stale_temporaries, save_atomic, writable_file_path
 from locret.train.head_inputs import chunked_head_inputs, evicted_settings
@@ -35,7 +35,8 @@ from locret.train.loss import keep_loss, retaining_loss, topk_overlap
 from locret.train.targets import SHARED_TARGETS, target_eviction
 from locret.loading.tokenizer import Tokenizer
 from locret.train.data import make_sample
-from locret.loading.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
+from locret.loading.zoo import DEFAULT_MODEL, resolve_checkpoint
+from locret.settings import GENERIC
 
 
 @dataclass
@@ -219,7 +220,7 @@ def backbone_with_heads(args: argparse.Namespace, device: str, dtype: str):
         load_heads(model, args.init)
     else:
         model.add_retaining_heads(args.head_hidden)
-    return model, tokenizer, entry.settings if entry else GENERIC_SETTINGS
+    return model, tokenizer, entry.settings if entry else GENERIC
 
 
 def update(params: list, optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float, rank: Rank) -> None:

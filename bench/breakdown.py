@@ -29,7 +29,7 @@ from bench.attention import matmul_peak
 from bench.memory_speed import make_prompt
 from locret.context import Context
 from locret.devices import default_dtype
-from locret.engine import NEEDS_HEADS, EngineSettings, check_settings, pool_capacity
+from locret.settings import NEEDS_HEADS, Settings, check_settings, pool_capacity
 from locret.errors import LocretError, run_script
 from locret.heads import load_heads, trained_eviction
 from locret.loading.weights import DTYPES, load_model
@@ -124,7 +124,7 @@ def breakdown(seconds: dict, total: float) -> dict:
     return {name: parts[name] for name in COMPONENTS}
 
 
-def run_timed(model, prompt: list[int], settings: EngineSettings, decode_tokens: int, timers: Timers) -> dict:
+def run_timed(model, prompt: list[int], settings: Settings, decode_tokens: int, timers: Timers) -> dict:
     """One generation: the prefill's components (all chunks) and the decode steps' (the first new token excluded)."""
     check_settings(settings, len(prompt))
     capacity = pool_capacity(settings, len(prompt), decode_tokens)
@@ -183,7 +183,7 @@ def main(args: argparse.Namespace) -> None:
     timers = Timers(device)
     instrument(model, timers)
     zoo = entry.settings if entry else GENERIC_SETTINGS  # how Locret ranks and scores: the zoo's, as generate.py
-    settings = EngineSettings(policy=args.policy, budget=args.budget, chunk=args.chunk, stabilizers=args.stabilizers,
+    settings = Settings(policy=args.policy, budget=args.budget, chunk=args.chunk, stabilizers=args.stabilizers,
                               n_loc=args.n_loc, eviction=eviction, shared_layers=zoo.shared_layers, span=zoo.span,
                               kv_int8=args.kv_int8)
     prompt = make_prompt(model.config.vocab_size, args.length, args.seed)

@@ -20,7 +20,7 @@ import torch
 from bench.stream import QUESTION, text_blocks
 from locret.context import Context
 from locret.devices import default_device, default_dtype
-from locret.engine import EngineSettings, pool_capacity
+from locret.settings import Settings, pool_capacity
 from locret.errors import LocretError, run_script
 from locret.heads import load_heads
 from locret.loading.weights import DTYPES, load_model
@@ -45,7 +45,7 @@ def main(args: argparse.Namespace) -> None:
     document = tokenizer.encode_plain(text)[:args.tokens]
     question = tokenizer.encode_plain("\n\n" + QUESTION)
     base = entry.settings if entry else None
-    settings = EngineSettings("locret", base.budget, base.chunk, base.stabilizers) if base else EngineSettings("locret")
+    settings = Settings("locret", base.budget, base.chunk, base.stabilizers) if base else Settings("locret")
     capacity = pool_capacity(settings, len(document), len(question) + 16)
     fresh, reused, saved_answers, fresh_answers = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 import eval as cli
 from locret.context import Context
 from locret.devices import default_device, default_dtype
-from locret.engine import pool_capacity
+from locret.settings import pool_capacity
 from locret.errors import run_script
 from locret.eval.evaluation import Encoded, encode_item
 from locret.heads import load_heads, trained_eviction

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import eval as cli
 from locret.devices import default_device, default_dtype
-from locret.engine import layer_slice
+from locret.settings import layer_slice
 from locret.errors import LocretError, run_script
 from locret.eval.evaluation import encode_item
 from locret.heads import load_heads

@@ -31,7 +31,8 @@ import torch
 
 from locret.devices import default_dtype
 from locret.context import Context, generate
-from locret.engine import NEEDS_HEADS, EngineSettings, check_settings, pool_bytes, pool_capacity
+from locret.engine import pool_bytes
+from locret.settings import NEEDS_HEADS, Settings, check_settings, pool_capacity
 from locret.errors import LocretError, run_script
 from locret.heads import load_heads
 from locret.loading.weights import DTYPES, load_model, read_config
@@ -96,7 +97,7 @@ def engine_point(p: dict) -> dict:
     config.max_position_embeddings = max(config.max_position_embeddings, p["length"] + p["decode_tokens"])
     if p["policy"] == "locret":  # heads attached only here: other policies must not pay for them
         load_heads(model, p["heads"])
-    settings = EngineSettings(p["policy"], p["budget"], p["chunk"], p["stabilizers"], p["n_loc"], kv_int8=p["run"] == INT8)
+    settings = Settings(p["policy"], p["budget"], p["chunk"], p["stabilizers"], p["n_loc"], kv_int8=p["run"] == INT8)
     prompt = make_prompt(model.config.vocab_size, p["length"], p["seed"])
     capacity = pool_capacity(settings, len(prompt), p["decode_tokens"])
     predicted = pool_bytes(settings, model.config, capacity, model.lm_head.weight.dtype)
@@ -209,7 +210,7 @@ def cpu_bench(args, record) -> None:
             raise LocretError(NEEDS_HEADS)
         load_heads(load_model(folder, "cpu", torch.float32), heads)  # a missing or unfitting file: one error now
     for policy in args.policies:  # bad settings: one error now, not one per point
-        check_settings(EngineSettings(policy, args.budget, args.chunk, args.stabilizers, args.n_loc), min(args.lengths))
+        check_settings(Settings(policy, args.budget, args.chunk, args.stabilizers, args.n_loc), min(args.lengths))
     with_transformers = args.transformers and importlib.util.find_spec("transformers") is not None
     if args.transformers and not with_transformers:
         print("transformers is not installed: skipping its generate", file=sys.stderr)
@@ -252,7 +253,7 @@ def set_heads(model, heads: list | None) -> None:
 
 
 @torch.inference_mode()
-def timed_run(model, prompt: list[int], settings: EngineSettings, new_tokens: int) -> tuple[int, float, float]:
+def timed_run(model, prompt: list[int], settings: Settings, new_tokens: int) -> tuple[int, float, float]:
     """Greedy generation with the GPU synchronised at each clock reading -> (pool bytes, prefill s, decode s)."""
     context = Context(model, settings, pool_capacity(settings, len(prompt), new_tokens), len(prompt))
     engine = context.engine
@@ -266,7 +267,7 @@ def timed_run(model, prompt: list[int], settings: EngineSettings, new_tokens: in
     return engine.pool.nbytes, t1 - t0, time.perf_counter() - t1
 
 
-def gpu_point(model, heads: list, settings: EngineSettings, length: int, args) -> dict:
+def gpu_point(model, heads: list, settings: Settings, length: int, args) -> dict:
     """One policy at one length: does it fit under the cap, how fast, how much of the GPU's peak it uses."""
     set_heads(model, heads if settings.policy == "locret" else None)
     prompt = make_prompt(model.config.vocab_size, length, args.seed)
@@ -296,7 +297,7 @@ def gpu_bench(args, record) -> None:
     for name, (hf, base) in GPU_MODELS.items():
         model = random_model(hf, "cuda")
         heads = model.retaining_heads
-        runs = [EngineSettings(policy, base.budget, base.chunk, base.stabilizers, base.n_loc) for policy in args.policies]
+        runs = [Settings(policy, base.budget, base.chunk, base.stabilizers, base.n_loc) for policy in args.policies]
         warm = make_prompt(model.config.vocab_size, base.budget + 2 * base.chunk + base.n_loc, args.seed)
         for settings in runs:  # untimed, evicting twice: first uses (lazy CUDA modules, allocator growth) cost here
             set_heads(model, heads if settings.policy == "locret" else None)

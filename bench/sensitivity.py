@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from eval import is_text_task, parse_budget, read_results
 from locret.devices import default_device, default_dtype
-from locret.engine import EVICTIONS, EngineSettings, layer_slice
+from locret.settings import EVICTIONS, Settings, layer_slice
 from locret.errors import run_script
 from locret.eval.evaluation import Reference, encode_item, evaluate
 from locret.heads import load_heads, trained_eviction
@@ -60,8 +60,8 @@ def grid(args, base, eviction: str) -> list[dict]:
     return points
 
 
-def settings_of(point: dict, budget: int, question_tokens: int) -> EngineSettings:
-    return EngineSettings("locret", budget, point["chunk"], int(budget * point["stabilizers"]), question_tokens,
+def settings_of(point: dict, budget: int, question_tokens: int) -> Settings:
+    return Settings("locret", budget, point["chunk"], int(budget * point["stabilizers"]), question_tokens,
                           span=point["span"], eviction=point["eviction"], shared_layers=point["layers"])
 
 
@@ -124,7 +124,7 @@ def main(args: argparse.Namespace) -> None:
                         reference = Reference(*(torch.tensor(done[key][k]) for k in ("answer_log_probs", "answer_top1")))
                     continue
                 settings = settings_of(point, budget, encoded.question_tokens) if point else \
-                    EngineSettings("full", n_loc=encoded.question_tokens)
+                    Settings("full", n_loc=encoded.question_tokens)
                 scorer = None
                 if point and point["scorer"] != "heads":
                     oracle = oracle or oracle_scores(model, encoded, layer_slice(point["layers"]))

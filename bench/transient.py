@@ -21,7 +21,8 @@ import torch
 
 from bench.memory_speed import GPU_MODELS, make_prompt, random_model
 from locret.context import Context
-from locret.engine import EngineSettings, pool_bytes, pool_capacity
+from locret.engine import pool_bytes
+from locret.settings import Settings, pool_capacity
 from locret.errors import LocretError, run_script
 from locret.loading.weights import DTYPES
 from locret.memory import activation_bytes, format_bytes, rss_bytes
@@ -40,7 +41,7 @@ def measure(point: dict) -> dict:
     `point`: the shape (hf, a config.json dict), the settings, the layers to run, the policy and dtype."""
     hf, dtype = point["hf"], DTYPES[point["dtype"]]
     model = random_model(dict(hf, num_hidden_layers=point["layers"]), "cpu", dtype)
-    settings = EngineSettings(point["policy"], **point["settings"])
+    settings = Settings(point["policy"], **point["settings"])
     prompt = make_prompt(hf["vocab_size"], settings.budget + 2 * settings.chunk + settings.n_loc, seed=0)  # evicts twice
     capacity = pool_capacity(settings, len(prompt), 1)
     context = Context(model, settings, capacity, len(prompt))

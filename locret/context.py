@@ -20,10 +20,11 @@ from tqdm import tqdm
 from models import CausalLM
 
 from . import context_file
-from .engine import Engine, EngineSettings, check_settings, pool_capacity
+from .engine import Engine
 from .errors import LocretError
-from .memory import peak_memory_bytes
+from .memory import format_bytes, peak_memory_bytes
 from .sampling import Sampling, sample
+from .settings import Settings, check_settings, pool_capacity
 from .loading.text_stream import StreamEncoder
 from .loading.tokenizer import Tokenizer
 
@@ -46,13 +47,32 @@ class GenerationStats:
         """Prompt tokens per cache entry kept."""
         return self.prompt_tokens / self.kept_after_prefill
 
+    def summary(self, s: Settings, loaded: bool = False) -> str:
+        """One line: the policy, the prompt (or the loaded context and question), pool, speed, memory."""
+        layers = "" if s.shared_layers == "all" else f" by layers {s.shared_layers}"
+        shared = f", shared eviction{layers}" if s.eviction == "shared" else ""
+        span = f", span {s.span}" if s.policy == "locret" and s.span > 1 else ""
+        budget = f"budget {s.budget}{shared}{span}" if s.evicts else "no eviction"
+        per_s = lambda n, seconds: f"{n / max(seconds, 1e-9):.1f} tok/s"
+        if loaded:
+            prompt = [f"loaded context of {self.prompt_tokens - self.question_tokens} tokens",
+                      f"question {self.question_tokens} tokens in {self.question_seconds:.2f} s"]
+        else:
+            prompt = [f"prompt tokens {self.prompt_tokens} in {self.chunks} chunks",
+                      f"prefill {per_s(self.prompt_tokens, self.prefill_seconds)}"]
+        return " | ".join([f"policy {s.policy} ({budget})", *prompt,
+                           f"KV pool {format_bytes(self.pool_bytes)}{' (int8)' * s.kv_int8}",
+                           f"compression {self.compression:.1f}x",
+                           f"decode {self.new_tokens} tokens, {per_s(self.new_tokens, self.decode_seconds)}",
+                           f"peak memory {format_bytes(self.peak_memory_bytes)}"])
+
 
 class Context:
     """One document in one pool. `capacity`: entries per KV head (pool_capacity() of the settings);
     `rope_length`: the prompt length that picks the RoPE frequencies (for a stream of unknown length,
     the model's window); a `tokenizer` enables feed_text()."""
 
-    def __init__(self, model: CausalLM, settings: EngineSettings, capacity: int, rope_length: int,
+    def __init__(self, model: CausalLM, settings: Settings, capacity: int, rope_length: int,
                  tokenizer: Tokenizer | None = None, progress: bool = False, total: int | None = None):
         self.engine = Engine(model, settings, capacity, rope_length)
         self.settings, self.pool = settings, self.engine.pool
@@ -111,7 +131,8 @@ class Context:
             raise LocretError("this context evicted while decoding (--evict-during-decode): it answered its one question")
         self.engine.rewind(*self.closed_at)
         if tail:
-            return self.engine.forward(tail, scoring=self.settings.evicts and self.settings.evict_during_decode)
+            s = self.settings
+            return self.engine.forward(tail, scoring=s.evicts and (s.evict_during_decode or s.score_question))
         if self.last_logits is None:
             raise LocretError("nothing to answer from: the context and the question are both empty")
         return self.last_logits
@@ -152,9 +173,11 @@ class Context:
         self.spent = self.engine.evictions > evictions  # decoding evicted: no rewinding
         if not self.spent:
             self.engine.rewind(*self.closed_at)
-        stats = GenerationStats(self.tokens + len(tail), len(out), self.chunks + bool(tail), kept,
-                                self.prefill_seconds + question_seconds, len(tail), question_seconds,
-                                time.perf_counter() - t1, self.pool.nbytes, peak_memory_bytes(logits.device))
+        stats = GenerationStats(
+            prompt_tokens=self.tokens + len(tail), new_tokens=len(out), chunks=self.chunks + bool(tail),
+            kept_after_prefill=kept, prefill_seconds=self.prefill_seconds + question_seconds,
+            question_tokens=len(tail), question_seconds=question_seconds, decode_seconds=time.perf_counter() - t1,
+            pool_bytes=self.pool.nbytes, peak_memory_bytes=peak_memory_bytes(logits.device))
         return out, stats
 
     @torch.inference_mode()
@@ -190,7 +213,7 @@ class Context:
 
 
 @torch.inference_mode()
-def generate(model: CausalLM, prompt: list[int], settings: EngineSettings, max_new_tokens: int,
+def generate(model: CausalLM, prompt: list[int], settings: Settings, max_new_tokens: int,
              stop_ids: set[int] = frozenset()) -> tuple[list[int], GenerationStats]:
     """Prefill `prompt` under `settings` (its last n_loc tokens as the question), then generate."""
     check_settings(settings, len(prompt))

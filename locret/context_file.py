@@ -10,7 +10,7 @@ from safetensors import SafetensorError, safe_open
 
 from models import CausalLM
 
-from .engine import EngineSettings
+from .settings import Settings
 from .errors import LocretError
 from .files import save_atomic
 from .heads import head_tensors
@@ -52,7 +52,7 @@ def write(context, path: str | Path, extra: dict[str, str]) -> None:
     save_atomic({name: t[:, :, :, :n] for name, t in pool.stored().items()}, path, metadata, "context")
 
 
-def read(path: str | Path, model: CausalLM, positions: str | None) -> tuple[dict, dict, EngineSettings]:
+def read(path: str | Path, model: CausalLM, positions: str | None) -> tuple[dict, dict, Settings]:
     """(pool tensors, metadata, settings) of a context file made with this model, its heads and dtype."""
     path = Path(path)
     if not path.is_file():
@@ -62,7 +62,7 @@ def read(path: str | Path, model: CausalLM, positions: str | None) -> tuple[dict
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:
                 raise LocretError(f"{path}: not a locret context file (no {FORMAT} metadata)")
-            settings = EngineSettings(**json.loads(meta["settings"]))
+            settings = Settings(**json.loads(meta["settings"]))
             tensors = {k: f.get_tensor(k) for k in POOL_TENSORS + SCALE_TENSORS * settings.kv_int8}
     except (SafetensorError, OSError, KeyError, TypeError, ValueError) as e:
         raise LocretError(f"{path}: unreadable context file ({type(e).__name__}: {e})") from None
@@ -76,7 +76,7 @@ def read(path: str | Path, model: CausalLM, positions: str | None) -> tuple[dict
     return tensors, meta, settings
 
 
-def check_fits(path: Path, meta: dict, settings: EngineSettings, model: CausalLM, positions: str | None) -> None:
+def check_fits(path: Path, meta: dict, settings: Settings, model: CausalLM, positions: str | None) -> None:
     dtype = dtype_name(model.lm_head.weight.dtype)
     if meta["dtype"] != dtype:
         raise LocretError(f"{path} was saved in {meta['dtype']}, the model is loaded in {dtype}: pass --dtype {meta['dtype']}")

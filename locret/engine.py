@@ -15,8 +15,6 @@ evictions and in any dtype. Once the document is closed and no eviction can move
 turned to their slots for good (settle_keys), so the question and the answer do not turn them again.
 One RoPE frequency set serves a whole generation: the one a single forward over the prompt would use
 (it matters for longrope, whose factors switch with length)."""
-from dataclasses import dataclass
-
 import torch
 
 from models import CausalLM
@@ -24,86 +22,11 @@ from models.rope import apply_rope
 
 from .errors import LocretError
 from .kv_pool import KVPool
-from .policies import POLICIES, Chunk, make_policy
+from .policies import Chunk, make_policy
+from .settings import NEEDS_HEADS, Settings, layer_slice, turns_keys
 
 
-EVICTIONS = ("per-head", "shared")
-
-
-def layer_slice(text: str, n_layers: int | None = None, flag: str = "--shared-layers") -> slice:
-    """'13-22' -> slice(13, 23), 'all' -> every layer; one clear error for a malformed range or (given
-    `n_layers`) one beyond the model."""
-    if text == "all":
-        return slice(None)
-    first, sep, last = text.partition("-")
-    if not (sep and first.isdigit() and last.isdigit() and int(first) <= int(last)):
-        raise LocretError(f"{flag} must be FIRST-LAST (e.g. 13-22) or all, not {text!r}")
-    if n_layers is not None and int(last) >= n_layers:
-        raise LocretError(f"{flag} {text}: the model has layers 0-{n_layers - 1}")
-    return slice(int(first), int(last) + 1)
-
-
-NEEDS_HEADS = "--policy locret needs retaining heads: pass --heads FILE.safetensors"
-
-
-@dataclass
-class EngineSettings:
-    policy: str = "full"
-    budget: int = 1024  # entries kept per KV head after each chunk (stabilizers included)
-    chunk: int = 512  # prefill chunk length
-    stabilizers: int = 256  # last entries always kept through an eviction (n_s)
-    n_loc: int = 100  # final prompt tokens prefilled without eviction
-    positions: str = "compact"  # compact: kept tokens re-indexed 0..n-1 | original: absolute positions
-    evict_during_decode: bool = False
-    final_stabilizers: bool = True  # protect them in the last eviction before the n_loc tail too (official: no)
-    seed: int = 0  # for the random policy
-    span: int = 1  # locret: each token's score is the best within span // 2 neighbours (1: the paper's)
-    eviction: str = "per-head"  # per-head: each layer and KV head keeps its best (the paper's) | shared: one set for all
-    shared_layers: str = "all"  # shared eviction ranks by these layers' scores: all or FIRST-LAST (e.g. 13-22)
-    kv_int8: bool = False  # store K and V as int8, an fp16 scale per group of 16 values (int8.py)
-
-    @property
-    def evicts(self) -> bool:
-        return self.policy != "full"
-
-
-def check_settings(s: EngineSettings, prompt_tokens: int) -> None:
-    """Impossible settings become one clear error before any work starts."""
-    if s.policy not in POLICIES:
-        raise LocretError(f"unknown policy {s.policy!r} (choose from {', '.join(POLICIES)})")
-    if s.positions not in ("compact", "original"):
-        raise LocretError(f"--positions must be compact or original, not {s.positions!r}")
-    if s.eviction not in EVICTIONS:
-        raise LocretError(f"--eviction must be one of {', '.join(EVICTIONS)}, not {s.eviction!r}")
-    layer_slice(s.shared_layers)
-    if s.span < 1 or s.span % 2 == 0:
-        raise LocretError(f"--span must be an odd number >= 1 (got {s.span})")
-    if s.chunk < 1:
-        raise LocretError(f"--chunk must be at least 1 (got {s.chunk})")
-    if not 0 <= s.n_loc < prompt_tokens:
-        raise LocretError(f"--n-loc must be in [0, prompt tokens) = [0, {prompt_tokens}) (got {s.n_loc})")
-    if s.evicts and s.stabilizers < 0:
-        raise LocretError(f"--stabilizers must be >= 0 (got {s.stabilizers})")
-    if s.evicts and s.budget <= s.stabilizers:
-        raise LocretError(f"--budget ({s.budget}) must be larger than --stabilizers ({s.stabilizers})")
-
-
-def turns_keys(s: EngineSettings) -> bool:
-    """Compact mode: the pool holds keys before RoPE and turns them to their slots at each forward."""
-    return s.evicts and s.positions == "compact"
-
-
-def pool_capacity(s: EngineSettings, prompt_tokens: int, max_new_tokens: int) -> int:
-    """Entries per KV head the pool must hold: bounded by the settings, however long the prompt."""
-    everything = prompt_tokens + max_new_tokens
-    if not s.evicts:
-        return everything
-    if s.evict_during_decode:
-        return min(everything, s.budget + max(s.chunk, s.n_loc + 1))
-    return min(everything, s.budget + max(s.chunk, s.n_loc + max_new_tokens))
-
-
-def pool_bytes(s: EngineSettings, config, capacity: int, dtype: torch.dtype) -> int:
+def pool_bytes(s: Settings, config, capacity: int, dtype: torch.dtype) -> int:
     """The bytes the Engine's pool will allocate (KVPool.bytes_needed at these settings)."""
     return KVPool.bytes_needed(config, capacity, 1, dtype, s.kv_int8, turns_keys(s))
 
@@ -152,7 +75,7 @@ class Engine:
     """One generation's state: the model, its pool and the policy. `rope_length` (the prompt's length)
     picks the RoPE frequencies for the whole generation."""
 
-    def __init__(self, model: CausalLM, settings: EngineSettings, capacity: int, rope_length: int):
+    def __init__(self, model: CausalLM, settings: Settings, capacity: int, rope_length: int):
         if settings.policy == "locret" and model.retaining_heads[0] is None:
             raise LocretError(NEEDS_HEADS)
         self.ranking_layers = layer_slice(settings.shared_layers, model.config.num_hidden_layers)
@@ -162,7 +85,7 @@ class Engine:
         self.pool = KVPool(model.config, capacity, dtype=p.dtype, device=p.device, int8=settings.kv_int8,
                            turned_keys=compacts)
         slot_rope = model.rope(torch.arange(capacity, device=p.device), p.dtype, rope_length) if compacts else None
-        self.cache = PolicyCache(self.pool, make_policy(settings.policy, settings.seed, settings.span), slot_rope)
+        self.cache = PolicyCache(self.pool, make_policy(settings.policy, settings.random_seed, settings.span), slot_rope)
         self.evictions = 0
 
     def forward(self, tokens: list[int], scoring: bool, all_logits: bool = False) -> torch.Tensor:

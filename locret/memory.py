@@ -101,14 +101,15 @@ def estimate(model: CausalLM, settings, capacity: int, held: int | None = None) 
     return MemoryEstimate(held, pool, activation_bytes(model, step, capacity, settings.policy))
 
 
-def largest_budget(model: CausalLM, settings, limit: int, capacity_of, upper: int, held: int | None = None) -> int:
-    """The largest budget up to `upper` whose estimate fits in `limit` bytes.
-    `capacity_of(settings)` sizes the pool; `held` is what the process holds before the run."""
+def largest_budget(model: CausalLM, at_budget, limit: int, capacity_of, low: int, upper: int,
+                   held: int | None = None) -> int:
+    """The largest budget in [`low`, `upper`] whose estimate fits in `limit` bytes. `at_budget(budget)` gives the
+    run's settings at that budget, `capacity_of(settings)` sizes the pool; `held` is what the process holds
+    before the run."""
     def need(budget: int) -> int:
-        s = replace(settings, budget=budget)
+        s = at_budget(budget)
         return estimate(model, s, capacity_of(s), held).total
 
-    low = settings.stabilizers + 1
     high = max(upper, low)
     if need(low) > limit:
         raise LocretError(f"--max-memory {format_bytes(limit)} is too small: even budget {low} "

@@ -14,7 +14,8 @@ import torch
 from conftest import CHATML, tiny_llama_config, write_tiny_tokenizer
 from locret.loading import text_stream
 from locret.context import Context, generate
-from locret.engine import Engine, EngineSettings, pool_capacity
+from locret.engine import Engine
+from locret.settings import Settings, pool_capacity
 from locret.errors import LocretError
 from locret.heads import save_heads
 from locret.loading.weights import load_model
@@ -120,7 +121,7 @@ def ids_of(n, seed=0):
     return torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-SETTINGS = EngineSettings(policy="locret", budget=48, chunk=16, stabilizers=8, n_loc=0)
+SETTINGS = Settings(policy="locret", budget=48, chunk=16, stabilizers=8, n_loc=0)
 
 
 def streamed_context(model, document, question_room, settings=SETTINGS, seed=0):
@@ -133,7 +134,7 @@ def streamed_context(model, document, question_room, settings=SETTINGS, seed=0):
 @pytest.mark.parametrize("policy", ["locret", "snapkv", "knorm"])
 def test_streamed_context_answers_as_generate(model, policy):
     """Ids fed in pieces of 1-40 tokens run the same chunks and evictions as generate() over the whole prompt."""
-    s = EngineSettings(policy=policy, budget=48, chunk=16, stabilizers=8)
+    s = Settings(policy=policy, budget=48, chunk=16, stabilizers=8)
     document, question = ids_of(300), ids_of(9, seed=1)
     context = streamed_context(model, document, len(question) + 10, s)
     assert len(context.pending) <= s.chunk
@@ -279,7 +280,7 @@ def test_heads_file_is_not_a_context_file(model, tmp_path):
 
 
 def test_original_positions_past_the_window_stop_the_stream(model):
-    s = EngineSettings(policy="knorm", budget=48, chunk=16, stabilizers=8, positions="original")
+    s = Settings(policy="knorm", budget=48, chunk=16, stabilizers=8, positions="original")
     context = Context(model, s, pool_capacity(s, 10**9, 4), 1024)
     with pytest.raises(LocretError, match="past the model's 1024-token context .* use a policy that evicts"):
         context.feed(ids_of(1100))
@@ -287,7 +288,7 @@ def test_original_positions_past_the_window_stop_the_stream(model):
 
 def test_compact_positions_past_the_window_ask_for_a_smaller_pool(model):
     """A pool larger than the window reaches past it even in compact mode: the advice is the pool's size."""
-    s = EngineSettings(policy="knorm", budget=1000, chunk=100, stabilizers=8)
+    s = Settings(policy="knorm", budget=1000, chunk=100, stabilizers=8)
     context = Context(model, s, pool_capacity(s, 10**9, 4), 1024)
     with pytest.raises(LocretError, match="past the model's 1024-token context .* use a smaller --budget or --chunk"):
         context.feed(ids_of(1200))
@@ -350,7 +351,7 @@ def test_feeding_outside_inference_mode_builds_no_graph(model):
 
 
 def test_a_context_that_evicted_while_decoding_answers_once(model):
-    s = EngineSettings(policy="h2o", budget=30, chunk=16, stabilizers=5, n_loc=0, evict_during_decode=True)
+    s = Settings(policy="h2o", budget=30, chunk=16, stabilizers=5, n_loc=0, evict_during_decode=True)
     context = Context(model, s, pool_capacity(s, 10**9, 50), 1024)
     context.feed(ids_of(100))
     out, _ = context.ask(ids_of(4, seed=1), max_new_tokens=50)

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 from locret.loading import default_model as dm
 from locret.errors import LocretError
 from locret.context import generate
-from locret.engine import EngineSettings
+from locret.settings import Settings
 from locret.loading.weights import load_model, stop_token_ids
 from locret.loading.tokenizer import Tokenizer as ChatTokenizer
 
@@ -184,7 +184,7 @@ def test_our_model_answers_paris(model_dir):
     tok = ChatTokenizer(model_dir)
     prompt = tok.encode(tok.render_chat([{"role": "user", "content": "What is the capital of France?"}]),
                         add_special_tokens=False)
-    out, _ = generate(load_model(model_dir), prompt, EngineSettings(n_loc=0), max_new_tokens=16, stop_ids=stop_token_ids(model_dir, tok))
+    out, _ = generate(load_model(model_dir), prompt, Settings(n_loc=0), max_new_tokens=16, stop_ids=stop_token_ids(model_dir, tok))
     assert "Paris" in tok.decode(out)
 
 

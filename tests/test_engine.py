@@ -7,7 +7,8 @@ import torch
 
 from conftest import longrope, naive_greedy, tiny_llama_config, tiny_phi3_config
 from locret.context import Context, generate
-from locret.engine import Engine, EngineSettings, check_settings, pool_capacity
+from locret.engine import Engine
+from locret.settings import Settings, check_settings, pool_capacity
 from locret.errors import LocretError
 from locret.heads import load_heads, save_heads
 from locret.loading.weights import load_model
@@ -38,7 +39,7 @@ def prompt_of(n, seed=0):
 @pytest.mark.parametrize("policy", POLICIES)
 def test_budget_covering_prompt_equals_full_attention(model, policy, positions):
     prompt = prompt_of(40)
-    s = EngineSettings(policy=policy, budget=64, chunk=7, stabilizers=4, n_loc=5, positions=positions)
+    s = Settings(policy=policy, budget=64, chunk=7, stabilizers=4, n_loc=5, positions=positions)
     with torch.inference_mode():
         context = Context(model, s, pool_capacity(s, len(prompt), 6), len(prompt))
         logits = context.prefill(prompt)
@@ -105,7 +106,7 @@ def test_compact_mode_turns_keys_in_the_pools_buffer_until_the_document_closes(m
     """While the document is fed, compact mode's keys are turned to their slots at each forward into the pool's
     one-layer buffer (no cache-sized temporaries); once it is closed they are settled (turned for good) in each
     layer's own K, except in an int8 pool. With original positions keys are stored rotated, no such buffer."""
-    s = EngineSettings(policy="knorm", budget=20, chunk=16, stabilizers=6, n_loc=4, positions=positions, kv_int8=int8)
+    s = Settings(policy="knorm", budget=20, chunk=16, stabilizers=6, n_loc=4, positions=positions, kv_int8=int8)
     ptr = lambda k: k.data_ptr()
     with torch.inference_mode():
         context = Context(model, s, pool_capacity(s, 61, 2), 61)
@@ -127,7 +128,7 @@ def test_settled_keys_answer_as_keys_turned_at_each_use(save_hf, monkeypatch, dt
     decoded tokens, a second question from the same context and teacher forcing."""
     _, folder = save_hf(tiny_llama_config())
     model = load_model(folder, dtype=dtype)
-    s = EngineSettings(policy="knorm", budget=24, chunk=16, stabilizers=6, n_loc=5)
+    s = Settings(policy="knorm", budget=24, chunk=16, stabilizers=6, n_loc=5)
     document, q1, q2 = prompt_of(120, seed=5), prompt_of(5, seed=6), prompt_of(9, seed=7)
 
     def answers():
@@ -144,7 +145,7 @@ def test_settled_keys_answer_as_keys_turned_at_each_use(save_hf, monkeypatch, dt
 
 @pytest.mark.parametrize("positions", ["compact", "original"])
 def test_kept_keys_are_rotated_to_their_positions(model, monkeypatch, positions):
-    s = EngineSettings(policy="knorm", budget=20, chunk=16, stabilizers=6, n_loc=4, positions=positions)
+    s = Settings(policy="knorm", budget=20, chunk=16, stabilizers=6, n_loc=4, positions=positions)
     check_keys_turned_to_their_positions(model, monkeypatch, s, prompt_of(90, seed=1), atol=1e-5)
 
 
@@ -153,14 +154,14 @@ def test_bf16_keys_do_not_drift_over_200_evictions(monkeypatch, save_hf):
     one still equals its freshly rotated key to within one bf16 rounding."""
     _, folder = save_hf(tiny_llama_config(max_position_embeddings=2048))
     model = load_model(folder, dtype=torch.bfloat16)
-    s = EngineSettings(policy="random", budget=24, chunk=4, stabilizers=4, n_loc=4)
+    s = Settings(policy="random", budget=24, chunk=4, stabilizers=4, n_loc=4)
     prompt = prompt_of(s.budget + 200 * s.chunk + s.n_loc, seed=7)
     check_keys_turned_to_their_positions(model, monkeypatch, s, prompt, atol=2 ** -8)
 
 
 def test_eviction_keeps_budget_and_stabilizers(model):
     prompt = prompt_of(100, seed=2)
-    s = EngineSettings(policy="random", budget=24, chunk=10, stabilizers=8, n_loc=6)
+    s = Settings(policy="random", budget=24, chunk=10, stabilizers=8, n_loc=6)
     with torch.inference_mode():
         context = Context(model, s, pool_capacity(s, len(prompt), 1), len(prompt))
         context.prefill(prompt)
@@ -178,7 +179,7 @@ def test_eviction_keeps_budget_and_stabilizers(model):
 @pytest.mark.parametrize("policy", ["locret", "h2o"])
 def test_shared_eviction_keeps_one_set_in_every_layer_and_head(model, policy):
     prompt = prompt_of(100, seed=4)
-    s = EngineSettings(policy=policy, budget=24, chunk=10, stabilizers=8, n_loc=6, eviction="shared")
+    s = Settings(policy=policy, budget=24, chunk=10, stabilizers=8, n_loc=6, eviction="shared")
     with torch.inference_mode():
         context = Context(model, s, pool_capacity(s, len(prompt), 1), len(prompt))
         context.prefill(prompt)
@@ -197,7 +198,7 @@ def test_shared_eviction_keeps_one_set_in_every_layer_and_head(model, policy):
 
 def test_precomputed_scores_are_looked_up_by_layer_and_position(model):
     prompt = prompt_of(100, seed=5)
-    s = EngineSettings(policy="locret", budget=24, chunk=10, stabilizers=8, n_loc=6)
+    s = Settings(policy="locret", budget=24, chunk=10, stabilizers=8, n_loc=6)
     position = torch.arange(len(prompt)).float()
     scores = torch.stack([-position, position])[:, None, None].expand(2, 1, 2, -1)  # [L, B, KVH, P]: old first, new first
     with torch.inference_mode():
@@ -213,7 +214,7 @@ def test_precomputed_scores_are_looked_up_by_layer_and_position(model):
 @pytest.mark.parametrize("layers, keeps", [("0-0", "oldest"), ("1-1", "newest"), ("0-1", "either")])
 def test_shared_eviction_ranks_by_the_shared_layers_only(model, layers, keeps):
     prompt = prompt_of(100, seed=5)
-    s = EngineSettings(policy="locret", budget=24, chunk=10, stabilizers=8, n_loc=6, eviction="shared",
+    s = Settings(policy="locret", budget=24, chunk=10, stabilizers=8, n_loc=6, eviction="shared",
                        shared_layers=layers)
     position = torch.arange(len(prompt)).float()
     scores = torch.stack([-position, position])[:, None, None].expand(2, 1, 2, -1)  # layer 0: old first, 1: new first
@@ -231,13 +232,13 @@ def test_shared_eviction_ranks_by_the_shared_layers_only(model, layers, keeps):
 
 
 def test_shared_layers_beyond_the_model_are_refused(model):
-    s = EngineSettings(policy="h2o", budget=24, chunk=10, stabilizers=8, n_loc=6, eviction="shared", shared_layers="1-2")
+    s = Settings(policy="h2o", budget=24, chunk=10, stabilizers=8, n_loc=6, eviction="shared", shared_layers="1-2")
     with pytest.raises(LocretError, match="--shared-layers 1-2: the model has layers 0-1"):
         Engine(model, s, 64, 100)
 
 
 def test_pool_never_moves_and_has_the_same_size_for_1k_and_16k_prompts(model):
-    s = EngineSettings(policy="locret", budget=64, chunk=128, stabilizers=16, n_loc=20)
+    s = Settings(policy="locret", budget=64, chunk=128, stabilizers=16, n_loc=20)
     sizes = []
     for n in (1024, 16384):
         prompt = prompt_of(n, seed=3)
@@ -257,7 +258,7 @@ def test_pool_never_moves_and_has_the_same_size_for_1k_and_16k_prompts(model):
 
 def test_evict_during_decode_stays_within_capacity(model):
     prompt = prompt_of(120, seed=4)
-    s = EngineSettings(policy="h2o", budget=30, chunk=16, stabilizers=5, n_loc=4, evict_during_decode=True)
+    s = Settings(policy="h2o", budget=30, chunk=16, stabilizers=5, n_loc=4, evict_during_decode=True)
     capacity = pool_capacity(s, len(prompt), 200)
     assert capacity == s.budget + s.chunk
     out, stats = generate(model, prompt, s, max_new_tokens=200)
@@ -269,7 +270,7 @@ def test_heads_run_only_where_the_policy_scores(model, evict_during_decode):
     """The document's chunks score, so every layer's head runs on each; the question (the n_loc tail) and the
     decoding steps score only when decoding may evict, and otherwise skip the heads."""
     prompt = prompt_of(60, seed=5)
-    s = EngineSettings(policy="locret", budget=24, chunk=12, stabilizers=4, n_loc=6,
+    s = Settings(policy="locret", budget=24, chunk=12, stabilizers=4, n_loc=6,
                        evict_during_decode=evict_during_decode)
     tokens_scored = []  # per head call: how many tokens it scored
     hooks = [head.register_forward_hook(lambda m, i, o: tokens_scored.append(i[0].shape[1]))
@@ -291,22 +292,22 @@ def test_heads_run_only_where_the_policy_scores(model, evict_during_decode):
     (dict(span=4), "--span must be an odd number >= 1"),
     (dict(span=0), "--span must be an odd number >= 1"),
     (dict(n_loc=50), r"--n-loc must be in \[0, prompt tokens\) = \[0, 50\)"),
-    (dict(positions="sideways"), "--positions must be compact or original"),
+    (dict(positions="sideways"), r"unknown positions 'sideways' \(choose from compact, original\)"),
     (dict(policy="lru"), "unknown policy 'lru'"),
-    (dict(eviction="global"), "--eviction must be one of per-head, shared"),
+    (dict(eviction="global"), r"unknown eviction 'global' \(choose from per-head, shared\)"),
     (dict(shared_layers="13"), "--shared-layers must be FIRST-LAST"),
     (dict(shared_layers="5-3"), "--shared-layers must be FIRST-LAST"),
 ])
 def test_impossible_settings(change, message):
     with pytest.raises(LocretError, match=message):
-        check_settings(replace(EngineSettings(policy="streamingllm", n_loc=10), **change), prompt_tokens=50)
+        check_settings(replace(Settings(policy="streamingllm", n_loc=10), **change), prompt_tokens=50)
 
 
 def test_locret_without_heads_is_refused(tmp_path):
     import transformers
     transformers.AutoModelForCausalLM.from_config(tiny_llama_config()).save_pretrained(tmp_path)
     with pytest.raises(LocretError, match="--policy locret needs retaining heads"):
-        Engine(load_model(tmp_path), EngineSettings(policy="locret"), 10, 10)
+        Engine(load_model(tmp_path), Settings(policy="locret"), 10, 10)
 
 
 def test_heads_round_trip_and_wrong_backbone(model, tmp_path, save_hf):
@@ -327,16 +328,17 @@ def test_heads_round_trip_and_wrong_backbone(model, tmp_path, save_hf):
 
 
 def test_max_memory_gives_the_largest_budget_that_fits(model):
-    s = EngineSettings(policy="snapkv", budget=64, chunk=32, stabilizers=8, n_loc=10)
+    s = Settings(policy="snapkv", budget=64, chunk=32, stabilizers=8, n_loc=10)
     capacity_of = lambda x: pool_capacity(x, 100_000, 16)
     need = lambda b: estimate(model, replace(s, budget=b), capacity_of(replace(s, budget=b))).total
     limit = need(500) + 1
-    best = largest_budget(model, s, limit, capacity_of, upper=100_000)
+    at_budget = lambda b: replace(s, budget=b)
+    best = largest_budget(model, at_budget, limit, capacity_of, low=9, upper=100_000)
     assert need(best) <= limit < need(best + 1)
     assert best == 500
-    assert largest_budget(model, s, limit, capacity_of, upper=300) == 300
+    assert largest_budget(model, at_budget, limit, capacity_of, low=9, upper=300) == 300
     with pytest.raises(LocretError, match="--max-memory .* is too small"):
-        largest_budget(model, s, need(9) - 1, capacity_of, upper=100_000)
+        largest_budget(model, at_budget, need(9) - 1, capacity_of, low=9, upper=100_000)
 
 
 ROPE_VARIANTS = {
@@ -356,7 +358,7 @@ def test_chunked_prefill_across_the_switch_equals_one_forward(save_hf, variant, 
     hf, folder = save_hf(ROPE_VARIANTS[variant]())
     model = load_model(folder)
     prompt = prompt_of(93, seed=5)
-    s = EngineSettings(policy="full", chunk=chunk, n_loc=5)
+    s = Settings(policy="full", chunk=chunk, n_loc=5)
     with torch.inference_mode():
         logits = Context(model, s, pool_capacity(s, len(prompt), 1), len(prompt)).prefill(prompt)
         expected = hf(torch.tensor([prompt])).logits[0, -1]
@@ -368,7 +370,7 @@ def test_chunked_prefill_across_the_switch_equals_one_forward(save_hf, variant, 
 def test_final_eviction_protects_stabilizers_unless_asked_not_to(model):
     """By default the last stabilizers survive every eviction; unprotected, the final one keeps the top scores."""
     prompt = prompt_of(100, seed=2)
-    s = EngineSettings(policy="knorm", budget=24, chunk=10, stabilizers=8, n_loc=6)
+    s = Settings(policy="knorm", budget=24, chunk=10, stabilizers=8, n_loc=6)
     body = len(prompt) - s.n_loc
     kept = {}
     for protect in (True, False):
@@ -387,7 +389,7 @@ def test_int8_pool_stays_close_to_full_attention_and_evicts_as_planned(model, po
     """Int8 K and V (one scale per entry): near full attention when nothing is evicted, not equal to it
     (the values really are rounded); with eviction, the pool stays int8 and static, and memory is estimated."""
     prompt = prompt_of(40)
-    s = EngineSettings(policy="locret", budget=64, chunk=7, stabilizers=4, n_loc=5, positions=positions, kv_int8=True)
+    s = Settings(policy="locret", budget=64, chunk=7, stabilizers=4, n_loc=5, positions=positions, kv_int8=True)
     with torch.inference_mode():
         context = Context(model, s, pool_capacity(s, len(prompt), 6), len(prompt))
         logits = context.prefill(prompt)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import eval as cli
-from locret.engine import EngineSettings
+from locret.settings import Settings
 from locret.errors import LocretError
 from locret.eval.evaluation import encode_item, evaluate
 from locret.loading.weights import load_model, stop_token_ids
@@ -100,12 +100,12 @@ def test_fidelity_is_exact_when_budget_covers_prompt(tiny_chat_model, policy):
     item = make_item("passkey", 0, 0, tok, 320)
     encoded = encode_item(tok, item, "completion")
     stops = stop_token_ids(tiny_chat_model, tok)
-    full, reference = evaluate(model, tok, item, encoded, EngineSettings("full", chunk=32, n_loc=10), 8, stops, None)
-    covered, _ = evaluate(model, tok, item, encoded, EngineSettings(policy, budget=len(encoded.prompt), chunk=32,
+    full, reference = evaluate(model, tok, item, encoded, Settings("full", chunk=32, n_loc=10), 8, stops, None)
+    covered, _ = evaluate(model, tok, item, encoded, Settings(policy, budget=len(encoded.prompt), chunk=32,
                                                                     stabilizers=4, n_loc=10), 8, stops, reference)
     assert covered.ll_gap == 0.0 and covered.top1_agreement == 1.0 and covered.needle_retention == 1.0
     assert covered.prediction == full.prediction and not math.isnan(full.log_likelihood)
-    small, _ = evaluate(model, tok, item, encoded, EngineSettings(policy, budget=16, chunk=32, stabilizers=4,
+    small, _ = evaluate(model, tok, item, encoded, Settings(policy, budget=16, chunk=32, stabilizers=4,
                                                                   n_loc=10), 8, stops, reference)
     # compression counts every entry held after prefill: the budget and the n_loc tail
     assert small.needle_retention < 1.0 and small.compression == pytest.approx(len(encoded.prompt) / (16 + 10))

@@ -6,14 +6,15 @@ import pytest
 import torch
 
 import generate as cli
+from locret import plan
 from conftest import naive_greedy
 from locret.context import generate
-from locret.engine import EngineSettings
+from locret.settings import Settings
 from locret.sampling import Sampling, sample
 from locret.loading.weights import load_model, stop_token_ids
 from locret.loading.tokenizer import Tokenizer
 
-FULL = EngineSettings(policy="full", n_loc=0)
+FULL = Settings(policy="full", n_loc=0)
 
 
 def test_greedy_generation_equals_uncached_argmax(tiny_chat_model):
@@ -104,11 +105,12 @@ def test_cli_evicting_policy_reports_pool_and_compression(tiny_chat_model, tmp_p
             "--kv-int8")
     assert "(int8) |" in capsys.readouterr().err
     from locret.context import GenerationStats
-    stats = GenerationStats(100, 2, 3, 40, 1.0, 10, 0.1, 0.5, 1024, 2048)
+    stats = GenerationStats(prompt_tokens=100, new_tokens=2, chunks=3, kept_after_prefill=40, prefill_seconds=1.0,
+                            question_tokens=10, question_seconds=0.1, decode_seconds=0.5, pool_bytes=1024,
+                            peak_memory_bytes=2048)
     for policy, span, shown in (("locret", 9, "policy locret (budget 32, span 9)"), ("locret", 1, "policy locret (budget 32)"),
                                 ("snapkv", 9, "policy snapkv (budget 32)")):  # the span applies to locret only
-        cli.report(EngineSettings(policy=policy, budget=32, span=span), stats)
-        assert shown + " |" in capsys.readouterr().err
+        assert shown + " |" in stats.summary(Settings(policy=policy, budget=32, span=span))
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -116,7 +118,7 @@ def test_cli_evicting_policy_reports_pool_and_compression(tiny_chat_model, tmp_p
     (["--policy", "h2o", "--budget", "8", "--stabilizers", "8"], r"--budget \(8\) must be larger than --stabilizers"),
     (["--policy", "h2o", "--n-loc", "5000"], "--n-loc must be in"),
     (["--policy", "h2o", "--max-memory", "0.00001"],
-     r"--max-memory 0.0 MiB is too small: even budget 513 needs [\d.]+ [MG]iB \(weights and runtime included\)"),
+     r"--max-memory 0.0 MiB is too small: even budget 1 needs [\d.]+ [MG]iB \(weights and runtime included\)"),
 ])
 def test_cli_impossible_settings(tiny_chat_model, tmp_path, flags, message):
     with pytest.raises(cli.LocretError, match=message):
@@ -126,7 +128,7 @@ def test_cli_impossible_settings(tiny_chat_model, tmp_path, flags, message):
 def test_cli_max_memory_picks_a_budget(tiny_chat_model, tmp_path, capsys, monkeypatch):
     """The limit counts what the process already holds (its peak so far), then the pool and activations."""
     held = 100 * 2**20
-    monkeypatch.setattr(cli, "peak_memory_bytes", lambda device: held)
+    monkeypatch.setattr(plan, "peak_memory_bytes", lambda device: held)
     limit = f"{(held + 600_000) / 2**30:.12f}"  # room for about a hundred entries of the tiny model
     run_cli(tiny_chat_model, tmp_path, "--policy", "tova", "--max-memory", limit, "--chunk", "16", "--stabilizers", "8")
     err = capsys.readouterr().err
@@ -195,14 +197,26 @@ def test_nan_logits_stop_generation(tiny_chat_model):
 def test_zoo_settings_are_the_defaults_and_flags_override_them():
     from locret.loading.zoo import DEFAULT_MODEL, ZOO
     entry = ZOO[DEFAULT_MODEL]
-    s = cli.engine_settings(cli.parse_args(["--prompt", "p.txt"]), entry, prompt_tokens=4000)
+    defaults = plan.default_settings(entry, "locret", plan.heads_eviction(entry.heads))
+    s = plan.resolve(defaults, plan.chosen(cli.parse_args(["--prompt", "p.txt"])), prompt_tokens=4000)
     base = entry.settings
     assert (s.policy, s.budget, s.chunk, s.stabilizers, s.span, s.shared_layers, s.eviction) == \
         ("locret", base.budget, base.chunk, base.stabilizers, base.span, base.shared_layers, "shared")
     assert base.span > 1  # the default model's heads score best with neighbours pooled (README's sensitivity table)
-    s = cli.engine_settings(cli.parse_args(["--prompt", "p.txt", "--span", "1", "--chunk", "64"]), entry, prompt_tokens=4000)
+    s = plan.resolve(defaults, plan.chosen(cli.parse_args(["--prompt", "p.txt", "--span", "1", "--chunk", "64"])), 4000)
     assert (s.span, s.chunk) == (1, 64)
-    assert cli.engine_settings(cli.parse_args(["--prompt", "p.txt"]), None, prompt_tokens=4000).span == 1  # not in the zoo
+    assert plan.resolve(plan.default_settings(None, "locret"), {}, 4000).span == 1  # not in the zoo
+
+
+def test_stabilizers_left_out_are_the_zoos_share_of_any_budget():
+    """`--budget 100` alone is a valid run: the stabilizers follow the budget (1/8 for the default model)."""
+    from locret.loading.zoo import DEFAULT_MODEL, ZOO
+    defaults = plan.default_settings(ZOO[DEFAULT_MODEL], "snapkv")
+    assert plan.resolve(defaults, {"budget": 100}, 4000).stabilizers == 12
+    assert plan.resolve(defaults, {"budget": 100, "stabilizers": 50}, 4000).stabilizers == 50
+    assert plan.resolve(plan.default_settings(None, "snapkv"), {"budget": 100}, 4000).stabilizers == 25  # GENERIC: 1/4
+    with pytest.raises(cli.LocretError, match="must be larger than --stabilizers"):
+        plan.resolve(defaults, {"budget": 100, "stabilizers": 100}, 4000)
 
 
 def test_readme_links_to_docs_that_exist():

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from locret.engine import EngineSettings
+from locret.settings import Settings
 from locret.train.head_inputs import chunked_head_inputs
 from locret.heads import load_heads
 from locret.train.labels import LabelRecorder
@@ -16,7 +16,7 @@ from locret.loading.weights import load_model
 from locret.train.loss import topk_overlap
 from locret.loading.tokenizer import Tokenizer
 from locret.train.data import make_sample
-from locret.loading.zoo import LocretSettings
+from locret.settings import Settings
 
 TINY_RUN = ["--head-hidden", "16", "--min-tokens", "60", "--max-tokens", "120", "--val-every", "0",
             "--dtype", "float32", "--device", "cpu", "--lr", "3e-3", "--warmup", "5"]
@@ -188,11 +188,11 @@ def test_chunked_head_inputs_are_the_full_forwards_until_something_is_evicted(ti
     model.add_retaining_heads(8)
     ids = torch.randint(0, 128, (90,)).tolist()
     full = full_forward_head_inputs(model, ids)
-    roomy = EngineSettings(policy="locret", budget=200, chunk=16, stabilizers=4, n_loc=10)
+    roomy = Settings(policy="locret", budget=200, chunk=16, stabilizers=4, n_loc=10)
     for got, want in zip(chunked_head_inputs(model, ids, roomy), full):  # nothing evicted: the same inputs
         assert got.shape == want.shape == (1, 90, model.config.qkv_size) and not got.is_inference()
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    tight = EngineSettings(policy="locret", budget=20, chunk=16, stabilizers=4, n_loc=10)
+    tight = Settings(policy="locret", budget=20, chunk=16, stabilizers=4, n_loc=10)
     evicted = chunked_head_inputs(model, ids, tight)
     for got, want in zip(evicted, full):  # the first chunk sees no evicted cache; later ones see what is kept
         torch.testing.assert_close(got[:, :16], want[:, :16], atol=1e-5, rtol=1e-5)
@@ -204,7 +204,7 @@ def test_eviction_aware_predictions_carry_gradients_only_to_heads(tiny_chat_mode
     model.add_retaining_heads(8)
     tok = Tokenizer(tiny_chat_model)
     ids, prompt_len = train.encode_sample(tok, make_sample(0, 5, tok, 60, 120))
-    zoo = LocretSettings(budget=64, chunk=16, stabilizers=8, n_loc=4, span=3)
+    zoo = Settings(budget=64, chunk=16, stabilizers=8, n_loc=4, span=3)
     plain, label = train.heads_forward(model, ids, prompt_len, "shared")
     aware, aware_label = train.heads_forward(model, ids, prompt_len, "shared", evicted=(zoo, 1 / 4))
     assert torch.equal(label, aware_label) and aware.shape == plain.shape and aware.requires_grad

@@ -10,7 +10,7 @@ import torch
 from models import CausalLM
 
 from ..context import Context
-from ..engine import EngineSettings, check_settings, pool_capacity
+from ..settings import Settings, check_settings, pool_capacity
 from ..errors import LocretError
 from ..kv_pool import KVPool
 from .tasks import Item, chat_messages, completion_prompt, score
@@ -86,7 +86,7 @@ def needle_retention(pool: KVPool, needles: list[range], body: int) -> float:
 
 
 @torch.inference_mode()
-def evaluate(model: CausalLM, tokenizer: Tokenizer, item: Item, encoded: Encoded, settings: EngineSettings,
+def evaluate(model: CausalLM, tokenizer: Tokenizer, item: Item, encoded: Encoded, settings: Settings,
              max_new_tokens: int, stop_ids: set[int], reference: Reference | None, scorer=None
              ) -> tuple[ItemResult, Reference]:
     """Prefill, generate greedily and score; then teacher-force the gold answer for fidelity. A `scorer`
@@ -106,7 +106,7 @@ def evaluate(model: CausalLM, tokenizer: Tokenizer, item: Item, encoded: Encoded
 
 @torch.inference_mode()
 def ask_together(model: CausalLM, tokenizer: Tokenizer, items: list[Item], encoded: list[Encoded],
-                 settings: EngineSettings, max_new_tokens: int, stop_ids: set[int]) -> list[ItemResult]:
+                 settings: Settings, max_new_tokens: int, stop_ids: set[int]) -> list[ItemResult]:
     """Questions on one context: compress it once, then ask each item's question of the same cache."""
     body = len(encoded[0].prompt) - encoded[0].question_tokens
     if any(e.prompt[:body] != encoded[0].prompt[:body] for e in encoded):

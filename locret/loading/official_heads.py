@@ -9,7 +9,8 @@ import torch
 from models import CausalLM
 
 from ..errors import LocretError
-from ..heads import save_heads
+from ..heads import load_heads, save_heads
+from ..settings import NEEDS_HEADS
 from .cache import cache_root
 from .zoo import ZooEntry, hub_error, local_heads
 
@@ -131,3 +132,12 @@ def find_heads(heads: str | None, entry: ZooEntry | None, model: CausalLM) -> st
     if entry is not None and entry.official_heads:
         return ensure_official_heads(entry, model)
     return None
+
+
+def attach_heads(model: CausalLM, heads: str | None, entry: ZooEntry | None) -> Path:
+    """Load the heads find_heads picks onto `model` and return their file, or one clear error if none."""
+    path = find_heads(heads, entry, model)
+    if path is None:
+        raise LocretError(NEEDS_HEADS)
+    load_heads(model, path)
+    return Path(path)

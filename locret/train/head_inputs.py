@@ -11,25 +11,23 @@ import torch
 from models import CausalLM
 
 from ..context import Context
-from ..engine import EngineSettings, check_settings, pool_capacity
-from ..loading.zoo import LocretSettings
+from ..plan import resolve
+from ..settings import Settings, check_settings, pool_capacity
 
 
-def evicted_settings(zoo: LocretSettings, fraction: float, prompt_len: int, eviction: str) -> EngineSettings:
-    """Locret under `fraction` of the prompt as its budget, with the zoo's chunk, stabilizer share of the
-    budget, score span and ranking layers; `n_loc` as the zoo's (less for a short prompt)."""
+def evicted_settings(defaults: Settings, fraction: float, prompt_len: int, eviction: str) -> Settings:
+    """Locret under `fraction` of the prompt as its budget, the model's other defaults as inference takes
+    them; the question is scored too, so that every prompt token has a head input."""
     budget = max(2, round(prompt_len * fraction))
-    return EngineSettings(policy="locret", budget=budget, chunk=zoo.chunk, stabilizers=zoo.stabilizers_for(budget),
-                          n_loc=min(zoo.n_loc, prompt_len - 1), span=zoo.span, eviction=eviction,
-                          shared_layers=zoo.shared_layers)
+    defaults = replace(defaults, policy="locret", eviction=eviction, score_question=True)
+    return resolve(defaults, {"budget": budget}, prompt_len)
 
 
 @torch.no_grad()
-def chunked_head_inputs(model: CausalLM, prompt: list[int], settings: EngineSettings) -> list[torch.Tensor]:
+def chunked_head_inputs(model: CausalLM, prompt: list[int], settings: Settings) -> list[torch.Tensor]:
     """Prefill `prompt` under `settings` -> per layer, the head input cat(q, k, v) [1, P, qkv_size] that
     each prompt token had when its chunk ran (ordinary tensors: they can feed a head with gradients)."""
     check_settings(settings, len(prompt))
-    settings = replace(settings, evict_during_decode=True)  # so the n_loc tail is scored too: training wants every token
     captured: list[list[torch.Tensor]] = [[] for _ in model.retaining_heads]
     hooks = [head.register_forward_hook(lambda _head, inputs, _out, parts=parts: parts.append(inputs[0]))
              for head, parts in zip(model.retaining_heads, captured)]
