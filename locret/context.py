@@ -1,15 +1,15 @@
-"""A compressed context: a document prefilled chunk by chunk as it arrives, under the fixed budget, then
-asked any number of questions from the same compressed cache (each answer is forgotten after it).
+"""A compressed context: a document prefilled chunk by chunk as it arrives, under the fixed budget,
+then asked any number of questions from the same compressed cache (each answer forgotten after it).
 
     context = Context(model, settings, capacity, rope_length, tokenizer)
     context.feed_text(piece)  # repeatedly; or feed(ids). A chunk runs (and evicts) once it is full
     answer, stats = context.ask(question_ids, max_new_tokens=32)
     context.save("doc.ctx.safetensors")  # Context.load(...) answers from it without the document
 
-A full chunk runs only once a token after it arrives, so the document's last chunk is known when the
-first question closes the context, and it is evicted as in the official code: stabilizers protected
-unless `settings.final_stabilizers` is off. The question is the uncompressed n_loc tail. Nothing kept
-grows with the document: neither its text nor its token ids."""
+A full chunk runs only once a token after it arrives, so the document's last chunk is known when
+the first question closes the context, and it is evicted as in the official code: stabilizers
+protected unless `settings.final_stabilizers` is off. The question is the uncompressed n_loc
+tail. Nothing kept grows with the document: neither its text nor its token ids."""
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -48,7 +48,7 @@ class GenerationStats:
         return self.prompt_tokens / self.kept_after_prefill
 
     def summary(self, s: Settings, loaded: bool = False) -> str:
-        """One line: the policy, the prompt (or the loaded context and question), pool, speed, memory."""
+        """One line: policy, prompt (or loaded context and question), pool, speed, memory."""
         layers = "" if s.shared_layers == "all" else f" by layers {s.shared_layers}"
         shared = f", shared eviction{layers}" if s.eviction == "shared" else ""
         span = f", span {s.span}" if s.policy == "locret" and s.span > 1 else ""
@@ -63,17 +63,19 @@ class GenerationStats:
         return " | ".join([f"policy {s.policy} ({budget})", *prompt,
                            f"KV pool {format_bytes(self.pool_bytes)}{' (int8)' * s.kv_int8}",
                            f"compression {self.compression:.1f}x",
-                           f"decode {self.new_tokens} tokens, {per_s(self.new_tokens, self.decode_seconds)}",
+                           f"decode {self.new_tokens} tokens, "
+                           f"{per_s(self.new_tokens, self.decode_seconds)}",
                            f"peak memory {format_bytes(self.peak_memory_bytes)}"])
 
 
 class Context:
-    """One document in one pool. `capacity`: entries per KV head (pool_capacity() of the settings);
-    `rope_length`: the prompt length that picks the RoPE frequencies (for a stream of unknown length,
-    the model's window); a `tokenizer` enables feed_text()."""
+    """One document in one pool. `capacity`: entries per KV head (pool_capacity() of the
+    settings); `rope_length`: the prompt length that picks the RoPE frequencies (for a stream of
+    unknown length, the model's window); a `tokenizer` enables feed_text()."""
 
     def __init__(self, model: CausalLM, settings: Settings, capacity: int, rope_length: int,
-                 tokenizer: Tokenizer | None = None, progress: bool = False, total: int | None = None):
+                 tokenizer: Tokenizer | None = None, progress: bool = False,
+                 total: int | None = None):
         self.engine = Engine(model, settings, capacity, rope_length)
         self.settings, self.pool = settings, self.engine.pool
         self.encoder = StreamEncoder(tokenizer) if tokenizer else None
@@ -87,7 +89,8 @@ class Context:
     def feed(self, ids: list[int]) -> None:
         """Append token ids to the document; every chunk that more ids follow runs now."""
         if self.closed_at:
-            raise LocretError("the context is closed: feed the whole document before the first question")
+            raise LocretError("the context is closed: "
+                              "feed the whole document before the first question")
         ids, start, chunk = self.pending + list(ids), 0, self.settings.chunk
         while len(ids) - start > chunk:  # not the document's last chunk
             self.run_chunk(ids[start:start + chunk], protect=True)
@@ -128,17 +131,19 @@ class Context:
         """Close, then run `tail` (the question) without eviction; its last token's logits [V]."""
         self.close()
         if self.spent:
-            raise LocretError("this context evicted while decoding (--evict-during-decode): it answered its one question")
+            raise LocretError("this context evicted while decoding (--evict-during-decode): "
+                              "it answered its one question")
         self.engine.rewind(*self.closed_at)
         if tail:
             s = self.settings
-            return self.engine.forward(tail, scoring=s.evicts and (s.evict_during_decode or s.score_question))
+            scoring = s.evicts and (s.evict_during_decode or s.score_question)
+            return self.engine.forward(tail, scoring=scoring)
         if self.last_logits is None:
             raise LocretError("nothing to answer from: the context and the question are both empty")
         return self.last_logits
 
     def feed_body(self, prompt: list[int]) -> list[int]:
-        """Feed all but the prompt's last n_loc tokens; return those (the question, never evicted)."""
+        """Feed all but the prompt's last n_loc tokens; return those (the question, not evicted)."""
         body = len(prompt) - self.settings.n_loc
         self.feed(prompt[:body])
         return prompt[body:]
@@ -152,8 +157,8 @@ class Context:
     def ask(self, tail: list[int], max_new_tokens: int, stop_ids: set[int] = frozenset(),
             sampling: Sampling = Sampling(), on_token: Callable[[int], None] | None = None
             ) -> tuple[list[int], GenerationStats]:
-        """Answer after the question `tail` (token ids): up to `max_new_tokens`, stopping at `stop_ids`.
-        The context is as before afterwards, ready for another question."""
+        """Answer after the question `tail` (token ids): up to `max_new_tokens`, stopping at
+        `stop_ids`. The context is as before afterwards, ready for another question."""
         self.close()
         t0, evictions = time.perf_counter(), self.engine.evictions
         logits = self.start(tail)
@@ -161,9 +166,10 @@ class Context:
         generator = torch.Generator(logits.device).manual_seed(sampling.seed)
         out, t1 = [], time.perf_counter()
         while len(out) < max_new_tokens:
-            if not torch.isfinite(logits).all():  # one reduction per step: stop rather than print garbage
-                raise LocretError("the model produced NaN or inf logits (broken weights, or float16 overflow: "
-                                  "try --dtype bfloat16 or float32)")
+            # one reduction per step: stop rather than print garbage
+            if not torch.isfinite(logits).all():
+                raise LocretError("the model produced NaN or inf logits (broken weights, "
+                                  "or float16 overflow: try --dtype bfloat16 or float32)")
             out.append(sample(logits, sampling, generator))
             if on_token:
                 on_token(out[-1])
@@ -174,9 +180,10 @@ class Context:
         if not self.spent:
             self.engine.rewind(*self.closed_at)
         stats = GenerationStats(
-            prompt_tokens=self.tokens + len(tail), new_tokens=len(out), chunks=self.chunks + bool(tail),
-            kept_after_prefill=kept, prefill_seconds=self.prefill_seconds + question_seconds,
-            question_tokens=len(tail), question_seconds=question_seconds, decode_seconds=time.perf_counter() - t1,
+            prompt_tokens=self.tokens + len(tail), new_tokens=len(out),
+            chunks=self.chunks + bool(tail), kept_after_prefill=kept,
+            prefill_seconds=self.prefill_seconds + question_seconds, question_tokens=len(tail),
+            question_seconds=question_seconds, decode_seconds=time.perf_counter() - t1,
             pool_bytes=self.pool.nbytes, peak_memory_bytes=peak_memory_bytes(logits.device))
         return out, stats
 
@@ -190,23 +197,28 @@ class Context:
         return torch.cat(logits)
 
     def save(self, path, **metadata: str) -> None:
-        """Write the compressed context (closing it first), with `metadata` strings (e.g. the prompt form)."""
+        """Close, then write the compressed context with `metadata` strings (e.g. the prompt form).
+        """
         self.close()
         if self.spent:
-            raise LocretError("this context evicted while decoding: it no longer holds the compressed document")
+            raise LocretError("this context evicted while decoding: "
+                              "it no longer holds the compressed document")
         context_file.write(self, path, metadata)
 
     @classmethod
-    def load(cls, path, model: CausalLM, room: int, positions: str | None = None) -> tuple["Context", dict]:
-        """A closed context from `path`, with `room` entries free for a question and its answer. Refuses a
-        file from another model, retaining heads, dtype or (if given) position mode. -> (context, metadata)"""
+    def load(cls, path, model: CausalLM, room: int,
+             positions: str | None = None) -> tuple["Context", dict]:
+        """(context, metadata): a closed context from `path`, with `room` entries free for a
+        question and its answer. Refuses a file from another model, retaining heads, dtype or (if
+        given) position mode."""
         tensors, meta, settings = context_file.read(path, model, positions)
         length = tensors["k"].shape[3]
         context = cls(model, settings, length + room, int(meta["rope_length"]))
         context.pool.load(tensors, seen=int(meta["seen"]))
-        context.engine.settle_keys(turn=meta.get("keys") != "rotated")  # files before 2026-12-04 hold them raw
-        if meta.get("keys") == "rotated" and context.engine.raw_keys:  # they would be turned twice
-            raise LocretError(f"{path}: damaged context file (turned keys in a pool that keeps them before RoPE)")
+        context.engine.settle_keys(turn=meta["keys"] == "before-rope")
+        if meta["keys"] == "rotated" and context.engine.raw_keys:  # they would be turned twice
+            raise LocretError(f"{path}: damaged context file "
+                              "(turned keys in a pool that keeps them before RoPE)")
         context.tokens, context.closed_at = int(meta["tokens"]), (length, int(meta["seen"]))
         context.bar.close()
         return context, meta

@@ -28,7 +28,7 @@ def check_device(device: str) -> str:
 
 
 def cpu_has_native_bf16() -> bool:
-    """Without AVX512-BF16 or AMX, bf16 matmuls on CPU are emulated and several times slower than fp32."""
+    """Without AVX512-BF16 or AMX, CPU bf16 matmuls are emulated, several times slower than fp32."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -37,7 +37,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def default_dtype(device: str) -> str:
-    """bfloat16 on GPUs and CPUs that run it natively, else float32 (float16 on GPUs without bf16)."""
+    """bfloat16 on GPUs and CPUs that run it natively, else float32 (GPUs without bf16: float16)."""
     if torch.device(device).type == "cpu":
         return "bfloat16" if cpu_has_native_bf16() else "float32"
     return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"

@@ -1,20 +1,20 @@
-"""Locret's engine: the settings, the KV pool and the policy, and one forward of new tokens through them.
+"""Locret's engine: settings, KV pool and policy, and one forward of new tokens through them.
 
-The chunk loop lives in context.py. Per chunk (as in the official Locret code): run it through the model;
-in every layer the policy scores the chunk's new entries (appending to the kept entries' stored scores);
-then each layer keeps the top-`budget` entries per KV head, the last `stabilizers` protected (or, with
-eviction `shared`, every layer and KV head keeps the same entries: the best by mean rank over all layers
-or over `shared_layers`, ranking.py). The prompt's last `n_loc` tokens are prefilled without eviction;
-decoding does not evict unless asked to.
+The chunk loop lives in context.py. Per chunk (as in the official Locret code): run it through the
+model; in every layer the policy scores the chunk's new entries (appending to the kept entries'
+stored scores); then each layer keeps the top-`budget` entries per KV head, the last `stabilizers`
+protected (or, with eviction `shared`, every layer and KV head keeps the same entries: the best by
+mean rank over all layers or over `shared_layers`, ranking.py). The prompt's last `n_loc` tokens are
+prefilled without eviction; decoding does not evict unless asked to.
 
 Positions: in `original` mode a token keeps its prompt position, so keys are stored rotated and
-never turned again. In `compact` mode (the official default) the kept entries are re-indexed 0..n-1
-after each eviction; as in the official code, keys are then stored before RoPE and rotated to their
-current slot at each use (O(cache) per layer and forward), so they never drift, however many
-evictions and in any dtype. Once the document is closed and no eviction can move them again, they are
-turned to their slots for good (settle_keys), so the question and the answer do not turn them again.
-One RoPE frequency set serves a whole generation: the one a single forward over the prompt would use
-(it matters for longrope, whose factors switch with length)."""
+never turned again. In `compact` mode (the official default) the kept entries are re-indexed
+0..n-1 after each eviction; as in the official code, keys are then stored before RoPE and rotated
+to their current slot at each use (O(cache) per layer and forward), so they never drift, however
+many evictions and in any dtype. Once the document is closed and no eviction can move them again,
+they are turned to their slots for good (settle_keys), so the question and the answer do not turn
+them again. One RoPE frequency set serves a whole generation: the one a single forward over the
+prompt would use (it matters for longrope, whose factors switch with length)."""
 import torch
 
 from models import CausalLM
@@ -32,22 +32,25 @@ def pool_bytes(s: Settings, config, capacity: int, dtype: torch.dtype) -> int:
 
 
 class PolicyCache:
-    """The cache the model sees: writes into the pool and, while `scoring`, lets the policy score entries.
+    """The cache the model sees: writes into the pool and, while `scoring`, lets the policy score.
 
-    With `slot_rope` (cos, sin for slots 0..capacity-1) the pool holds keys before RoPE and each use
-    turns them to their slots (once `settled`, each new key is turned once, in the pool); without, it holds
-    them rotated by their own positions."""
+    With `slot_rope` (cos, sin for slots 0..capacity-1) the pool holds keys before RoPE and each
+    use turns them to their slots (once `settled`, each new key is turned once, in the pool);
+    without, it holds them rotated by their own positions."""
 
-    def __init__(self, pool: KVPool, policy, slot_rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def __init__(self, pool: KVPool, policy,
+                 slot_rope: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.pool, self.policy, self.slot_rope, self.scoring = pool, policy, slot_rope, False
-        self.settled = False  # slot_rope's keys before the new ones are turned for good (Engine.settle_keys)
+        # slot_rope's keys before the new ones are turned for good (Engine.settle_keys)
+        self.settled = False
 
     def update(self, layer, q, k, v, head_scores, rope):
         if self.slot_rope is None:
             k_all, v_all = self.pool.write(layer, apply_rope(k, *rope), v)
         else:
             k_all, v_all = self.pool.write(layer, k, v)
-            first = k_all.shape[2] - k.shape[2] if self.settled else 0  # the new keys, or all (eviction moves them)
+            # the new keys, or all (eviction moves them)
+            first = k_all.shape[2] - k.shape[2] if self.settled else 0
             turned = self.turn(k_all, first)
             if self.settled:
                 k_all[:, :, first:] = turned  # the pool holds them turned from now on
@@ -56,7 +59,8 @@ class PolicyCache:
         if self.scoring:
             S, T = k_all.shape[2], k.shape[2]
             scores = self.pool.scores[layer, :, :, :S]
-            chunk = Chunk(q, k_all, scores[..., :S - T], self.pool.index[layer, :, :, :S], head_scores, layer)
+            chunk = Chunk(q, k_all, scores[..., :S - T], self.pool.index[layer, :, :, :S],
+                          head_scores, layer)
             scores.copy_(self.policy(chunk))
         return k_all, v_all
 
@@ -64,16 +68,16 @@ class PolicyCache:
         return self.pool.attention_mask(n_new)
 
     def turn(self, keys: torch.Tensor, first: int) -> torch.Tensor:
-        """keys [B, KVH, S, D] before RoPE, from slot `first` on, turned to their slots in the pool's one-layer
-        buffer (no cache-sized temporaries): [B, KVH, S - first, D]."""
+        """keys [B, KVH, S, D] before RoPE, from slot `first` on, turned to their slots in the
+        pool's one-layer buffer (no cache-sized temporaries): [B, KVH, S - first, D]."""
         S = keys.shape[2]
         cos, sin = (t[first:S] for t in self.slot_rope)
         return apply_rope(keys[:, :, first:], cos, sin, out=self.pool.turned[:, :, :S - first])
 
 
 class Engine:
-    """One generation's state: the model, its pool and the policy. `rope_length` (the prompt's length)
-    picks the RoPE frequencies for the whole generation."""
+    """One generation's state: the model, its pool and the policy. `rope_length` (the prompt's
+    length) picks the RoPE frequencies for the whole generation."""
 
     def __init__(self, model: CausalLM, settings: Settings, capacity: int, rope_length: int):
         if settings.policy == "locret" and model.retaining_heads[0] is None:
@@ -82,10 +86,12 @@ class Engine:
         p = model.lm_head.weight
         self.model, self.settings, self.rope_length = model, settings, rope_length
         compacts = turns_keys(settings)
-        self.pool = KVPool(model.config, capacity, dtype=p.dtype, device=p.device, int8=settings.kv_int8,
-                           turned_keys=compacts)
-        slot_rope = model.rope(torch.arange(capacity, device=p.device), p.dtype, rope_length) if compacts else None
-        self.cache = PolicyCache(self.pool, make_policy(settings.policy, settings.random_seed, settings.span), slot_rope)
+        self.pool = KVPool(model.config, capacity, dtype=p.dtype, device=p.device,
+                           int8=settings.kv_int8, turned_keys=compacts)
+        slot_rope = (model.rope(torch.arange(capacity, device=p.device), p.dtype, rope_length)
+                     if compacts else None)
+        policy = make_policy(settings.policy, settings.random_seed, settings.span)
+        self.cache = PolicyCache(self.pool, policy, slot_rope)
         self.evictions = 0
 
     def forward(self, tokens: list[int], scoring: bool, all_logits: bool = False) -> torch.Tensor:
@@ -95,14 +101,16 @@ class Engine:
         start = pool.length if self.settings.positions == "compact" else pool.seen
         window, vocab = self.model.config.max_position_embeddings, self.model.config.vocab_size
         if max(tokens) >= vocab:
-            raise LocretError(f"token id {max(tokens)} is beyond the model's vocabulary of {vocab}: "
-                              "tokenizer and weights do not belong together")
+            raise LocretError(f"token id {max(tokens)} is beyond the model's vocabulary of "
+                              f"{vocab}: tokenizer and weights do not belong together")
         if start + len(tokens) > window:
-            fix = "a smaller --budget or --chunk" if turns_keys(self.settings) else "a policy that evicts, with --positions compact"
-            raise LocretError(f"positions would go past the model's {window}-token context ({start + len(tokens)} "
-                              f"positions): use {fix}")
+            fix = ("a smaller --budget or --chunk" if turns_keys(self.settings)
+                   else "a policy that evicts, with --positions compact")
+            raise LocretError(f"positions would go past the model's {window}-token context "
+                              f"({start + len(tokens)} positions): use {fix}")
         self.cache.scoring = scoring
-        logits = self.model(torch.tensor([tokens], device=device), torch.arange(start, start + len(tokens), device=device),
+        logits = self.model(torch.tensor([tokens], device=device),
+                            torch.arange(start, start + len(tokens), device=device),
                             self.cache, last_only=not all_logits, rope_length=self.rope_length)
         pool.advance(len(tokens))
         return logits[0] if all_logits else logits[0, -1]
@@ -113,10 +121,11 @@ class Engine:
         return self.cache.slot_rope is not None and not self.cache.settled
 
     def settle_keys(self, turn: bool = True) -> None:
-        """Turn the kept keys to their slots for good, where no eviction can move them again (the document is
-        closed; decoding does not evict); each new key is then turned once, as it is written. An int8 pool
-        keeps its keys before RoPE (turning them would round them again). `turn=False`: they already are
-        (a saved context). Turned as each use turns them: the same values to the bit."""
+        """Turn the kept keys to their slots for good, where no eviction can move them again (the
+        document is closed; decoding does not evict); each new key is then turned once, as it is
+        written. An int8 pool keeps its keys before RoPE (turning them would round them again).
+        `turn=False`: they already are (a saved context). Turned as each use turns them: the same
+        values to the bit."""
         s, pool = self.settings, self.pool
         if not self.raw_keys or s.kv_int8 or s.evict_during_decode:
             return
@@ -127,12 +136,14 @@ class Engine:
         self.cache.settled = True
 
     def rewind(self, length: int, seen: int) -> None:
-        """Forget everything written after the pool held `length` entries of `seen` tokens (no eviction since)."""
+        """Drop what came after the pool held `length` entries of `seen` tokens (no eviction since).
+        """
         self.pool.length, self.pool.seen = length, seen
 
     def evict(self, protect: bool = True) -> None:
         s = self.settings
-        self.pool.evict(s.budget, s.stabilizers if protect else 0, s.eviction == "shared", self.ranking_layers)
+        self.pool.evict(s.budget, s.stabilizers if protect else 0, s.eviction == "shared",
+                        self.ranking_layers)
         self.evictions += 1
 
     def decode_step(self, token: int) -> torch.Tensor:

@@ -5,11 +5,11 @@ from typing import Callable
 
 
 class LocretError(Exception):
-    """A problem with the user's input (checkpoint, settings, prompt). Scripts print it as one line."""
+    """A problem with the user's input (checkpoint, settings, prompt); scripts print one line."""
 
 
 def run_script(main: Callable, parse_args: Callable) -> None:
-    """Run a command-line entry point; a LocretError becomes one line on stderr and exit status 1."""
+    """Run a command-line entry point; a LocretError becomes one stderr line and exit status 1."""
     try:
         main(parse_args())
     except LocretError as e:

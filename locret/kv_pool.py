@@ -23,50 +23,60 @@ SCALE_TENSORS = ("k_scale", "v_scale")  # and, in an int8 pool, these
 
 class KVPool:
     def __init__(self, config: ModelConfig, capacity: int, batch: int = 1,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", int8: bool = False,
-                 turned_keys: bool = False):
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 int8: bool = False, turned_keys: bool = False):
         L, H, D = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
         stored = torch.int8 if int8 else dtype
         self.k = torch.zeros(L, batch, H, capacity, D, dtype=stored, device=device)
         self.v = torch.zeros(L, batch, H, capacity, D, dtype=stored, device=device)
         self.scores = torch.zeros(L, batch, H, capacity, dtype=torch.float32, device=device)
         self.index = torch.zeros(L, batch, H, capacity, dtype=torch.int64, device=device)
-        self.scratch = torch.zeros(batch, H, capacity, D, dtype=stored, device=device)  # one layer's K or V
-        scales = lambda: torch.zeros(L, batch, H, capacity, D // group_size(D), dtype=SCALE_DTYPE, device=device)
-        self.scales = (scales(), scales()) if int8 else ()  # int8: K's and V's scales per group of values
+        # one layer's K or V
+        self.scratch = torch.zeros(batch, H, capacity, D, dtype=stored, device=device)
+        scales = lambda: torch.zeros(L, batch, H, capacity, D // group_size(D), dtype=SCALE_DTYPE,
+                                     device=device)
+        self.scales = (scales(), scales()) if int8 else ()  # int8: K's and V's scales per group
         layer_buffer = lambda dtype: torch.zeros(batch, H, capacity, D, dtype=dtype, device=device)
-        self.work = layer_buffer(torch.float32) if int8 else None  # int8: dequantizing one layer's K or V in fp32
-        self.dequantized = (layer_buffer(dtype), layer_buffer(dtype)) if int8 else ()  # and its K, V read back
-        # compact mode: one layer's keys turned to their slots, in the model's dtype (None: keys are stored rotated)
+        # int8: one layer's K or V dequantized in fp32, then its K, V read back in `dtype`
+        self.work = layer_buffer(torch.float32) if int8 else None
+        self.dequantized = (layer_buffer(dtype), layer_buffer(dtype)) if int8 else ()
+        # compact mode: one layer's keys turned to their slots, in the model's dtype
+        # (None: keys are stored rotated)
         self.turned = layer_buffer(dtype) if turned_keys else None
         self.capacity, self.dtype = capacity, dtype
         self.length = 0  # filled entries, the same in every layer and head
         self.seen = 0  # tokens written so far: the prompt index of the next one
 
     @staticmethod
-    def bytes_needed(config: ModelConfig, capacity: int, batch: int, dtype: torch.dtype, int8: bool = False,
-                     turned_keys: bool = False) -> int:
+    def bytes_needed(config: ModelConfig, capacity: int, batch: int, dtype: torch.dtype,
+                     int8: bool = False, turned_keys: bool = False) -> int:
         """What the constructor allocates, known before anything runs."""
         L, H, D = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
-        kv = (2 * L + 1) * batch * H * capacity * D * (1 if int8 else dtype.itemsize)  # K, V and the scratch
-        scales = 2 * L * batch * H * capacity * D // group_size(D) * SCALE_DTYPE.itemsize if int8 else 0
+        # K, V and the scratch
+        kv = (2 * L + 1) * batch * H * capacity * D * (1 if int8 else dtype.itemsize)
+        scales = (2 * L * batch * H * capacity * D // group_size(D) * SCALE_DTYPE.itemsize
+                  if int8 else 0)
         layer = batch * H * capacity * D  # values in one layer's buffer
-        read_back = layer * (4 + 2 * dtype.itemsize) if int8 else 0  # the fp32 work buffer, K and V dequantized
+        # the fp32 work buffer, K and V dequantized
+        read_back = layer * (4 + 2 * dtype.itemsize) if int8 else 0
         turned = layer * dtype.itemsize if turned_keys else 0
-        return kv + scales + read_back + turned + L * batch * H * capacity * (4 + 8)  # scores (fp32), indices (int64)
+        # scores (fp32), indices (int64)
+        return kv + scales + read_back + turned + L * batch * H * capacity * (4 + 8)
 
     def buffers(self) -> list[torch.Tensor]:
         """Every tensor the pool allocated."""
-        every = (self.k, self.v, self.scores, self.index, self.scratch, *self.scales, self.work, *self.dequantized,
-                 self.turned)
+        every = (self.k, self.v, self.scores, self.index, self.scratch, *self.scales, self.work,
+                 *self.dequantized, self.turned)
         return [t for t in every if t is not None]
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.buffers())
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, KVH, T, D] after the filled entries; return K, V [B, KVH, length + T, D]."""
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, KVH, T, D] after the filled entries; return K, V [B, KVH, length + T, D].
+        """
         T = k.shape[2]
         end = self.length + T
         if end > self.capacity:
@@ -81,8 +91,8 @@ class KVPool:
         return self.read(layer, end)
 
     def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`layer`'s first `end` K, V [B, KVH, end, D] in the model's dtype (int8: dequantized into buffers that
-        the next read overwrites)."""
+        """`layer`'s first `end` K, V [B, KVH, end, D] in the model's dtype (int8: dequantized
+        into buffers that the next read overwrites)."""
         k, v = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
         if not self.scales:
             return k, v
@@ -91,17 +101,19 @@ class KVPool:
                      for t, scale, out in zip((k, v), self.scales, self.dequantized))
 
     def attention_mask(self, n_new: int) -> CausalBias | None:
-        """New tokens see all filled entries and, causally, each other: a lower-right causal bias over
-        [n_new, length + n_new], never materialised. None when the pool is empty (plain causal attention) or
-        for one new token (it sees every entry)."""
+        """New tokens see all filled entries and, causally, each other: a lower-right causal bias
+        over [n_new, length + n_new], never materialised. None when the pool is empty (plain
+        causal attention) or for one new token (it sees every entry)."""
         if self.length == 0 or n_new == 1:
             return None
         return causal_lower_right(n_new, self.length + n_new)
 
     def stored(self) -> dict[str, torch.Tensor]:
-        """Every per-layer buffer but the scratch, by name: k, v [L, B, KVH, capacity, D], scores, index
-        [L, B, KVH, capacity] and, int8, k_scale, v_scale [L, B, KVH, capacity, D // group]."""
-        return dict(zip(POOL_TENSORS + SCALE_TENSORS, (self.k, self.v, self.scores, self.index, *self.scales)))
+        """Every per-layer buffer but the scratch, by name: k, v [L, B, KVH, capacity, D],
+        scores, index [L, B, KVH, capacity] and, int8, k_scale, v_scale
+        [L, B, KVH, capacity, D // group]."""
+        buffers = (self.k, self.v, self.scores, self.index, *self.scales)
+        return dict(zip(POOL_TENSORS + SCALE_TENSORS, buffers))
 
     def load(self, saved: dict[str, torch.Tensor], seen: int) -> None:
         """Fill the front with saved entries (`stored()`'s names, n entries each)."""
@@ -118,14 +130,15 @@ class KVPool:
     def evict(self, keep: int, protect: int, shared: bool = False,
               ranking_layers: slice = slice(None)) -> torch.Tensor:
         """Keep, per layer and KV head, the `keep` best-scored entries, always counting the last
-        `protect` (the stabilizers) among them; `shared`: the same entries in every layer and KV head,
-        the best by mean percentile rank over the `ranking_layers` (ranking.py). Returns the kept entries'
-        old slots [L, B, KVH, keep]."""
+        `protect` (the stabilizers) among them; `shared`: the same entries in every layer and KV
+        head, the best by mean percentile rank over the `ranking_layers` (ranking.py). Returns
+        the kept entries' old slots [L, B, KVH, keep]."""
         n, (L, _, H) = self.length, self.scores.shape[:3]
         scores = self.scores[:, :, :, :n]
         # [1, B, 1, n] (one ranking for all) or [L, B, KVH, n]
         ranked = shared_rank(scores[ranking_layers])[None, :, None] if shared else scores.clone()
-        ranked[..., max(n - protect, 0):] = float("inf")  # on a copy: stabilizers keep their real score
+        # on a copy: the stabilizers keep their real score
+        ranked[..., max(n - protect, 0):] = float("inf")
         kept = ranked.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values  # original order
         kept = kept.expand(L, -1, H, -1)
         for layer in range(L):
@@ -134,14 +147,18 @@ class KVPool:
         return kept
 
     def gather_front(self, layer: int, slots: torch.Tensor) -> None:
-        """Move the entries at `slots` [B, KVH, keep] (ascending) to the front of `layer`'s buffers. Whole rows are
-        copied by their flat index: several times faster than gathering element by element."""
+        """Move the entries at `slots` [B, KVH, keep] (ascending) to the front of `layer`'s
+        buffers. Whole rows are copied by their flat index: several times faster than gathering
+        element by element."""
         B, H, keep = slots.shape
-        rows = (slots + self.capacity * torch.arange(B * H, device=slots.device).view(B, H, 1)).view(-1)  # [B*KVH*keep]
+        row_starts = self.capacity * torch.arange(B * H, device=slots.device).view(B, H, 1)
+        rows = (slots + row_starts).view(-1)  # [B*KVH*keep]
         for buf in (self.k[layer], self.v[layer]):
             D = buf.shape[-1]
             front = self.scratch.view(-1)[:rows.numel() * D].view(-1, D)  # [B*KVH*keep, D]
             torch.index_select(buf.view(-1, D), 0, rows, out=front)
             buf[:, :, :keep] = front.view(B, H, keep, D)
-        for buf in (self.scores[layer], self.index[layer], *(scale[layer] for scale in self.scales)):  # small
-            buf[:, :, :keep] = buf.reshape(B * H * self.capacity, -1)[rows].view_as(buf[:, :, :keep])
+        small = (self.scores[layer], self.index[layer], *(scale[layer] for scale in self.scales))
+        for buf in small:
+            by_row = buf.reshape(B * H * self.capacity, -1)
+            buf[:, :, :keep] = by_row[rows].view_as(buf[:, :, :keep])

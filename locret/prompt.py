@@ -1,5 +1,5 @@
-"""Text in and out of a context: a prompt read whole or streamed as a document with its question after
-it, in chat form (the model's template) or plain completion, and the answer printed as it decodes."""
+"""Text in and out of a context: a prompt read whole or streamed as a document with its question
+after it, in chat form (the model's template) or plain completion; the answer printed as decoded."""
 import sys
 
 from .context import Context
@@ -24,12 +24,15 @@ def prompt_ids(tokenizer: Tokenizer, text: str, chat: bool) -> list[int]:
 
 
 def document_head(tokenizer: Tokenizer, chat: bool) -> list[int]:
-    """What comes before a streamed document: the chat template up to the user's content, or the BOS."""
-    return tokenizer.encode(tokenizer.chat_frame()[0], add_special_tokens=False) if chat else tokenizer.encode("")
+    """What comes before a streamed document: the chat template up to the user's content, or BOS."""
+    if chat:
+        return tokenizer.encode(tokenizer.chat_frame()[0], add_special_tokens=False)
+    return tokenizer.encode("")
 
 
 def question_ids(tokenizer: Tokenizer, question: str, chat: bool) -> list[int]:
-    """The uncompressed tail after a streamed document: the question, then (chat) the template's end of turn."""
+    """The uncompressed tail after a streamed document: the question, then (chat) the template's
+    end of turn."""
     if not chat:
         return tokenizer.encode_plain(question)
     end_of_turn = tokenizer.encode(tokenizer.chat_frame()[1], add_special_tokens=False)
@@ -37,7 +40,7 @@ def question_ids(tokenizer: Tokenizer, question: str, chat: bool) -> list[int]:
 
 
 def stream_document(context: Context, source: str, chat: bool) -> None:
-    """Feed the document from `source` as it arrives (in chat form, without its leading whitespace)."""
+    """Feed the document from `source` as it arrives (in chat form, without leading whitespace)."""
     started = False
     for text in read_blocks(source):
         text = text if started or not chat else text.lstrip()

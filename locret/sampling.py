@@ -1,4 +1,5 @@
-"""Random draws: the next token (greedy, or seeded sampling with temperature, top-k and top-p), and distinct values."""
+"""Random draws: the next token (greedy, or seeded sampling with temperature, top-k and top-p),
+and distinct values."""
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None)
     if s.top_p < 1.0:
         sorted_logits, order = logits.sort(descending=True)
         probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > s.top_p  # keep the smallest prefix whose mass reaches top_p
+        drop = probs.cumsum(-1) - probs > s.top_p  # keep the smallest prefix with mass >= top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 

@@ -19,14 +19,19 @@ class Settings:
     chunk: int = 512  # prefill chunk length
     stabilizers: int = 128  # last entries always kept through an eviction (n_s)
     n_loc: int = 100  # final prompt tokens prefilled without eviction (the question)
-    positions: str = "compact"  # compact: kept tokens re-indexed 0..n-1 (official) | original: absolute
-    eviction: str = "per-head"  # per-head: each layer and KV head keeps its best (the paper's) | shared: one set
-    shared_layers: str = "all"  # shared eviction ranks by these layers' scores: all or FIRST-LAST (e.g. 13-22)
-    span: int = 1  # locret: a token's score is the best within span // 2 neighbours (1: the paper's)
+    # compact: kept tokens re-indexed 0..n-1 (official) | original: absolute
+    positions: str = "compact"
+    # per-head: each layer and KV head keeps its best (the paper's) | shared: one set
+    eviction: str = "per-head"
+    # shared eviction ranks by these layers' scores: all or FIRST-LAST (e.g. 13-22)
+    shared_layers: str = "all"
+    span: int = 1  # locret: a token's score is the best within span // 2 neighbours (1: paper's)
     kv_int8: bool = False  # store K and V as int8, an fp16 scale per group of 16 values (int8.py)
     evict_during_decode: bool = False
-    final_stabilizers: bool = True  # protect them in the last eviction before the n_loc tail too (official: no)
-    score_question: bool = False  # the policy scores the question's entries too (training records them)
+    # protect them in the last eviction before the n_loc tail too (official: no)
+    final_stabilizers: bool = True
+    # the policy scores the question's entries too (training records them)
+    score_question: bool = False
     random_seed: int = 0  # the random policy's draws
 
     @property
@@ -34,13 +39,13 @@ class Settings:
         return self.policy != "full"
 
 
-# Models outside the zoo: the paper's chunk and n_loc, the budget and stabilizer share of a small GPU.
+# Models outside the zoo: the paper's chunk and n_loc, a small GPU's budget and stabilizer share.
 GENERIC = Settings(budget=2048, chunk=1024, stabilizers=512, n_loc=100)
 
 
 def layer_slice(text: str, n_layers: int | None = None, flag: str = "--shared-layers") -> slice:
-    """'13-22' -> slice(13, 23), 'all' -> every layer; one clear error for a malformed range or (given
-    `n_layers`) one beyond the model."""
+    """'13-22' -> slice(13, 23), 'all' -> every layer; one clear error for a malformed range or
+    (given `n_layers`) one beyond the model."""
     if text == "all":
         return slice(None)
     first, sep, last = text.partition("-")
@@ -52,28 +57,31 @@ def layer_slice(text: str, n_layers: int | None = None, flag: str = "--shared-la
 
 
 def check_settings(s: Settings, prompt_tokens: int | None = None) -> None:
-    """Impossible settings become one clear error before any work starts (`prompt_tokens` None: a stream
-    of unknown length)."""
+    """Impossible settings become one clear error before any work starts (`prompt_tokens` None: a
+    stream of unknown length)."""
     choices = (("--policy", s.policy, POLICIES), ("--positions", s.positions, POSITIONS),
                ("--eviction", s.eviction, EVICTIONS))
     for flag, value, known in choices:
         if value not in known:
-            raise LocretError(f"unknown {flag.lstrip('-')} {value!r} (choose from {', '.join(known)})")
+            raise LocretError(f"unknown {flag.lstrip('-')} {value!r} "
+                              f"(choose from {', '.join(known)})")
     layer_slice(s.shared_layers)
     if s.span < 1 or s.span % 2 == 0:
         raise LocretError(f"--span must be an odd number >= 1 (got {s.span})")
     if s.chunk < 1:
         raise LocretError(f"--chunk must be at least 1 (got {s.chunk})")
     if s.n_loc < 0 or (prompt_tokens is not None and s.n_loc >= prompt_tokens):
-        raise LocretError(f"--n-loc must be in [0, prompt tokens) = [0, {prompt_tokens}) (got {s.n_loc})")
+        raise LocretError(f"--n-loc must be in [0, prompt tokens) = [0, {prompt_tokens}) "
+                          f"(got {s.n_loc})")
     if s.evicts and s.stabilizers < 0:
         raise LocretError(f"--stabilizers must be >= 0 (got {s.stabilizers})")
     if s.evicts and s.budget <= s.stabilizers:
-        raise LocretError(f"--budget ({s.budget}) must be larger than --stabilizers ({s.stabilizers})")
+        raise LocretError(f"--budget ({s.budget}) must be larger than "
+                          f"--stabilizers ({s.stabilizers})")
 
 
 def turns_keys(s: Settings) -> bool:
-    """Compact mode: the pool holds keys before RoPE and turns them to their slots at each forward."""
+    """Compact mode: the pool holds keys before RoPE and turns them to their slots each forward."""
     return s.evicts and s.positions == "compact"
 
 

@@ -4,6 +4,8 @@ from .config import ModelConfig, RopeConfig, config_from_hf
 from .llama import Llama
 from .phi3 import Phi3
 
-MODEL_TYPES: dict[str, type[CausalLM]] = {"llama": Llama, "mistral": Llama, "qwen2": Llama, "phi3": Phi3}
+MODEL_TYPES: dict[str, type[CausalLM]] = {"llama": Llama, "mistral": Llama, "qwen2": Llama,
+                                          "phi3": Phi3}
 
-__all__ = ["CausalLM", "KVCache", "RetainingHead", "ModelConfig", "RopeConfig", "config_from_hf", "MODEL_TYPES"]
+__all__ = ["CausalLM", "KVCache", "RetainingHead", "ModelConfig", "RopeConfig", "config_from_hf",
+           "MODEL_TYPES"]

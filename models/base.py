@@ -12,17 +12,20 @@ from .rope import RotaryEmbedding, apply_rope
 
 
 class KVCache(Protocol):
-    """What attention needs from a cache: store the new keys/values, return everything to attend over."""
-    scoring: bool  # whether update() may use the retaining heads' scores this forward (if not, none are computed)
+    """What attention needs from a cache: store the new keys/values, return all to attend over."""
+    # whether update() may use the retaining heads' scores this forward (if not, none are computed)
+    scoring: bool
 
-    def update(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor | None,
+    def update(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scores: torch.Tensor | None,
                rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """q rotated, k before RoPE (`rope` = the new tokens' cos, sin) -> every key, rotated, and value."""
+        """q rotated, k before RoPE (`rope` = the new tokens' cos, sin) -> every key, rotated, and
+        value."""
 
     def attention_mask(self, n_new: int) -> CausalBias | None:
-        """A lower-right causal bias over [n_new, keys] (never materialised: the new tokens, the last n_new keys,
-        see every key before them and, causally, each other), or None (plain causal attention, or one new token
-        seeing every key)."""
+        """A lower-right causal bias over [n_new, keys] (never materialised: the new tokens, the
+        last n_new keys, see every key before them and, causally, each other), or None (plain
+        causal attention, or one new token seeing every key)."""
 
 
 class RMSNorm(nn.Module):
@@ -38,7 +41,7 @@ class RMSNorm(nn.Module):
 
 
 class RetainingHead(nn.Module):
-    """Locret's scorer: fc2(silu(fc1(cat(q, k, v)))) -> one importance score per KV head and token."""
+    """Locret's scorer: fc2(silu(fc1(cat(q, k, v)))) -> a score per KV head and token."""
 
     def __init__(self, in_features: int, hidden: int, n_kv_heads: int):
         super().__init__()
@@ -53,32 +56,39 @@ class RetainingHead(nn.Module):
 
 
 def cached_then_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """A chunk's attention on CPU, with no mask: q [B, H, T, D] sees the first S - T of k, v [B, KVH, S, D] (the
-    cache) all and the last T (its own) causally. Each part runs in sdpa's CPU flash kernel, merged by their
-    log-sum-exps. No [T, S] mask is made, and at 512 queries over 2048 entries it runs 6% faster than sdpa with
-    one (docs/performance.md)."""
+    """A chunk's attention on CPU, with no mask: q [B, H, T, D] sees the first S - T of
+    k, v [B, KVH, S, D] (the cache) all and the last T (its own) causally. Each part runs in sdpa's
+    CPU flash kernel, merged by their log-sum-exps. No [T, S] mask is made, and at 512 queries over
+    2048 entries it runs 6% faster than sdpa with one (docs/performance.md)."""
     (B, H, T, D), KVH = q.shape, k.shape[1]
     G, past = H // KVH, k.shape[2] - T
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # sdpa's CPU kernel, with its log-sum-exp
+    # sdpa's CPU kernel, with its log-sum-exp
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     # every query sees the whole cache: a KV head's G query heads run as one block of G*T queries
-    cached, cached_lse = flash(q.reshape(B, KVH, G * T, D), k[:, :, :past], v[:, :, :past])  # [B, KVH, G*T, D], [B, KVH, G*T]
-    own, own_lse = flash(q, k[:, :, past:].repeat_interleave(G, 1), v[:, :, past:].repeat_interleave(G, 1),
+    # -> [B, KVH, G*T, D], [B, KVH, G*T]
+    cached, cached_lse = flash(q.reshape(B, KVH, G * T, D), k[:, :, :past], v[:, :, :past])
+    own, own_lse = flash(q, k[:, :, past:].repeat_interleave(G, 1),
+                         v[:, :, past:].repeat_interleave(G, 1),
                          is_causal=True)  # [B, H, T, D], [B, H, T]
-    cached_share = torch.sigmoid(cached_lse.reshape(B, H, T) - own_lse)[..., None]  # of each query's softmax mass
+    # the cache's share of each query's softmax mass
+    cached_share = torch.sigmoid(cached_lse.reshape(B, H, T) - own_lse)[..., None]
     return own.float().lerp_(cached.reshape(B, H, T, D).float(), cached_share).to(q.dtype)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: CausalBias | None, causal: bool) -> torch.Tensor:
-    """sdpa with GQA: q [B, H, T, D], k, v [B, KVH, S, D] -> [B, H, T, D]; `mask`: a chunk after cached keys
-    (KVCache.attention_mask). CUDA takes that bias in its flash kernel; CPU splits the chunk's attention
-    (cached_then_causal). One bf16 query on CPU (a decoding step) attends in fp32: CPU sdpa runs it about 4x
-    slower in bf16 (README: Performance)."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: CausalBias | None,
+           causal: bool) -> torch.Tensor:
+    """sdpa with GQA: q [B, H, T, D], k, v [B, KVH, S, D] -> [B, H, T, D]; `mask`: a chunk after
+    cached keys (KVCache.attention_mask). CUDA takes that bias in its flash kernel; CPU splits
+    the chunk's attention (cached_then_causal). One bf16 query on CPU (a decoding step) attends
+    in fp32: CPU sdpa runs it about 4x slower in bf16 (README: Performance)."""
     on_cpu = q.device.type == "cpu"
     if q.shape[2] == 1 and q.dtype == torch.bfloat16 and on_cpu:
-        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True).to(q.dtype)
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                              enable_gqa=True).to(q.dtype)
     if mask is not None and on_cpu:
         return cached_then_causal(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                          enable_gqa=True)
 
 
 class Attention(nn.Module):
@@ -89,7 +99,8 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=config.o_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size,
+                                bias=config.o_bias)
         self.retaining_head: RetainingHead | None = None  # attached by CausalLM.add_retaining_heads
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,8 +119,10 @@ class Attention(nn.Module):
         if cache is None:
             k = apply_rope(k, cos, sin)
         else:  # the cache decides how keys are stored; it returns them rotated
-            k, v = cache.update(self.layer_idx, q, k, v, scores, (cos, sin))  # [B, KVH, S, D]: cached + these T
-        causal = mask is None and T > 1  # no mask: causal among the new tokens; a single one sees every key
+            # [B, KVH, S, D]: cached + these T
+            k, v = cache.update(self.layer_idx, q, k, v, scores, (cos, sin))
+        # no mask: causal among the new tokens; a single one sees every key
+        causal = mask is None and T > 1
         y = attend(q, k, v, mask, causal)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -138,7 +151,8 @@ class Backbone(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """Decoder-only LM with Hugging Face parameter names. Subclasses set `attention_cls` and `mlp_cls`."""
+    """Decoder-only LM with Hugging Face parameter names. Subclasses set `attention_cls`,
+    `mlp_cls`."""
     attention_cls: type
     mlp_cls: type
 
@@ -154,11 +168,14 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False, rope_length: int | None = None) -> torch.Tensor:
-        """tokens [B, T] at `positions` [T] (default 0..T-1) -> logits [B, T, V] ([B, 1, V] if last_only).
+                cache: KVCache | None = None, last_only: bool = False,
+                rope_length: int | None = None) -> torch.Tensor:
+        """tokens [B, T] at `positions` [T] (default 0..T-1) -> logits [B, T, V]
+        ([B, 1, V] if last_only).
 
-        With a cache, the tokens attend to the cached entries plus themselves (causally). `rope_length`
-        picks longrope's frequencies (default: max position + 1); a generation passes one value throughout."""
+        With a cache, the tokens attend to the cached entries plus themselves (causally).
+        `rope_length` picks longrope's frequencies (default: max position + 1); a generation
+        passes one value throughout."""
         T = tokens.shape[1]
         if positions is None:
             positions = torch.arange(T, device=tokens.device)

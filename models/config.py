@@ -40,25 +40,29 @@ class ModelConfig:
         return (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
 
 
-ROPE_TYPE_ALIASES = {"su": "longrope", "yarn": "longrope"}  # names old Phi-3 configs used for longrope
-SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-         "num_key_value_heads", "head_dim", "max_position_embeddings")
+ROPE_TYPE_ALIASES = {"su": "longrope", "yarn": "longrope"}  # old Phi-3 configs' names for longrope
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+         "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
 def rope_from_hf(cfg: dict) -> RopeConfig:
-    """Read RoPE settings from the classic `rope_theta` + `rope_scaling` keys or the newer `rope_parameters`."""
+    """Read RoPE settings from the classic `rope_theta` + `rope_scaling` keys or the newer
+    `rope_parameters`."""
     params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     rope_type = params.get("rope_type", params.get("type", "default"))
-    original_max = cfg.get("original_max_position_embeddings")  # Phi-3 keeps it at the top level, and it wins
+    # Phi-3 keeps it at the top level, and it wins
+    original_max = cfg.get("original_max_position_embeddings")
     if original_max is None:
-        original_max = params.get("original_max_position_embeddings", cfg.get("max_position_embeddings", 0))
+        original_max = params.get("original_max_position_embeddings",
+                                  cfg.get("max_position_embeddings", 0))
     factor = params.get("factor")
     if factor is None and rope_type in ("longrope", "su", "yarn") and original_max:
         factor = cfg["max_position_embeddings"] / original_max  # Phi-3: the context extension ratio
     return RopeConfig(
         rope_type=ROPE_TYPE_ALIASES.get(rope_type, rope_type),
         theta=float(params.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-        partial_rotary_factor=float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))),
+        partial_rotary_factor=float(params.get("partial_rotary_factor",
+                                               cfg.get("partial_rotary_factor", 1.0))),
         factor=float(factor if factor is not None else 1.0),
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
@@ -70,7 +74,7 @@ def rope_from_hf(cfg: dict) -> RopeConfig:
 
 
 def config_from_hf(cfg: dict) -> ModelConfig:
-    """Build a ModelConfig from the keys of a Hugging Face config.json; impossible values are a ValueError."""
+    """A ModelConfig from the keys of a Hugging Face config.json; impossible values: ValueError."""
     if cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r} (only silu)")
     n_heads = cfg["num_attention_heads"]
@@ -100,6 +104,6 @@ def config_from_hf(cfg: dict) -> ModelConfig:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, not {value!r}")
     if config.num_attention_heads % config.num_key_value_heads:
-        raise ValueError(f"num_attention_heads ({n_heads}) is not a multiple of num_key_value_heads "
-                         f"({config.num_key_value_heads})")
+        raise ValueError(f"num_attention_heads ({n_heads}) is not a multiple of "
+                         f"num_key_value_heads ({config.num_key_value_heads})")
     return config

@@ -1,4 +1,4 @@
-"""Llama 2 / 3 / 3.1 / 3.2 and relatives with the same layout (SmolLM2, Mistral, Qwen2 with q/k/v bias)."""
+"""Llama 2 / 3 / 3.1 / 3.2 and relatives of its layout (SmolLM2, Mistral, Qwen2: q/k/v bias)."""
 import torch.nn.functional as F
 from torch import nn
 

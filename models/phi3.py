@@ -1,4 +1,4 @@
-"""Phi-3 / Phi-3.5 mini: Llama's block with fused `qkv_proj` and `gate_up_proj` (and longrope RoPE)."""
+"""Phi-3 / Phi-3.5 mini: Llama's block with fused `qkv_proj` and `gate_up_proj`, longrope RoPE."""
 import torch.nn.functional as F
 from torch import nn
 

