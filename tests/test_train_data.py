@@ -68,14 +68,18 @@ def test_deterministic_in_index_and_seed():
     assert a != td.make_sample(6, 7, TOK, 500, 2000) and a != td.make_sample(5, 8, TOK, 500, 2000)
 
 
-def test_same_sample_in_a_fresh_process():
-    """Seeds are hashed the same way in every process (synthetic tasks, so the child reads no corpus)."""
-    code = ("import re; from locret import corpora, train_data as td\ncorpora.STYLES = {}\n"
-            "class T:\n    encode = lambda self, t, add_special_tokens=False: re.findall(r'\\w+|[^\\w\\s]', t)\n"
+def test_same_sample_in_a_fresh_process(monkeypatch):
+    """Seeds hash the same in every process (synthetic tasks: the child reads no corpus)."""
+    code = ("import re; from locret.train import corpora, data as td\ncorpora.STYLES = {}\n"
+            "class T:\n    encode = lambda self, t, add_special_tokens=False: "
+            "re.findall(r'\\w+|[^\\w\\s]', t)\n"
             "print(td.make_sample(5, 7, T(), 500, 2000).prompt, end='')")
-    run = lambda: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    first = run()
-    assert len(first) > 1000 and first == run()
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True).stdout
+    monkeypatch.setattr(corpora, "STYLES", {})
+    corpora.passages.cache_clear()
+    here = td.make_sample(5, 7, TOK, 500, 2000).prompt
+    assert len(here) > 1000 and child == here
 
 
 def test_fact_lookup_answers_are_the_asked_facts():
