@@ -1,26 +1,27 @@
-"""Which layers' retaining heads find held-out needles: for each layer, and for ranges of layers, the share of
-needle tokens among the prompt's top eighth when tokens are ranked as a shared eviction ranks them (mean
-percentile rank over the layers' KV heads), in one full forward per item of the held-out suite's
-validation split (never the test split) or of another task. What `--shared-layers` is chosen from.
+"""Which layers' retaining heads find held-out needles: for each layer, and for ranges of layers,
+the share of needle tokens among the prompt's top eighth when tokens are ranked as a shared eviction
+ranks them (mean percentile rank over the layers' KV heads), in one full forward per item of the
+held-out suite's validation split (never the test split) or of another task. What `--shared-layers`
+is chosen from.
 
-    python bench/layers.py                                    # default model and heads, 2K tokens, n = 24
+    python bench/layers.py                          # default model and heads, 2K tokens, n = 24
     python bench/layers.py --ranges all,13-22 --n 8 --out runs/layers
     python bench/layers.py --task vt --ranges 13-22 --share 0.0625 --n 12     # vt's chain at 1/16
 
-The last row is the training labels' own ranking (a token's best rank in any layer: train.py --target shared),
-what perfect heads would reach. Besides the whole needle, the share of its value tokens (those that are also
-tokens of the gold answer), and for the held-out suite that share by the kind of value asked (number, words,
-name, code, date) for the rows `--ranges` names. Tables to stdout and OUT.md."""
+The last row is the training labels' own ranking (a token's best rank in any layer: train.py
+--target shared), what perfect heads would reach. Besides the whole needle, the share of its value
+tokens (those that are also tokens of the gold answer), and for the held-out suite that share by the
+kind of value asked (number, words, name, code, date) for the rows `--ranges` names. Tables to
+stdout and OUT.md."""
 import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
 import torch
 from tqdm import tqdm
 
-import eval as cli
 from locret.devices import default_device, default_dtype
 from locret.settings import layer_slice
 from locret.errors import LocretError, run_script
@@ -32,7 +33,7 @@ from locret.loading.weights import DTYPES, load_model
 from locret.loading.official_heads import find_heads
 from locret.ranking import percentile_rank, shared_rank
 from locret.train.targets import best_rank
-from locret.eval.tasks import TASKS, make_item
+from locret.eval.tasks import TASKS, is_text_task, make_item
 from locret.loading.tokenizer import Tokenizer
 from locret.loading.zoo import DEFAULT_MODEL, resolve_checkpoint
 
@@ -46,8 +47,9 @@ def needle_share(score: torch.Tensor, needle: list[int], share: float) -> float:
 
 
 def value_kind(question: str) -> str:
-    """The kind of value a held-out question asks for (its attribute names it); "-" for other tasks."""
-    return next((kind for kind, attrs in ATTRIBUTES.items() if any(a in question for a in attrs)), "-")
+    """The kind of value a held-out question asks for (its attribute names it); "-" elsewhere."""
+    kinds = (kind for kind, attrs in ATTRIBUTES.items() if any(a in question for a in attrs))
+    return next(kinds, "-")
 
 
 def mean(values: list[float]) -> float:
@@ -58,14 +60,15 @@ def mean(values: list[float]) -> float:
 def main(args: argparse.Namespace) -> None:
     folder, entry = resolve_checkpoint(args.ckpt)
     device = args.device or default_device()
-    tokenizer, model = Tokenizer(folder), load_model(folder, device, DTYPES[args.dtype or default_dtype(device)])
+    tokenizer = Tokenizer(folder)
+    model = load_model(folder, device, DTYPES[args.dtype or default_dtype(device)])
     heads = find_heads(args.heads, entry, model)
     if heads is None:
         raise LocretError(f"{args.ckpt} has no retaining heads: pass --heads FILE.safetensors")
     load_heads(model, heads)
     n_layers = model.config.num_hidden_layers
     rows = {f"layer {layer}": slice(layer, layer + 1) for layer in range(n_layers)}
-    rows |= {name: layer_slice(name, n_layers, "--ranges") for name in args.ranges}  # parsed once, checked
+    rows |= {name: layer_slice(name, n_layers, "--ranges") for name in args.ranges}  # checked
     shares = {row: [] for row in [*rows, LABELS]}  # per item: (needle share, value share)
     kinds = []
     for index in tqdm(range(args.n), desc="items", file=sys.stderr):
@@ -76,17 +79,22 @@ def main(args: argparse.Namespace) -> None:
         if not needle:
             continue
         answer_ids = set(encoded.answer)
-        value = [i for i in needle if encoded.prompt[i] in answer_ids] or needle  # the whole needle if none match
+        # the whole needle where none of its tokens is in the answer
+        value = [i for i in needle if encoded.prompt[i] in answer_ids] or needle
         recorder = LabelRecorder(len(encoded.prompt))
-        model(torch.tensor([encoded.prompt + encoded.answer], device=device), cache=recorder, last_only=True)
-        scores, labels = (t[..., :body].float() for t in recorder.stacked())  # [L, 1, KVH, body] each
-        ranked = {row: shared_rank(scores[layers])[0] for row, layers in rows.items()} | {LABELS: best_rank(labels)[0]}
+        model(torch.tensor([encoded.prompt + encoded.answer], device=device), cache=recorder,
+              last_only=True)
+        scores, labels = (t[..., :body].float() for t in recorder.stacked())  # [L, 1, KVH, body]
+        ranked = {row: shared_rank(scores[layers])[0] for row, layers in rows.items()}
+        ranked[LABELS] = best_rank(labels)[0]
         for row, score in ranked.items():
-            shares[row].append((needle_share(score, needle, args.share), needle_share(score, value, args.share)))
+            shares[row].append((needle_share(score, needle, args.share),
+                                needle_share(score, value, args.share)))
         kinds.append(value_kind(item.question))
     table = "\n".join(share_table(shares, args)) + "\n"
     if set(kinds) - {"-"}:
-        table += "\n" + "\n".join(kind_table(shares, kinds, [*args.ranges, LABELS], args.share)) + "\n"
+        by_kind = kind_table(shares, kinds, [*args.ranges, LABELS], args.share)
+        table += "\n" + "\n".join(by_kind) + "\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).with_suffix(".md").write_text(table)
     print(table, end="")
@@ -94,9 +102,11 @@ def main(args: argparse.Namespace) -> None:
 
 def share_table(shares: dict, args: argparse.Namespace) -> list[str]:
     items = len(shares[LABELS])
-    md = [f"| ranked by | needle tokens in the top {args.share:g} ({items} {args.task} items) | value tokens |",
+    md = [f"| ranked by | needle tokens in the top {args.share:g} ({items} {args.task} items) "
+          "| value tokens |",
           "|---|---|---|"]
-    return md + [f"| {row} | {mean([n for n, _ in v]):.2f} | {mean([x for _, x in v]):.2f} |" for row, v in shares.items()]
+    return md + [f"| {row} | {mean([n for n, _ in v]):.2f} | {mean([x for _, x in v]):.2f} |"
+                 for row, v in shares.items()]
 
 
 def kind_table(shares: dict, kinds: list[str], rows: list[str], share: float) -> list[str]:
@@ -105,21 +115,27 @@ def kind_table(shares: dict, kinds: list[str], rows: list[str], share: float) ->
     md = [f"| value tokens in the top {share:g}, ranked by | " + " | ".join(
         f"{k} ({kinds.count(k)})" for k in names) + " |", "|---" * (len(names) + 1) + "|"]
     for row in rows:
-        by_kind = [mean([x for (_, x), k in zip(shares[row], kinds) if k == name]) for name in names]
+        by_kind = [mean([x for (_, x), k in zip(shares[row], kinds) if k == name])
+                   for name in names]
         md.append(f"| {row} | " + " | ".join(f"{v:.2f}" for v in by_kind) + " |")
     return md
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=DEFAULT_MODEL, help="zoo model or folder")
     p.add_argument("--heads", default=None, help="retaining heads (default: the zoo's)")
-    p.add_argument("--task", default="heldout_val", choices=[t for t in TASKS if not cli.is_text_task(t)],
-                   help="items to rank (default: heldout_val, the held-out suite's validation split)")
+    p.add_argument("--task", default="heldout_val",
+                   choices=[t for t in TASKS if not is_text_task(t)],
+                   help="items to rank (default: heldout_val, the held-out suite's validation "
+                   "split)")
     p.add_argument("--ranges", type=lambda t: t.split(","), default=["all", "13-22"],
-                   help="layer ranges to rank together, as --shared-layers takes them (default: all,13-22)")
+                   help="layer ranges to rank together, as --shared-layers takes them "
+                   "(default: all,13-22)")
     p.add_argument("--length", type=int, default=2048, help="prompt tokens")
-    p.add_argument("--share", type=float, default=1 / 8, help="the top share of the prompt counted (default: 1/8)")
+    p.add_argument("--share", type=float, default=1 / 8,
+                   help="the top share of the prompt counted (default: 1/8)")
     p.add_argument("--n", type=int, default=24, help="items")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/layers", help="writes OUT.md")

@@ -1,16 +1,19 @@
-"""Locret's settings against held-out accuracy: stabilizer share of the budget, prefill chunk, score span,
-eviction mode and the layers that rank a shared eviction, one at a time around the zoo's defaults, on the
-held-out suite's validation split (never the test split), or on any scored task; with --oracle, also what
-perfect heads would do (the exact training labels in their place).
+"""Locret's settings against held-out accuracy: stabilizer share of the budget, prefill chunk, score
+span, eviction mode and the layers that rank a shared eviction, one at a time around the zoo's
+defaults, on the held-out suite's validation split (never the test split), or on any scored task;
+with --oracle, also what perfect heads would do (the exact training labels in their place).
 
-    python bench/sensitivity.py                                   # 2K tokens, budget 1/8, n = 24 (about 25 min, 2-core CPU)
+    python bench/sensitivity.py           # 2K tokens, budget 1/8, n = 24 (25 min, 2-core CPU)
     python bench/sensitivity.py --stabilizers 0,1/4 --chunks 512 --spans 1 --n 8 --out runs/sens
-    python bench/sensitivity.py --stabilizers 1/4 --chunks 512 --spans 1 --evictions per-head --oracle
-    python bench/sensitivity.py --task vt --budget 1/16 --stabilizers 1/8 --chunks 256 --spans 9 --evictions shared --oracle
+    python bench/sensitivity.py --stabilizers 1/4 --chunks 512 --spans 1 --evictions per-head \
+        --oracle
+    python bench/sensitivity.py --task vt --budget 1/16 --stabilizers 1/8 --chunks 256 --spans 9 \
+        --evictions shared --oracle
 
-Each item and its full-attention reference are built once and shared by every setting. Rows are appended to
-OUT.jsonl as they come (a rerun resumes); the table (accuracy with its Wilson 95% interval, needle tokens
-kept, top-1 agreement and log-likelihood gap against full attention) goes to stdout and OUT.md."""
+Each item and its full-attention reference are built once and shared by every setting. Rows are
+appended to OUT.jsonl as they come (a rerun resumes); the table (accuracy with its Wilson 95%
+interval, needle tokens kept, top-1 agreement and log-likelihood gap against full attention) goes to
+stdout and OUT.md."""
 import argparse
 import json
 import math
@@ -19,50 +22,62 @@ from dataclasses import asdict
 from fractions import Fraction
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
 import torch
 from tqdm import tqdm
 
-from eval import is_text_task, parse_budget, read_results
 from locret.devices import default_device, default_dtype
-from locret.settings import EVICTIONS, Settings, layer_slice
 from locret.errors import run_script
-from locret.eval.evaluation import Reference, encode_item, evaluate
-from locret.heads import load_heads, trained_eviction
-from locret.train.labels import LabelRecorder
+from locret.eval.evaluation import Encoded, encode_item, evaluate
+from locret.eval.results import append, read_results
+from locret.eval.stats import wilson
+from locret.eval.suite import item_settings, parse_budget, saved_reference
+from locret.eval.tasks import TASKS, is_text_task, make_item
+from locret.loading.official_heads import attach_heads
+from locret.loading.tokenizer import Tokenizer
 from locret.loading.weights import DTYPES, load_model, stop_token_ids
-from locret.loading.official_heads import find_heads
+from locret.loading.zoo import DEFAULT_MODEL, resolve_checkpoint
+from locret.plan import default_settings, heads_eviction
 from locret.policies import Precomputed
 from locret.ranking import percentile_rank
+from locret.settings import EVICTIONS, Settings, layer_slice
+from locret.train.labels import LabelRecorder
 from locret.train.targets import best_rank
-from locret.eval.stats import wilson
-from locret.eval.tasks import TASKS, make_item
-from locret.loading.tokenizer import Tokenizer
-from locret.loading.zoo import DEFAULT_MODEL, GENERIC_SETTINGS, resolve_checkpoint
 
 
 # (scores, eviction)
-ORACLES = [("labels", "per-head"), ("labels", "shared"), ("shared labels", "shared"), ("joint labels", "shared")]
+ORACLES = [("labels", "per-head"), ("labels", "shared"), ("shared labels", "shared"),
+           ("joint labels", "shared")]
 
 
-def grid(args, base, eviction: str) -> list[dict]:
-    """The defaults (`eviction`: what the heads were trained for), then each setting varied alone (stabilizers
-    as a share of the budget); with --oracle, the training labels in place of the heads (ORACLES)."""
-    default = {"stabilizers": Fraction(base.stabilizers, base.budget), "chunk": base.chunk, "span": base.span,
-               "eviction": eviction, "layers": base.shared_layers, "scorer": "heads"}
+def grid(args, base: Settings) -> list[dict]:
+    """Locret's defaults `base` (evicting as its heads were trained), then each setting varied alone
+    (stabilizers as a share of the budget); with --oracle, the training labels in place of the heads
+    (ORACLES)."""
+    default = {"stabilizers": Fraction(base.stabilizers, base.budget), "chunk": base.chunk,
+               "span": base.span, "eviction": base.eviction, "layers": base.shared_layers,
+               "scorer": "heads"}
     points = [default]
-    for name, values in (("stabilizers", args.stabilizers), ("chunk", args.chunks), ("span", args.spans),
-                         ("eviction", args.evictions), ("layers", args.shared_layers)):
+    varied = (("stabilizers", args.stabilizers), ("chunk", args.chunks), ("span", args.spans),
+              ("eviction", args.evictions), ("layers", args.shared_layers))
+    for name, values in varied:
         points += [default | {name: v} for v in values if v != default[name]]
     if args.oracle:
         points += [default | {"scorer": scorer, "eviction": mode} for scorer, mode in ORACLES]
     return points
 
 
-def settings_of(point: dict, budget: int, question_tokens: int) -> Settings:
-    return Settings("locret", budget, point["chunk"], int(budget * point["stabilizers"]), question_tokens,
-                          span=point["span"], eviction=point["eviction"], shared_layers=point["layers"])
+def settings_of(entry, eviction: str, point: dict | None, budget: int,
+                encoded: Encoded) -> Settings:
+    """A grid point's settings (None: full attention's), n_loc just the item's question."""
+    choices = {"n_loc": "question"}
+    if point:
+        choices |= {"budget": budget, "stabilizers": int(budget * point["stabilizers"]),
+                    "chunk": point["chunk"], "span": point["span"], "eviction": point["eviction"],
+                    "shared_layers": point["layers"]}
+    defaults = default_settings(entry, "locret" if point else "full", eviction)
+    return item_settings(defaults, choices, encoded)
 
 
 def label(point: dict) -> dict:
@@ -71,21 +86,21 @@ def label(point: dict) -> dict:
 
 def oracle_scores(model, encoded, ranking_layers: slice) -> dict[str, torch.Tensor]:
     """The item's training labels from one frozen forward over prompt + gold answer, [L, 1, KVH, P]:
-    each layer's own (`labels`) and, the same for all, each token's best rank in any layer (`shared labels`:
-    the graded form of train.py --target shared) or its mean rank over the `ranking_layers` (`joint labels`,
-    of --target joint)."""
+    each layer's own (`labels`) and, the same for all, each token's best rank in any layer
+    (`shared labels`: the graded form of train.py --target shared) or its mean rank over the
+    `ranking_layers` (`joint labels`, of --target joint)."""
     recorder = LabelRecorder(len(encoded.prompt))
-    model(torch.tensor([encoded.prompt + encoded.answer], device=model.lm_head.weight.device), cache=recorder,
-          last_only=True)
+    ids = torch.tensor([encoded.prompt + encoded.answer], device=model.lm_head.weight.device)
+    model(ids, cache=recorder, last_only=True)
     labels = recorder.stacked()[1]
-    everywhere = lambda scores: scores[None, :, None].expand_as(labels)  # [B, P] -> every layer and KV head
+    everywhere = lambda scores: scores[None, :, None].expand_as(labels)  # [B, P] -> [L, B, KVH, P]
     return {"labels": labels, "shared labels": everywhere(best_rank(labels)),
             "joint labels": everywhere(percentile_rank(labels[ranking_layers]).mean(dim=(0, 2)))}
 
 
 def summarize(rows: list[dict], points: list[dict]) -> list[str]:
-    md = ["| stabilizers (share of budget) | chunk | span | eviction | layers | scores | correct | % (95% CI) "
-          "| needle kept | top-1 agree | log-lik gap |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    md = ["| stabilizers (share of budget) | chunk | span | eviction | layers | scores | correct "
+          "| % (95% CI) | needle kept | top-1 agree | log-lik gap |", "|---" * 11 + "|"]
     for point in [None, *points]:
         mine = [r for r in rows if r["point"] == (label(point) if point else None)]
         if not mine:
@@ -94,9 +109,10 @@ def summarize(rows: list[dict], points: list[dict]) -> list[str]:
         kept = [r["needle_retention"] for r in mine if not math.isnan(r["needle_retention"])]
         mean = lambda key: sum(r[key] for r in mine) / n
         low, high = wilson(right, n)
-        name = ("full attention", "-", "-", "-", "-", "-") if point is None else tuple(label(point).values())
-        md.append(f"| {' | '.join(map(str, name))} | {right:g}/{n} | {100 * right / n:.0f} ({low:.0f}-{high:.0f}) | "
-                  f"{sum(kept) / max(len(kept), 1):.2f} | {mean('top1_agreement'):.2f} | {mean('ll_gap'):+.1f} |")
+        name = ("full attention",) + ("-",) * 5 if point is None else tuple(label(point).values())
+        md.append(f"| {' | '.join(map(str, name))} | {right:g}/{n} | {100 * right / n:.0f} "
+                  f"({low:.0f}-{high:.0f}) | {sum(kept) / max(len(kept), 1):.2f} | "
+                  f"{mean('top1_agreement'):.2f} | {mean('ll_gap'):+.1f} |")
     return md
 
 
@@ -104,12 +120,14 @@ def summarize(rows: list[dict], points: list[dict]) -> list[str]:
 def main(args: argparse.Namespace) -> None:
     folder, entry = resolve_checkpoint(args.ckpt)
     device = args.device or default_device()
-    tokenizer, model = Tokenizer(folder), load_model(folder, device, DTYPES[args.dtype or default_dtype(device)])
-    eviction = trained_eviction(load_heads(model, find_heads(args.heads, entry, model)))
-    stops, points = stop_token_ids(folder, tokenizer), grid(args, entry.settings if entry else GENERIC_SETTINGS, eviction)
+    tokenizer = Tokenizer(folder)
+    model = load_model(folder, device, DTYPES[args.dtype or default_dtype(device)])
+    eviction = heads_eviction(attach_heads(model, args.heads, entry))
+    stops = stop_token_ids(folder, tokenizer)
+    points = grid(args, default_settings(entry, "locret", eviction))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = read_results(out.with_suffix(".jsonl"))  # keyed by (task, length, index, policy, budget, mode)
+    done = read_results(out.with_suffix(".jsonl"))  # by (task, length, index, policy, budget, mode)
     budget = parse_budget(args.budget, args.length)
     with open(out.with_suffix(".jsonl"), "a") as log:
         for index in tqdm(range(args.n), desc="items", file=sys.stderr):
@@ -118,24 +136,25 @@ def main(args: argparse.Namespace) -> None:
             max_new = min(TASKS[args.task].gen_tokens, 128)
             reference, oracle = None, None
             for point in [None, *points]:
-                key = (args.task, args.length, index, "locret" if point else "full", budget, json.dumps(point and label(point)))
+                mode = json.dumps(point and label(point))
+                key = (args.task, args.length, index, "locret" if point else "full", budget, mode)
                 if key in done:
                     if point is None:  # the full-attention reference, as saved
-                        reference = Reference(*(torch.tensor(done[key][k]) for k in ("answer_log_probs", "answer_top1")))
+                        reference = saved_reference(done[key])
                     continue
-                settings = settings_of(point, budget, encoded.question_tokens) if point else \
-                    Settings("full", n_loc=encoded.question_tokens)
+                settings = settings_of(entry, eviction, point, budget, encoded)
                 scorer = None
                 if point and point["scorer"] != "heads":
                     oracle = oracle or oracle_scores(model, encoded, layer_slice(point["layers"]))
                     scorer = Precomputed(oracle[point["scorer"]], point["span"])
-                result, reference = evaluate(model, tokenizer, item, encoded, settings, max_new, stops, reference, scorer)
-                row = {"task": args.task, "length": args.length, "index": index, **asdict(result), "budget": budget,
-                       "mode": key[-1], "point": point and label(point)}
+                result, reference = evaluate(model, tokenizer, item, encoded, settings, max_new,
+                                             stops, reference, scorer)
+                row = {"task": args.task, "length": args.length, "index": index, **asdict(result),
+                       "budget": budget, "mode": mode, "point": point and label(point)}
                 if point is None:
-                    row |= {"answer_log_probs": reference.log_probs.tolist(), "answer_top1": reference.top1.tolist()}
-                log.write(json.dumps(row) + "\n")
-                log.flush()
+                    row |= {"answer_log_probs": reference.log_probs.tolist(),
+                            "answer_top1": reference.top1.tolist()}
+                append(log, row)
                 done[key] = row
     table = "\n".join(summarize(list(done.values()), points)) + "\n"
     out.with_suffix(".md").write_text(table)
@@ -154,24 +173,31 @@ def integers(text: str) -> list[int]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=DEFAULT_MODEL, help="zoo model with retaining heads")
     p.add_argument("--heads", default=None, help="retaining heads (default: the zoo's)")
-    p.add_argument("--task", default="heldout_val", choices=[t for t in TASKS if not is_text_task(t)],
-                   help="settings are chosen on heldout_val; other scored tasks show where their budget goes")
+    p.add_argument("--task", default="heldout_val",
+                   choices=[t for t in TASKS if not is_text_task(t)],
+                   help="settings are chosen on heldout_val; other scored tasks show where their "
+                   "budget goes")
     p.add_argument("--length", type=int, default=2048, help="prompt tokens")
-    p.add_argument("--budget", default="1/8", help="a fraction of the prompt (1/8) or entries per KV head (512)")
-    p.add_argument("--stabilizers", type=fractions, default=fractions("0,1/8,1/4,1/2"), help="shares of the budget")
+    p.add_argument("--budget", default="1/8",
+                   help="a fraction of the prompt (1/8) or entries per KV head (512)")
+    p.add_argument("--stabilizers", type=fractions, default=fractions("0,1/8,1/4,1/2"),
+                   help="shares of the budget")
     p.add_argument("--chunks", type=integers, default=integers("256,512,1024,2048"))
-    p.add_argument("--spans", type=integers, default=integers("1,5,9,15"), help="odd; see eval.py --span")
+    p.add_argument("--spans", type=integers, default=integers("1,5,9,15"),
+                   help="odd; see eval.py --span")
     p.add_argument("--evictions", type=lambda t: t.split(","), default=["per-head", "shared"],
                    help=f"from {', '.join(EVICTIONS)}")
     p.add_argument("--shared-layers", type=lambda t: t.split(","), default=[],
-                   help="layer ranges that rank shared eviction (e.g. all,13-22; see eval.py --shared-layers)")
+                   help="layer ranges that rank shared eviction (e.g. all,13-22; see eval.py "
+                   "--shared-layers)")
     p.add_argument("--oracle", action="store_true",
-                   help="add rows where each item's exact training labels stand in for the heads (per layer, and "
-                        "shared across layers by best or mean rank), pooled by the same span: what perfect heads "
-                        "for each target would keep")
+                   help="add rows where each item's exact training labels stand in for the heads "
+                   "(per layer, and shared across layers by best or mean rank), pooled by the same "
+                   "span: what perfect heads for each target would keep")
     p.add_argument("--n", type=int, default=24, help="items")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/sensitivity", help="writes OUT.jsonl and OUT.md")
@@ -189,7 +215,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if parse_budget(args.budget, args.length) < 1:
             p.error(f"--budget {args.budget} keeps no entries of a {args.length}-token prompt")
     except (ValueError, ZeroDivisionError):
-        p.error(f"--budget must be a fraction of the prompt (1/8) or entries per KV head (512), not {args.budget!r}")
+        p.error("--budget must be a fraction of the prompt (1/8) or entries per KV head (512), "
+                f"not {args.budget!r}")
     if not all(0 <= share < 1 for share in args.stabilizers):
         p.error("--stabilizers are shares of the budget, each in [0, 1) (e.g. 0,1/8,1/4)")
     return args

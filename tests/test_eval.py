@@ -1,4 +1,5 @@
-"""eval.py end to end on a tiny random model: reports agree with each other, runs reproduce, resume is exact."""
+"""eval.py end to end on a tiny random model: reports agree with each other, runs reproduce, resume
+is exact."""
 import csv
 import json
 import math
@@ -8,16 +9,20 @@ import pytest
 import torch
 
 import eval as cli
-from locret.settings import Settings
+from locret import plan
 from locret.errors import LocretError
-from locret.eval.evaluation import encode_item, evaluate
-from locret.loading.weights import load_model, stop_token_ids
+from locret.eval import suite
+from locret.eval.evaluation import Encoded, encode_item, evaluate
 from locret.eval.stats import paired, share_interval, share_text, sign_test, wilson
 from locret.eval.tasks import make_item
 from locret.loading.tokenizer import Tokenizer
+from locret.loading.weights import load_model, stop_token_ids
+from locret.settings import Settings
 
-QUICK = ["--quick", "--dtype", "float32", "--device", "cpu", "--policies", "full,streamingllm,random,snapkv",
-         "--budgets", "1/4,1/2", "--n", "2", "--chunk", "64", "--n-loc", "20"]
+QUICK = ["--suite", "quick", "--dtype", "float32", "--device", "cpu", "--policies",
+         "full,streamingllm,random,snapkv", "--budgets", "1/4,1/2", "--n", "2", "--chunk", "64",
+         "--n-loc", "20"]
+SMALL = ["--policies", "full", "--n", "1"]  # one item, full attention only: a run to refuse
 
 
 def run_eval(folder, out, *flags):
@@ -65,33 +70,40 @@ def test_locret_evicts_as_its_heads_were_trained_and_heuristics_per_head(tiny_ch
     assert modes and all(modes)
 
 
-def test_same_seed_reproduces(tiny_chat_model, tmp_path):
-    numbers = lambda rows: [(r["task"], r["policy"], r["budget"], r["score"], r["log_likelihood"], r["prediction"])
-                            for r in rows]
-    assert numbers(run_eval(tiny_chat_model, tmp_path / "a")) == numbers(run_eval(tiny_chat_model, tmp_path / "b"))
-
-
-def test_interrupted_run_resumes_without_duplicates(tiny_chat_model, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_without_duplicates_and_says_what_it_dropped(
+        tiny_chat_model, tmp_path, monkeypatch, capsys):
+    """A run killed after 5 results (and while writing a 6th line) resumes to the rows of a whole run:
+    the same items, seed and settings give the same numbers, every run once."""
     whole = run_eval(tiny_chat_model, tmp_path / "whole")
     calls = {"n": 0}
-    real = cli.evaluate
+    real = suite.evaluate
 
     def dies_after_5(*args):
         calls["n"] += 1
         if calls["n"] > 5:
             raise KeyboardInterrupt
         return real(*args)
-    monkeypatch.setattr(cli, "evaluate", dies_after_5)
+    monkeypatch.setattr(suite, "evaluate", dies_after_5)
     with pytest.raises(KeyboardInterrupt):
         run_eval(tiny_chat_model, tmp_path / "cut")
-    assert len((tmp_path / "cut" / "results.jsonl").read_text().splitlines()) == 5
-    monkeypatch.setattr(cli, "evaluate", real)
+    log = tmp_path / "cut" / "results.jsonl"
+    numbers = lambda rows: [(r["task"], r["index"], r["policy"], r["budget"], r["score"],
+                             r["log_likelihood"], r["ll_gap"], r["prediction"]) for r in rows]
+    cut = [json.loads(line) for line in log.read_text().splitlines()]
+    assert numbers(cut) == numbers(whole[:5])  # the same seed and settings reproduce
+    log.write_text(log.read_text() + json.dumps(whole[5])[:30])  # killed while writing line 6
+    monkeypatch.setattr(suite, "evaluate", real)
+    capsys.readouterr()
     resumed = run_eval(tiny_chat_model, tmp_path / "cut")
+    assert f"{log}: dropped line 6, cut short by a kill" in capsys.readouterr().err
     key = lambda r: (r["task"], r["length"], r["index"], r["policy"], r["budget"])
-    assert sorted(map(key, resumed)) == sorted(map(key, whole)) and len(set(map(key, resumed))) == len(resumed)
+    assert sorted(map(key, resumed)) == sorted(map(key, whole))
+    assert len(set(map(key, resumed))) == len(resumed)
     by_key = {key(r): r for r in whole}
     for r in resumed:
-        assert r["log_likelihood"] == by_key[key(r)]["log_likelihood"] and r["score"] == by_key[key(r)]["score"]
+        assert r["log_likelihood"] == by_key[key(r)]["log_likelihood"]
+        assert (r["score"], r["prediction"]) == (by_key[key(r)]["score"],
+                                                 by_key[key(r)]["prediction"])
 
 
 @pytest.mark.parametrize("policy", ["h2o", "tova", "knorm"])
@@ -179,49 +191,61 @@ def test_share_interval_is_unbounded_when_the_reference_scores_nothing():
 
 
 def test_rerun_with_other_settings_is_refused(tiny_chat_model, tmp_path):
-    run_eval(tiny_chat_model, tmp_path / "a")
-    with pytest.raises(LocretError, match="seed differ"):
-        run_eval(tiny_chat_model, tmp_path / "a", "--seed", "1")
-    with pytest.raises(LocretError, match="n_loc differ"):
-        run_eval(tiny_chat_model, tmp_path / "a", "--n-loc", "21")
-    with pytest.raises(LocretError, match="kv_int8 differ"):
-        run_eval(tiny_chat_model, tmp_path / "a", "--kv-int8")
+    run_eval(tiny_chat_model, tmp_path / "a", *SMALL)
+    for flags, changed in ((["--seed", "1"], "seed"), (["--n-loc", "21"], "n_loc"),
+                           (["--kv-int8"], "kv_int8"), (["--random-seed", "3"], "random_seed"),
+                           (["--unprotected-final-eviction"], "final_stabilizers")):
+        with pytest.raises(LocretError, match=f"\\({changed} differ\\)"):
+            run_eval(tiny_chat_model, tmp_path / "a", *SMALL, *flags)
     (tmp_path / "file").write_text("")
     with pytest.raises(LocretError, match="is a file"):
-        run_eval(tiny_chat_model, tmp_path / "file")
+        run_eval(tiny_chat_model, tmp_path / "file", *SMALL)
 
 
-def test_unset_settings_follow_the_zoo_and_a_change_of_its_defaults_is_refused(tiny_chat_model, tmp_path, monkeypatch):
-    """Left out, stabilizers are the zoo's share of each budget and chunk the zoo's; the defaults in effect are
-    recorded with the results, so a rerun after they change cannot mix old rows with new ones."""
+def test_unset_settings_follow_the_zoo_and_a_change_of_its_defaults_is_refused(
+        tiny_chat_model, tmp_path, monkeypatch):
+    """Left out, stabilizers are the zoo's share of each budget and chunk the zoo's; --seed draws the
+    items only. The defaults in effect are recorded with the results, so a rerun after they change
+    cannot mix old rows with new ones."""
     from dataclasses import replace
-    args = cli.parse_args(["--budgets", "1/8"])
-    base = replace(cli.GENERIC_SETTINGS, budget=1024, chunk=96, stabilizers=128, span=3)  # a share of 1/8
-    settings = cli.settings_for("snapkv", 512, args, base, question_tokens=10)
-    assert (settings.stabilizers, settings.chunk, settings.span) == (64, 96, 3)
-    assert cli.settings_for("snapkv", 512, cli.parse_args(["--span", "1"]), base, question_tokens=10).span == 1
-    run_eval(tiny_chat_model, tmp_path / "a")
-    monkeypatch.setattr(cli, "GENERIC_SETTINGS", replace(cli.GENERIC_SETTINGS, stabilizers=cli.GENERIC_SETTINGS.stabilizers // 2))
-    with pytest.raises(LocretError, match="defaults differ"):
-        run_eval(tiny_chat_model, tmp_path / "a")
-
-
-def test_resume_survives_a_truncated_last_line(tiny_chat_model, tmp_path):
-    whole = run_eval(tiny_chat_model, tmp_path / "a")
-    log = tmp_path / "a" / "results.jsonl"
-    lines = log.read_text().splitlines(keepends=True)
-    log.write_text("".join(lines[:4]) + lines[4][:30])  # killed while writing line 5
-    resumed = run_eval(tiny_chat_model, tmp_path / "a")
-    assert [r["prediction"] for r in resumed] == [r["prediction"] for r in whole]
+    base = replace(plan.GENERIC, budget=1024, chunk=96, stabilizers=128, span=3)  # a share of 1/8
+    monkeypatch.setattr(plan, "GENERIC", base)
+    subject = suite.Subject(None, None, [], None, "per-head")
+    encoded = Encoded(list(range(600)), [], [], 10, 0)  # 600 prompt tokens, the last 10 the question
+    config = lambda flags: cli.suite_config(cli.parse_args(list(flags)))
+    at_512 = lambda *flags: suite.run_settings(subject, config(flags), "random", 512, encoded)
+    settings = at_512("--seed", "5")
+    assert (settings.stabilizers, settings.chunk, settings.span, settings.n_loc) == (64, 96, 3, 100)
+    assert settings.random_seed == 0 and at_512("--random-seed", "5").random_seed == 5
+    assert at_512("--span", "1").span == 1 and at_512("--suite", "heldout").n_loc == 10
+    assert at_512("--stabilizers", "8").stabilizers == 8
+    run_eval(tiny_chat_model, tmp_path / "a", *SMALL)
+    recorded = json.loads((tmp_path / "a" / "settings.json").read_text())
+    assert recorded["defaults"]["stabilizers"] == 128 and recorded["n_loc"] == 20
+    monkeypatch.setattr(plan, "GENERIC", replace(base, stabilizers=64))
+    with pytest.raises(LocretError, match=r"\(defaults differ\)"):
+        run_eval(tiny_chat_model, tmp_path / "a", *SMALL)
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--lengths", "abc"], "--lengths must be integers"), (["--budgets", "1/0"], "--budgets fractions"),
-    (["--n", "0"], "must be positive"), (["--n-loc", "tail"], "--n-loc must be")])
+    (["--lengths", "abc"], "--lengths must be integers"),
+    (["--budgets", "1/0"], "--budgets fractions"),
+    (["--n", "0"], "must be positive"), (["--chunk", "0"], "--chunk must be positive"),
+    (["--n-loc", "tail"], "--n-loc must be"), (["--quick"], "unrecognized arguments: --quick")])
 def test_bad_flags_are_one_line(flags, message, capsys):
     with pytest.raises(SystemExit):
         cli.parse_args(flags)
     assert message in capsys.readouterr().err
+
+
+def test_help_leads_with_everyday_flags_and_groups_the_research_knobs(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    text = capsys.readouterr().out
+    advanced = text.index("advanced (")
+    assert all(text.index(f"  {flag} ") < advanced for flag in ("--suite", "--budgets", "--out"))
+    knobs = ("--chunk", "--span", "--random-seed")
+    assert all(text.index(f"  {flag} ") > advanced for flag in knobs)
 
 
 def test_heldout_suite_keeps_just_the_question_uncompressed(tiny_chat_model, tmp_path, monkeypatch):

@@ -239,6 +239,11 @@ def questions_of(item: Item) -> list[Item]:
     return [item] + [replace(item, **fields, more=[]) for fields in item.more]
 
 
+def is_text_task(task: str) -> bool:
+    """Natural-text tasks are measured by perplexity and fidelity, not scored."""
+    return TASKS[task].score is not_scored
+
+
 def score(item: Item, prediction: str) -> float:
     """The task's public scorer on one prediction."""
     return TASKS[item.task].score(prediction, item.answers)
