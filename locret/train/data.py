@@ -21,49 +21,62 @@ from . import corpora
 from ..sampling import distinct
 from .values import FIRST_NAMES, NAME_WORDS, SALAD_WORDS, VALUE_KINDS, random_value, subject
 
-# Evaluation benchmark templates (InfiniteBench, RULER, long-text PPL, the held-out suite): kept out of training.
+# Evaluation benchmark templates (InfiniteBench, RULER, long-text PPL, the held-out suite): kept out
+# of training.
 EVAL_PHRASES = ["The grass is green", "The sky is blue", "The sun is yellow", "Here we go",
                 "There and back again", "pass key", "passkey", "Remember it", "special magic",
                 "magic number", "What is the sequence of digits", "VAR ", "Paul Graham", "noise"]
 
 # (attribute, value kind): what a fact says about its subject.
 ATTRIBUTES = [("locker number", "digits"), ("badge number", "digits"), ("account number", "digits"),
-              ("door code", "code"), ("reference code", "code"), ("parcel code", "code"), ("password", "words"),
-              ("code word", "words"), ("nickname", "words"), ("contact person", "name"), ("deputy", "name"),
-              ("founding date", "date"), ("inspection date", "date"), ("serial", "uuid"), ("licence key", "uuid"),
+              ("door code", "code"), ("reference code", "code"), ("parcel code", "code"),
+              ("password", "words"), ("code word", "words"), ("nickname", "words"),
+              ("contact person", "name"), ("deputy", "name"), ("founding date", "date"),
+              ("inspection date", "date"), ("serial", "uuid"), ("licence key", "uuid"),
               ("budget", "amount"), ("recorded weight", "amount"), ("opening time", "time"),
               ("departure time", "time"), ("room number", "digits"), ("favourite number", "digits"),
               ("last reading", "amount"), ("owner", "name"), ("tag", "code"), ("motto", "words"),
-              ("pet name", "words"), ("signal phrase", "words"), ("favourite dish", "words"), ("boat name", "words"),
-              ("house name", "words"), ("wedding day", "date"), ("expiry date", "date"), ("neighbour", "name")]
-STATEMENTS = ["The {attr} of {s} is {v}.", "{S}'s {attr} is {v}.", "For the record, {s} has {v} as the {attr}.",
+              ("pet name", "words"), ("signal phrase", "words"), ("favourite dish", "words"),
+              ("boat name", "words"), ("house name", "words"), ("wedding day", "date"),
+              ("expiry date", "date"), ("neighbour", "name")]
+STATEMENTS = ["The {attr} of {s} is {v}.", "{S}'s {attr} is {v}.",
+              "For the record, {s} has {v} as the {attr}.",
               "It was noted that the {attr} of {s} had become {v}.", "{S} -- {attr}: {v}.",
-              "Please keep in mind: {s} uses {v} as the {attr}.", "We checked twice, and the {attr} for {s} is {v}.",
+              "Please keep in mind: {s} uses {v} as the {attr}.",
+              "We checked twice, and the {attr} for {s} is {v}.",
               "According to the ledger, {s} lists {v} under {attr}.", "{v} is the {attr} of {s}.",
-              "Entry for {s}: {attr} = {v}", "Someone wrote in the margin that {s}'s {attr} reads {v}.",
+              "Entry for {s}: {attr} = {v}",
+              "Someone wrote in the margin that {s}'s {attr} reads {v}.",
               "Update: the new {attr} of {s} is {v}."]
-QUESTIONS = ["What is the {attr} of {s}?", "Which {attr} does {s} have?", "Tell me the {attr} of {s}.",
-             "Give the {attr} recorded for {s}.", "What was written as {s}'s {attr}?",
+QUESTIONS = ["What is the {attr} of {s}?", "Which {attr} does {s} have?",
+             "Tell me the {attr} of {s}.", "Give the {attr} recorded for {s}.",
+             "What was written as {s}'s {attr}?",
              "Look back through the text: what is {s}'s {attr}?", "{S}: which {attr}?"]
 LIST_QUESTIONS = ["List every {attr} given for {s}, in order, separated by commas.",
                   "What are all the values noted as the {attr} of {s}? Separate them with commas."]
 CUES = ["The {attr} of {s} is", "Answer:", "{S}'s {attr}:", "It is"]
 # How a needle sits in a document of each style.
-WRAPPERS = {"code": ["# {n}", "# NOTE: {n}", '"""{n}"""', "    # {n}"], "drama": ["{NAME}.\n{n}", "[{n}]"],
-            "manual": ["{n}", "Note: {n}", "  * {n}"], "list": ["- {n}", "* {n}", "{n}"], "prose": ["{n}"]}
+WRAPPERS = {"code": ["# {n}", "# NOTE: {n}", '"""{n}"""', "    # {n}"],
+            "drama": ["{NAME}.\n{n}", "[{n}]"], "manual": ["{n}", "Note: {n}", "  * {n}"],
+            "list": ["- {n}", "* {n}", "{n}"], "prose": ["{n}"]}
 
-KV_INTROS = ["Inventory records in JSON format:", "Below is a lookup table exported as JSON.", "Registry dump:"]
+KV_INTROS = ["Inventory records in JSON format:", "Below is a lookup table exported as JSON.",
+             "Registry dump:"]
 KV_QUESTIONS = ["In the JSON above, which value belongs to the key \"{key}\"?",
                 "Look up \"{key}\" in the table above and give its value.",
                 "What is stored under \"{key}\" in the registry?"]
 VT_SET = ["Let {name} equal {value}.", "Set {name} to {value}.", "The value of {name} is {value}."]
-VT_COPY = ["Let {name} equal {value}.", "Set {name} to whatever {value} holds.", "Copy {value} into {name}."]
+VT_COPY = ["Let {name} equal {value}.", "Set {name} to whatever {value} holds.",
+           "Copy {value} into {name}."]
 VT_QUESTIONS = ["Which names end up equal to {value}? Answer with the names, separated by commas.",
-                "Following all the assignments in the text, which names hold {value}? List them with commas."]
-EXAMPLE_OPENINGS = ["Here is a worked example of the task.", "An example first, with its answer:", "For instance:",
-                    "A solved example:", "Example (answered):", "First, a sample question and its answer."]
-EXAMPLE_CLOSINGS = ["Now the text to answer about:", "Your turn. The text:", "The real task follows.",
-                    "Now do the same for this document.", "Here is the document.", "Next, the actual text:"]
+                "Following all the assignments in the text, which names hold {value}? "
+                "List them with commas."]
+EXAMPLE_OPENINGS = ["Here is a worked example of the task.", "An example first, with its answer:",
+                    "For instance:", "A solved example:", "Example (answered):",
+                    "First, a sample question and its answer."]
+EXAMPLE_CLOSINGS = ["Now the text to answer about:", "Your turn. The text:",
+                    "The real task follows.", "Now do the same for this document.",
+                    "Here is the document.", "Next, the actual text:"]
 CONTINUE_ASKS = ["", "Continue the text.", "What comes next?", "Go on from where the text stops."]
 RECALL_QUESTIONS = ["Earlier the text has a passage that begins \"{cue}\". How does it go on?",
                     "Repeat the words that follow \"{cue}\" in the text above.",
@@ -75,11 +88,13 @@ SPEAKER_QUESTIONS = ["Who says \"{line}\"?", "Which character speaks the line \"
                      "In the scenes above, whose words are \"{line}\"?"]
 VERSE_QUESTIONS = ["Quote verse {ref} from the passage above.", "What does verse {ref} say?",
                    "Recite the words of {ref} as given in the passage."]
-STOP_WORDS = set("that with them they their there this which shall unto upon have from were when what will "
-                 "thee thou thine thy hath also said into your because then before after self return none".split())
+STOP_WORDS = set("that with them they their there this which shall unto upon have from were when "
+                 "what will thee thou thine thy hath also said into your because then before after "
+                 "self return none".split())
 ANSWER_WORDS = 12  # a recalled passage's answer is cut to its first words
 CONTINUE_WORDS = 40  # a continuation's answer length in words
-JOINERS = {"scripture": " ", "encyclopedia": " ", "drama": "\n\n", "manual": "\n\n", "code": "\n\n", "salad": " "}
+JOINERS = {"scripture": " ", "encyclopedia": " ", "drama": "\n\n", "manual": "\n\n", "code": "\n\n",
+           "salad": " "}
 
 
 @dataclass
@@ -87,7 +102,8 @@ class Sample:
     task: str    # generator name
     prompt: str  # the user turn (chat) or the whole text before the answer (completion)
     answer: str  # short gold answer
-    form: str = "chat"  # chat: a user turn, answered by the assistant | completion: plain text, answer follows
+    # chat: a user turn, answered by the assistant | completion: plain text, answer follows
+    form: str = "chat"
 
 
 def has_eval_phrase(text: str) -> bool:
@@ -111,9 +127,10 @@ def trim_words(text: str, n_chars: int) -> str:
     return text if len(text) <= n_chars else text[:n_chars + 1].rsplit(" ", 1)[0]
 
 
-def document(rng: random.Random, n_chars: int, style: str | None = None) -> tuple[list[str], str, str]:
-    """About `n_chars` characters (at least one short passage) of consecutive passages of one style (or
-    word salad, or a mix of styles) -> (passages, joiner, style)."""
+def document(rng: random.Random, n_chars: int,
+             style: str | None = None) -> tuple[list[str], str, str]:
+    """About `n_chars` characters (at least one short passage) of consecutive passages of one style
+    (or word salad, or a mix of styles) -> (passages, joiner, style)."""
     styles = corpora.available_styles()
     style = style or rng.choice(styles + ["salad", "mixed"] if styles else ["salad"])
     pieces, total = [], 0
@@ -143,12 +160,13 @@ def scatter(rng: random.Random, pieces: list[str], needles: list[str], joiner: s
 
 
 def wrap(rng: random.Random, needle: str, style: str) -> str:
-    """A needle dressed for its document: a comment in code, a line of dialogue in a play, a list item."""
+    """A needle dressed for its document: a comment in code, a line of dialogue in a play, a list
+    item."""
     kind = style if style in WRAPPERS else rng.choice(["prose", "prose", "list"])
     return rng.choice(WRAPPERS[kind]).format(n=needle, NAME=rng.choice(FIRST_NAMES).upper())
 
 
-# --- task generators: (rng, haystack characters) -> (context, question, answer, answer cue) ---------
+# --- task generators: (rng, haystack characters) -> (context, question, answer, answer cue) ---
 
 def fact_lookup(rng, n_chars):
     """Facts about subjects hidden in a document; one is asked (or every value of a repeated fact).
@@ -163,14 +181,16 @@ def fact_lookup(rng, n_chars):
             facts.append((subj, other_attr, random_value(rng, other_kind)))
         else:
             facts.append((subject(rng), attr, random_value(rng, kind)))
-    facts = list(dict.fromkeys(f for f in facts if f[:2] != (subj, attr) or f in facts[:1 + 3 * several]))
+    facts = list(dict.fromkeys(f for f in facts
+                               if f[:2] != (subj, attr) or f in facts[:1 + 3 * several]))
     rng.shuffle(facts)
     pieces, joiner, style = document(rng, n_chars)
     # not capitalised: a statement may open with its value, which must stay as the answer spells it
     needles = [wrap(rng, rng.choice(STATEMENTS).format(s=s, S=capital(s), attr=a, v=v), style)
                for s, a, v in facts]
     asked = [v for s, a, v in facts if (s, a) == (subj, attr)]
-    question = rng.choice(LIST_QUESTIONS if several else QUESTIONS).format(s=subj, S=capital(subj), attr=attr)
+    questions = LIST_QUESTIONS if several else QUESTIONS
+    question = rng.choice(questions).format(s=subj, S=capital(subj), attr=attr)
     cue = rng.choice(CUES).format(s=subj, S=capital(subj), attr=attr)
     return scatter(rng, pieces, needles, joiner), question, ", ".join(asked), cue
 
@@ -192,19 +212,22 @@ def kv_json(rng, n_chars):
 
 
 def variable_tracking(rng, n_chars):
-    chains = [rng.randint(2, 5) for _ in range(rng.randint(1, 4))]  # chain lengths; chain 0 is asked
+    # chain lengths; chain 0 is asked
+    chains = [rng.randint(2, 5) for _ in range(rng.randint(1, 4))]
     names = rng.sample(NAME_WORDS, sum(chains))
     numbers = distinct(lambda: str(rng.randint(1000, 99999)), len(chains))
     answer, statements = ", ".join(names[:chains[0]]), []
     for length, number in zip(chains, numbers):
         chain, names = names[:length], names[length:]
         statements.append([rng.choice(VT_SET).format(name=chain[0], value=number)] +
-                          [rng.choice(VT_COPY).format(name=b, value=a) for a, b in zip(chain, chain[1:])])
+                          [rng.choice(VT_COPY).format(name=b, value=a)
+                           for a, b in zip(chain, chain[1:])])
     ordered = []  # a random interleaving that keeps each chain in order
     while any(statements):
         ordered.append(rng.choice([s for s in statements if s]).pop(0))
     pieces, joiner, _ = document(rng, n_chars)
-    return scatter(rng, pieces, ordered, joiner), rng.choice(VT_QUESTIONS).format(value=numbers[0]), answer, "Names:"
+    return (scatter(rng, pieces, ordered, joiner),
+            rng.choice(VT_QUESTIONS).format(value=numbers[0]), answer, "Names:")
 
 
 def continuation(rng, n_chars):
@@ -220,9 +243,11 @@ def continuation(rng, n_chars):
 def recall(rng, n_chars):
     """Quote the words after a cue taken from a passage earlier in the document."""
     pieces, joiner, _ = document(rng, n_chars, rng.choice(corpora.available_styles()))
-    words = rng.choice([p.split() for p in pieces[:-1] if len(p.split()) >= 10] or [pieces[0].split()])
+    words = rng.choice([p.split() for p in pieces[:-1] if len(p.split()) >= 10]
+                       or [pieces[0].split()])
     start = rng.randrange(max(1, len(words) - 9))
-    cue, answer = " ".join(words[start:start + 5]), " ".join(words[start + 5:start + 5 + ANSWER_WORDS])
+    cue, answer = (" ".join(words[start:start + 5]),
+                   " ".join(words[start + 5:start + 5 + ANSWER_WORDS]))
     return joiner.join(pieces), rng.choice(RECALL_QUESTIONS).format(cue=cue), answer or cue, ""
 
 
@@ -238,22 +263,28 @@ def cloze(rng, n_chars):
     lines = [p.split() for p in pieces[:-1]] or [pieces[0].split()]
     candidates = [(words, i) for words in lines for i, w in enumerate(map(bare_word, words))
                   if len(w) >= 5 and w.isalpha() and w.lower() not in STOP_WORDS]
-    words, blank = min(candidates or [(lines[0], 0)], key=lambda c: (counts[bare_word(c[0][c[1]]).lower()], rng.random()))
+    words, blank = min(candidates or [(lines[0], 0)],
+                       key=lambda c: (counts[bare_word(c[0][c[1]]).lower()], rng.random()))
     answer = bare_word(words[blank])
     start = max(0, min(blank - 6, len(words) - 14))
-    line = " ".join(w.replace(answer, "____") if i == blank else w for i, w in enumerate(words)).split()
-    return context, rng.choice(CLOZE_QUESTIONS).format(line=" ".join(line[start:start + 14])), answer, "The word is"
+    line = " ".join(w.replace(answer, "____") if i == blank else w
+                    for i, w in enumerate(words)).split()
+    return (context, rng.choice(CLOZE_QUESTIONS).format(line=" ".join(line[start:start + 14])),
+            answer, "The word is")
 
 
 def speaker(rng, n_chars):
-    """Drama: who speaks a given line (a recall question where the document holds no whole speech)."""
+    """Drama: who speaks a given line (a recall question where the document holds no whole
+    speech)."""
     pieces, joiner, _ = document(rng, n_chars, "drama")
-    speeches = [p.split("\n", 1) for p in pieces[:-1] if re.fullmatch(r"[A-Z][A-Z .']*\.\n.*", p, re.S)]
+    speeches = [p.split("\n", 1) for p in pieces[:-1]
+                if re.fullmatch(r"[A-Z][A-Z .']*\.\n.*", p, re.S)]
     if not speeches:
         return recall(rng, n_chars)
     name, lines = rng.choice(speeches)
     line = rng.choice(lines.split("\n")).strip()
-    return joiner.join(pieces), rng.choice(SPEAKER_QUESTIONS).format(line=line), name.rstrip(".").title(), "It is"
+    return (joiner.join(pieces), rng.choice(SPEAKER_QUESTIONS).format(line=line),
+            name.rstrip(".").title(), "It is")
 
 
 def verse_quote(rng, n_chars):
@@ -266,15 +297,16 @@ def verse_quote(rng, n_chars):
         i += 1
     ref, text = rng.choice(passage[:-1])  # not the last verse, which the budget may cut
     context = "\n".join(f"{r} {t}" for r, t in passage)
-    return context, rng.choice(VERSE_QUESTIONS).format(ref=ref), " ".join(text.split()[:ANSWER_WORDS]), ""
+    return (context, rng.choice(VERSE_QUESTIONS).format(ref=ref),
+            " ".join(text.split()[:ANSWER_WORDS]), "")
 
 
 SYNTHETIC = {"fact_lookup": fact_lookup, "kv_json": kv_json, "variable_tracking": variable_tracking}
 NATURAL = {"continuation": continuation, "recall": recall, "cloze": cloze, "speaker": speaker,
            "verse_quote": verse_quote}
 NEEDS = {"speaker": "drama", "verse_quote": "scripture"}  # natural tasks that need one style
-WEIGHTS = {"fact_lookup": 20, "kv_json": 1, "variable_tracking": 1, "continuation": 2, "recall": 2, "cloze": 1,
-           "speaker": 1, "verse_quote": 1}
+WEIGHTS = {"fact_lookup": 20, "kv_json": 1, "variable_tracking": 1, "continuation": 2, "recall": 2,
+           "cloze": 1, "speaker": 1, "verse_quote": 1}
 
 
 def tasks() -> list[str]:
@@ -285,8 +317,9 @@ def tasks() -> list[str]:
 
 
 def with_worked_example(generate):
-    """The task after a worked example of its own kind (a short context, its question and its answer), as
-    few-shot prompts open: the example's values look like the asked ones but are never asked."""
+    """The task after a worked example of its own kind (a short context, its question and its
+    answer), as few-shot prompts open: the example's values look like the asked ones but are never
+    asked."""
     def build(rng, n_chars):
         example_chars = int(n_chars * rng.uniform(0.1, 0.3))
         shown, asked, solution, solution_cue = generate(rng, example_chars)
@@ -299,17 +332,20 @@ def with_worked_example(generate):
 
 
 def render(context: str, question: str, cue: str, form: str) -> str:
-    """The text before the answer: the context, the question, and in completion form the answer cue."""
+    """The text before the answer: the context, the question, and in completion form the answer
+    cue."""
     text = f"{context}\n\n{question}" if question else context
     return f"{text}\n{cue}" if form == "completion" and cue else text
 
 
 # --- length fitting -----------------------------------------------------------------------------
 
-def fit_length(generate, seed_text: str, tokenizer, target: int, form: str, tolerance: float = 0.02):
-    """Build a prompt of about `target` tokens -> (prompt, answer). A cheap first build (one character a
-    token) measures the tokens per character; rebuilds (same seed, so the same needles) resize the
-    haystack by the secant through the last two builds, since needles and haystack tokenize at different rates."""
+def fit_length(generate, seed_text: str, tokenizer, target: int, form: str,
+               tolerance: float = 0.02):
+    """Build a prompt of about `target` tokens -> (prompt, answer). A cheap first build (one
+    character a token) measures the tokens per character; rebuilds (same seed, so the same needles)
+    resize the haystack by the secant through the last two builds, since needles and haystack
+    tokenize at different rates."""
     hay_chars, best, last = float(target), None, None
     for _ in range(4):
         context, question, answer, cue = generate(random.Random(seed_text), int(hay_chars))
@@ -320,7 +356,8 @@ def fit_length(generate, seed_text: str, tokenizer, target: int, form: str, tole
         if abs(n_tokens - target) <= tolerance * target:
             break
         slope = n_tokens / len(prompt)  # tokens per prompt character
-        if last and last[0] != hay_chars and (n_tokens - last[1]) / (hay_chars - last[0]) > 0.2 * slope:
+        if (last and last[0] != hay_chars
+                and (n_tokens - last[1]) / (hay_chars - last[0]) > 0.2 * slope):
             slope = (n_tokens - last[1]) / (hay_chars - last[0])
         last, hay_chars = (hay_chars, n_tokens), max(0.0, hay_chars + (target - n_tokens) / slope)
     return best[0], best[1]
@@ -328,21 +365,24 @@ def fit_length(generate, seed_text: str, tokenizer, target: int, form: str, tole
 
 def make_sample(index: int, seed: int, tokenizer, min_tokens: int, max_tokens: int,
                 worked_examples: float = 0.0) -> Sample:
-    """Sample `index` of the stream for `seed`: deterministic in (index, seed), so training can resume
-    anywhere and ranks can shard by index. Its prompt has about U[min_tokens, max_tokens] tokens; a
-    `worked_examples` share of the prompts open with an answered example of their task."""
-    rng = random.Random(f"{seed}:{index}")  # string seeds are hashed with sha512: stable across processes
+    """Sample `index` of the stream for `seed`: deterministic in (index, seed), so training can
+    resume anywhere and ranks can shard by index. Its prompt has about U[min_tokens, max_tokens]
+    tokens; a `worked_examples` share of the prompts open with an answered example of their task."""
+    # string seeds are hashed with sha512: stable across processes
+    rng = random.Random(f"{seed}:{index}")
     names = tasks()
     task = rng.choices(names, [WEIGHTS[t] for t in names])[0]
     target, form = rng.randint(min_tokens, max_tokens), rng.choice(["chat", "completion"])
     generate = GENERATORS[task]
     if worked_examples and random.Random(f"{seed}:{index}:example").random() < worked_examples:
-        generate = with_worked_example(generate)  # its own draw: the stream without examples is unchanged
+        # its own draw: the stream without examples is unchanged
+        generate = with_worked_example(generate)
     for attempt in range(20):  # a join of document pieces can form an evaluation phrase: redraw
         prompt, answer = fit_length(generate, f"{seed}:{index}:{attempt}", tokenizer, target, form)
         if answer.strip() and not has_eval_phrase(prompt) and not has_eval_phrase(answer):
             return Sample(task, prompt, answer, form)
-    raise RuntimeError(f"sample {index} (seed {seed}): every draw held an evaluation phrase or no answer")
+    raise RuntimeError(f"sample {index} (seed {seed}): every draw held an evaluation phrase "
+                       "or no answer")
 
 
 GENERATORS = {**SYNTHETIC, **NATURAL}

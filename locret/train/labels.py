@@ -1,10 +1,10 @@
 """Causal importance scores (CIS), the retaining heads' training targets (Locret, arXiv 2410.01805).
 
-For layer l, KV head h and prompt token j: the largest pre-softmax attention logit q_p . k_j / sqrt(d)
-that any answer position p, through any query head of h's GQA group, gives to j; RoPE is applied to
-q and k at their true positions. One frozen forward over prompt + answer computes every layer's
-labels: the prompt's keys do not depend on the answer, and only answer rows x prompt columns of the
-logits are formed, never the full T x T matrix."""
+For layer l, KV head h and prompt token j: the largest pre-softmax attention logit
+q_p . k_j / sqrt(d) that any answer position p, through any query head of h's GQA group, gives to j;
+RoPE is applied to q and k at their true positions. One frozen forward over prompt + answer
+computes every layer's labels: the prompt's keys do not depend on the answer, and only answer rows
+x prompt columns of the logits are formed, never the full T x T matrix."""
 import math
 
 import torch
@@ -16,9 +16,11 @@ def cis_labels(q: torch.Tensor, k: torch.Tensor, prompt_len: int) -> torch.Tenso
     """q [B, H, T, D], k [B, KVH, T, D] (RoPE applied) -> labels [B, KVH, prompt_len] in float32."""
     B, H, T, D = q.shape
     kv_heads = k.shape[1]
-    answer_q = q[:, :, prompt_len:].reshape(B, kv_heads, H // kv_heads, T - prompt_len, D)  # [B, KVH, G, A, D]
+    # [B, KVH, G, A, D]
+    answer_q = q[:, :, prompt_len:].reshape(B, kv_heads, H // kv_heads, T - prompt_len, D)
     prompt_k = k[:, :, None, :prompt_len]  # [B, KVH, 1, P, D]
-    logits = answer_q.float() @ prompt_k.float().transpose(-1, -2) / math.sqrt(D)  # [B, KVH, G, A, P]
+    # [B, KVH, G, A, P]
+    logits = answer_q.float() @ prompt_k.float().transpose(-1, -2) / math.sqrt(D)
     return logits.amax(dim=(2, 3))
 
 

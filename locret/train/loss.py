@@ -1,11 +1,12 @@
-"""The retaining heads' objective (Locret, arXiv 2410.01805, as the official code computes it), the loss for the
-shared targets (train.py --target shared, graded, joint) and the metric."""
+"""The retaining heads' objective (Locret, arXiv 2410.01805, as the official code computes it), the
+loss for the shared targets (train.py --target shared, graded, joint) and the metric."""
 import torch
 import torch.nn.functional as F
 
 
 def smoothness(pred: torch.Tensor) -> torch.Tensor:
-    """The sum over layers of the MSE between neighbouring tokens' predictions, pred [L, B, KVH, P]."""
+    """The sum over layers of the MSE between neighbouring tokens' predictions, pred
+    [L, B, KVH, P]."""
     return ((pred[..., :-1] - pred[..., 1:]) ** 2).flatten(1).mean(dim=1).sum()
 
 
@@ -17,8 +18,9 @@ def retaining_loss(pred: torch.Tensor, label: torch.Tensor, alpha: float = 0.002
 
 
 def keep_loss(pred: torch.Tensor, label: torch.Tensor, alpha: float = 0.0025) -> torch.Tensor:
-    """For the shared targets (ranking.py: 0/1, or in [0, 1] when graded): binary cross-entropy with the
-    predictions as logits, plus alpha times their smoothness. pred, label [L, B, KVH, P]."""
+    """For the shared targets (ranking.py: 0/1, or in [0, 1] when graded): binary cross-entropy
+    with the predictions as logits, plus alpha times their smoothness. pred, label
+    [L, B, KVH, P]."""
     pred = pred.float()
     return F.binary_cross_entropy_with_logits(pred, label) + alpha * smoothness(pred)
 
