@@ -16,12 +16,16 @@ from pathlib import Path
 from ..errors import LocretError
 
 JANEAUSTENR = Path("/usr/lib/R/site-library/janeaustenr/data")
-NOVELS = ["sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion"]  # by date
+# by date
+NOVELS = ["sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey",
+          "persuasion"]
 
-# R serialization type codes (R Internals, "Serialization Formats") read here; anything else is refused.
+# R serialization type codes (R Internals, "Serialization Formats") read here; anything else is
+# refused.
 SYMSXP, LISTSXP, CHARSXP, LGLSXP, INTSXP, STRSXP, VECSXP = 1, 2, 9, 10, 13, 16, 19
 NILVALUE_SXP, REFSXP = 254, 255
-HAS_ATTR, HAS_TAG = 1 << 9, 1 << 10  # flag bits; the type is the low byte, string encoding levels from bit 12
+# flag bits; the type is the low byte, string encoding levels from bit 12
+HAS_ATTR, HAS_TAG = 1 << 9, 1 << 10
 LATIN1 = 1 << 2
 
 
@@ -59,7 +63,8 @@ class RUnserializer:
             if n == -1:
                 return None  # NA_character_
             self.pos += n
-            return self.data[self.pos - n:self.pos].decode("latin-1" if (flags >> 12) & LATIN1 else "utf-8")
+            encoding = "latin-1" if (flags >> 12) & LATIN1 else "utf-8"
+            return self.data[self.pos - n:self.pos].decode(encoding)
         if kind == LISTSXP:  # pairlist node: [attributes], [tag], value, rest of the list
             if flags & HAS_ATTR:
                 self.item()
@@ -73,7 +78,8 @@ class RUnserializer:
         elif kind in (STRSXP, VECSXP):
             values = [self.item() for _ in range(self.int())]
         else:
-            raise LocretError(f"{self.source}: R object type {kind} is not supported by this reader")
+            raise LocretError(f"{self.source}: R object type {kind} is not supported "
+                              "by this reader")
         attributes = self.item() if flags & HAS_ATTR else {}
         return dict(zip(attributes["names"], values)) if "names" in attributes else values
 
@@ -88,7 +94,8 @@ def character_vector(data: bytes, source: str) -> list[str | None]:
 
 def read_lazyload(folder: Path) -> dict[str, list[str | None]]:
     """Every object of the lazy-load database `folder`/Rdata.{rdx,rdb}, each a character vector."""
-    index = RUnserializer(gzip.decompress((folder / "Rdata.rdx").read_bytes()), str(folder / "Rdata.rdx")).item()
+    rdx = folder / "Rdata.rdx"
+    index = RUnserializer(gzip.decompress(rdx.read_bytes()), str(rdx)).item()
     if index.get("compressed") != [1]:
         raise LocretError(f"{folder}: only zlib-compressed lazy-load databases are supported")
     db = (folder / "Rdata.rdb").read_bytes()

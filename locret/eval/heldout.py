@@ -30,7 +30,8 @@ def plain_text(raw: str, is_html: bool) -> str:
 
 @lru_cache(maxsize=2)
 def paragraphs(split: str) -> list[str]:
-    """The split's documents as paragraphs of running text (whitespace collapsed), in reading order."""
+    """The split's documents as paragraphs of running text (whitespace collapsed), in reading
+    order."""
     if split not in SOURCES:
         raise LocretError(f"unknown held-out split {split!r} (choose val or test)")
     out = []
@@ -39,7 +40,8 @@ def paragraphs(split: str) -> list[str]:
         if not path.is_file():
             raise LocretError(f"the held-out suite needs R's documentation ({path} is missing): "
                               "apt-get install r-cran-janeaustenr (it brings r-base-core)")
-        text = plain_text(path.read_text(encoding="utf-8", errors="replace"), name.endswith(".html"))
+        text = plain_text(path.read_text(encoding="utf-8", errors="replace"),
+                          name.endswith(".html"))
         for block in re.split(r"\n\s*\n", text):
             block = " ".join(block.split()).lstrip("• ")
             if len(block) >= 60 and not NAVIGATION.match(block):
@@ -58,11 +60,13 @@ NEEDLES = [  # (statement, question, answer cue)
     ("A maintainer added, almost in passing, that {subj} goes by the {attr} {value}.",
      "By which {attr} does {subj} go?", "{Subj} goes by the {attr}"),
     ("(Aside: anyone who asks about {subj} should be told that the {attr} is {value}.)",
-     "What should someone asking about {subj} be told the {attr} is?", "They should be told that the {attr} is"),
+     "What should someone asking about {subj} be told the {attr} is?",
+     "They should be told that the {attr} is"),
     ("It is set down here, for later, that the {attr} belonging to {subj} equals {value}.",
      "What does the {attr} belonging to {subj} equal?", "The {attr} belonging to {subj} equals"),
     ("During the last review, {subj} confirmed a {attr} of {value}.",
-     "Which {attr} did {subj} confirm during the last review?", "During the review, {subj} confirmed a {attr} of"),
+     "Which {attr} did {subj} confirm during the last review?",
+     "During the review, {subj} confirmed a {attr} of"),
     ("Keep this in your head: {subj}, {attr}, {value}.",
      "Which {attr} goes with {subj}?", "The {attr} that goes with {subj} is"),
 ]
@@ -71,11 +75,13 @@ ATTRIBUTES = {"number": ["mooring slot", "ration card number", "tram route", "ca
               "name": ["stage name", "godparent", "landlord"],
               "code": ["crate marking", "ticket stub", "permit"],
               "date": ["harvest date", "christening day", "sailing date"]}
-SUBJECTS = ["the night porter", "the second cellist", "the lighthouse keeper's niece", "the ferry pilot",
-            "the apprentice glassblower", "the retired surveyor", "the village organist", "the junior archivist",
-            "the quarry foreman", "the beekeeper from the valley", "the ship's cook", "the tram conductor"]
+SUBJECTS = ["the night porter", "the second cellist", "the lighthouse keeper's niece",
+            "the ferry pilot", "the apprentice glassblower", "the retired surveyor",
+            "the village organist", "the junior archivist", "the quarry foreman",
+            "the beekeeper from the valley", "the ship's cook", "the tram conductor"]
 NAMES = (["Ottoline", "Benedikt", "Marisol", "Casimir", "Henrike", "Leopold", "Solveig", "Tobiah"],
-         ["Vantongeren", "Quillfeather", "Ashcombe", "Brightwater", "Castellanos", "Drummond", "Ferreira"])
+         ["Vantongeren", "Quillfeather", "Ashcombe", "Brightwater", "Castellanos", "Drummond",
+          "Ferreira"])
 ORDINAL = {1: "st", 2: "nd", 3: "rd", 21: "st", 22: "nd", 23: "rd"}
 MAX_HAYSTACK_WORDS = 9000  # a 7K-token prompt of R's prose takes about 5,500 words
 
@@ -88,15 +94,19 @@ def random_value(rng, kind: str) -> str:
     if kind == "name":
         return f"{rng.choice(NAMES[0])} {rng.choice(NAMES[1])}"
     if kind == "code":
-        return f"{rng.choice('QWXZ')}{rng.choice('KVJY')}-{rng.randint(100, 999)}/{rng.randint(10, 99)}"
+        return (f"{rng.choice('QWXZ')}{rng.choice('KVJY')}-"
+                f"{rng.randint(100, 999)}/{rng.randint(10, 99)}")
     day = rng.randint(1, 28)
-    return f"the {day}{ORDINAL.get(day, 'th')} of {rng.choice(['March', 'June', 'October'])} {rng.randint(1801, 1899)}"
+    return (f"the {day}{ORDINAL.get(day, 'th')} of {rng.choice(['March', 'June', 'October'])} "
+            f"{rng.randint(1801, 1899)}")
 
 
 def random_fact(rng, subjects: list[str]) -> dict:
-    """One fact about a subject not in `subjects` (which it joins): its statement, question, cue and value."""
+    """One fact about a subject not in `subjects` (which it joins): its statement, question, cue
+    and value."""
     kind = rng.choice(list(ATTRIBUTES))
-    attr, subj = rng.choice(ATTRIBUTES[kind]), rng.choice([x for x in SUBJECTS if x not in subjects])
+    attr, subj = (rng.choice(ATTRIBUTES[kind]),
+                  rng.choice([x for x in SUBJECTS if x not in subjects]))
     subjects.append(subj)
     value = random_value(rng, kind)
     statement, question, cue = rng.choice(NEEDLES)
@@ -106,18 +116,21 @@ def random_fact(rng, subjects: list[str]) -> dict:
 
 
 def needle_task(split: str, n_facts: int = 1):
-    """`n_facts` facts in `size` words of the split's R documentation, the first at `depth` and the others
-    spread evenly after it (depths stretched to 0.05-0.95, wrapping round). The item asks about the first;
-    `more` holds the questions about the others (eval.py --multi-question asks them all)."""
+    """`n_facts` facts in `size` words of the split's R documentation, the first at `depth` and the
+    others spread evenly after it (depths stretched to 0.05-0.95, wrapping round). The item asks
+    about the first; `more` holds the questions about the others (eval.py --multi-question asks
+    them all)."""
     def build(rng, size, depth, tokenizer):
         subjects = []
         facts = [random_fact(rng, subjects) for _ in range(n_facts)]
         words = words_of(text(split))
         start = rng.randrange(len(words) - MAX_HAYSTACK_WORDS)
-        sentences = re.split(r"(?<=[.!?])\s+(?=[A-Z(])", " ".join(words[start:start + size])) if size else []
+        sentences = (re.split(r"(?<=[.!?])\s+(?=[A-Z(])", " ".join(words[start:start + size]))
+                     if size else [])
         depths = [0.05 + 0.9 * ((depth + i / n_facts) % 1.0001) for i in range(n_facts)]
         needles = [f.pop("needle") for f in facts]
-        more = [dict(f, needles=[n], depth=d) for f, n, d in zip(facts[1:], needles[1:], depths[1:])]
-        return dict(context=" ".join(insert(sentences, needles, depths)), **facts[0], needles=needles[:1],
-                    depth=depths[0], more=more)
+        more = [dict(f, needles=[n], depth=d)
+                for f, n, d in zip(facts[1:], needles[1:], depths[1:])]
+        return dict(context=" ".join(insert(sentences, needles, depths)), **facts[0],
+                    needles=needles[:1], depth=depths[0], more=more)
     return Task(build, "{context}\n\n{question}", "\n", string_match_all, 16)

@@ -1,6 +1,6 @@
-"""Statistics for the accuracy tables: Wilson intervals of a policy's accuracy, paired sign tests of one
-policy against another on the same items (every policy answers the same seeded items), and Fieller intervals
-of one policy's accuracy as a share of full attention's on the same items."""
+"""Statistics for the accuracy tables: Wilson intervals of a policy's accuracy, paired sign tests
+of one policy against another on the same items (every policy answers the same seeded items), and
+Fieller intervals of one policy's accuracy as a share of full attention's on the same items."""
 import math
 
 
@@ -18,20 +18,24 @@ def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def sign_test(higher: int, lower: int) -> float:
-    """Exact two-sided p-value that items scored higher and lower are equally likely (ties left out)."""
+    """Exact two-sided p-value that items scored higher and lower are equally likely (ties left
+    out)."""
     n = higher + lower
     tail = sum(math.comb(n, i) for i in range(min(higher, lower) + 1)) / 2**n
     return min(1.0, 2 * tail)
 
 
-def share_interval(ours: list[float], theirs: list[float], z: float = 1.96) -> tuple[float, float] | None:
-    """Fieller's 95% interval of mean(ours) / mean(theirs) for paired scores: every r with |mean(ours - r *
-    theirs)| within z standard errors (normal approximation). None when unbounded (theirs too near zero)."""
+def share_interval(ours: list[float], theirs: list[float], z: float = 1.96
+                   ) -> tuple[float, float] | None:
+    """Fieller's 95% interval of mean(ours) / mean(theirs) for paired scores: every r with
+    |mean(ours - r * theirs)| within z standard errors (normal approximation). None when unbounded
+    (theirs too near zero)."""
     n = len(ours)
     if n < 2:
         return None
     mx, my = sum(ours) / n, sum(theirs) / n
-    sxx = sum((x - mx) ** 2 for x in ours) / (n - 1) / n  # variances and covariance of the two means
+    # variances and covariance of the two means
+    sxx = sum((x - mx) ** 2 for x in ours) / (n - 1) / n
     syy = sum((y - my) ** 2 for y in theirs) / (n - 1) / n
     sxy = sum((x - mx) * (y - my) for x, y in zip(ours, theirs)) / (n - 1) / n
     a, b, c = my * my - z * z * syy, -2 * (mx * my - z * z * sxy), mx * mx - z * z * sxx
@@ -50,26 +54,31 @@ def share_text(ours: list[float], theirs: list[float]) -> str:
 
 
 def paired(rows: list[dict], policy: str) -> list[dict]:
-    """`policy` against every other policy at the same budget and against full attention, per (task, length,
-    budget), on the items both answered: their summed scores, the items where `policy` scored higher and
-    lower, the sign test's p, and against full attention its share of full attention's score (Fieller 95%)."""
+    """`policy` against every other policy at the same budget and against full attention, per
+    (task, length, budget), on the items both answered: their summed scores, the items where
+    `policy` scored higher and lower, the sign test's p, and against full attention its share of
+    full attention's score (Fieller 95%)."""
     scores: dict[tuple, dict[int, float]] = {}
     for r in rows:
-        scores.setdefault((r["task"], r["length"], r["budget"], r["policy"]), {})[r["index"]] = r["score"]
+        key = (r["task"], r["length"], r["budget"], r["policy"])
+        scores.setdefault(key, {})[r["index"]] = r["score"]
     table = []
     for (task, length, budget, name), ours in scores.items():
         if name != policy:
             continue
         for (task2, length2, budget2, other), theirs in scores.items():
-            if (task2, length2) != (task, length) or other == policy or (budget2 != budget and other != "full"):
+            if ((task2, length2) != (task, length) or other == policy
+                    or (budget2 != budget and other != "full")):
                 continue
             items = sorted(ours.keys() & theirs.keys())
             higher = sum(ours[i] > theirs[i] for i in items)
             lower = sum(ours[i] < theirs[i] for i in items)
-            table.append({"task": task, "length": length, "budget": budget_share(budget, length), "policy": policy,
-                          "against": other, "n": len(items), "score": sum(ours[i] for i in items),
-                          "their_score": sum(theirs[i] for i in items), "higher": higher, "lower": lower,
-                          "p": sign_test(higher, lower),
-                          "share_of_full": share_text([ours[i] for i in items], [theirs[i] for i in items])
+            table.append({"task": task, "length": length, "budget": budget_share(budget, length),
+                          "policy": policy, "against": other, "n": len(items),
+                          "score": sum(ours[i] for i in items),
+                          "their_score": sum(theirs[i] for i in items), "higher": higher,
+                          "lower": lower, "p": sign_test(higher, lower),
+                          "share_of_full": share_text([ours[i] for i in items],
+                                                      [theirs[i] for i in items])
                           if other == "full" else "-"})
     return table
