@@ -1,19 +1,23 @@
-"""Memory and speed of generation against prompt length: full attention, Locret and StreamingLLM side by
-side in one run (and transformers' own generate with --transformers, the heads' cost with --heads-overhead,
-kvpress's post-prefill presses at the same budget with --kvpress, Locret with an int8 pool with --kv-int8).
+"""Memory and speed of generation against prompt length: full attention, Locret and StreamingLLM
+side by side in one run (and transformers' own generate with --transformers, the heads' cost with
+--heads-overhead, kvpress's post-prefill presses at the same budget with --kvpress, Locret with an
+int8 pool with --kv-int8).
 
-    python bench/memory_speed.py                                  # 4K..64K tokens on the default model, CPU
+    python bench/memory_speed.py                     # 4K..64K tokens on the default model, CPU
     python bench/memory_speed.py --lengths 4096,8192 --decode-tokens 8
     python bench/memory_speed.py --kvpress ../kvpress-venv/bin/python --presses snapkv,streamingllm
-    python bench/memory_speed.py --device cuda --emulate-gib 24   # Llama-3.1-8B / Phi-3-mini shapes, random bf16
+    python bench/memory_speed.py --device cuda --emulate-gib 24   # Llama-3.1-8B, Phi-3-mini shapes
 
-CPU: each grid point runs in a fresh process, so its peak RSS (VmHWM) is its own. GPU: one process, peak
-torch.cuda.max_memory_allocated per point, under a memory cap that emulates a smaller card, each point
-timed --repeats times (the medians, and decoding's range).
-Prompts are seeded random token ids, the same for every run at one length; past the model's window
-(8K for the default model) full attention is timed anyway, as transformers' generate is, its text
-meaningless. Decode tok/s counts the steps after the first new token. Writes a markdown table (stdout
-and --out with .md), the JSON (--out) and a plot of peak memory against prompt length (--plot)."""
+CPU: each grid point runs in a fresh process, so its peak RSS (VmHWM) is its own; every run starts
+from the grid's settings (budget 2048, chunk 512, 256 stabilizers, n_loc 100) over generate.py's
+for the model and its heads. GPU: published shapes with random bf16 weights at the paper's settings
+for them, one process, peak torch.cuda.max_memory_allocated per point, under a memory cap that
+emulates a smaller card, each point timed --repeats times (the medians, and decoding's range).
+Prompts are seeded random token ids, the same for every run at one length; past the model's
+window (8K for the default model) full attention is timed anyway, as transformers' generate is,
+its text meaningless. Decode tok/s counts the steps after the first new token. Writes a markdown
+table (stdout and --out with .md), the JSON (--out) and a plot of peak memory against prompt
+length (--plot)."""
 import argparse
 import importlib.util
 import json
@@ -22,92 +26,70 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import asdict, replace
 from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, as a script
 
 import torch
 
-from locret.devices import default_dtype
 from locret.context import Context, generate
+from locret.devices import default_dtype
 from locret.engine import pool_bytes
-from locret.settings import NEEDS_HEADS, Settings, check_settings, pool_capacity
 from locret.errors import LocretError, run_script
+from locret.eval.synthetic import PUBLISHED_SHAPES, random_model, random_prompt
+from locret.eval.timing import repeated_speeds, speeds
 from locret.heads import load_heads
 from locret.loading.weights import DTYPES, load_model, read_config
+from locret.loading.zoo import DEFAULT_MODEL, ZooEntry, local_heads, resolve_checkpoint
 from locret.memory import estimate, rss_bytes
+from locret.plan import chosen, default_settings, heads_eviction, resolve
 from locret.policies import POLICIES
-from locret.loading.zoo import DEFAULT_MODEL, LLAMA_OFFICIAL, PHI3_OFFICIAL, local_heads, resolve_checkpoint
-from models import MODEL_TYPES, ModelConfig, config_from_hf
-from models.rope import RotaryEmbedding
+from locret.settings import NEEDS_HEADS, Settings, pool_capacity
+from models import ModelConfig, config_from_hf
 
-GRID = dict(lengths="4096,8192,16384,32768,65536", budget=2048, chunk=512, stabilizers=256, n_loc=100, decode_tokens=16)
-QUICK = dict(lengths="256,512", budget=64, chunk=32, stabilizers=16, n_loc=16, decode_tokens=4)
+# Each grid's prompt lengths, decode steps and the settings its runs start from (flags override).
+GRID = dict(lengths="4096,8192,16384,32768,65536", decode_tokens=16,
+            settings=dict(budget=2048, chunk=512, stabilizers=256, n_loc=100))
+QUICK = dict(lengths="256,512", decode_tokens=4,
+             settings=dict(budget=64, chunk=32, stabilizers=16, n_loc=16))
 GPU_LENGTHS = "32768,65536,131072"
 NO_EVICT = "locret-noevict"  # locret's heads scoring with budget = prompt: nothing is evicted
 INT8 = "locret-int8"  # locret with K and V stored as int8 (--kv-int8)
 
-# Published shapes (config.json of meta-llama/Llama-3.1-8B-Instruct, microsoft/Phi-3-mini-128k-instruct).
-LLAMA_31_8B = dict(
-    model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
-    rope_theta=500000.0, tie_word_embeddings=False, rope_scaling=dict(
-        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192))
-PHI3_MINI_128K = dict(
-    model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
-    num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=131072,
-    original_max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
-    # the published per-frequency factors change values, not shapes or cost: 1.0 stands in for them
-    rope_scaling=dict(type="longrope", short_factor=[1.0] * 48, long_factor=[1.0] * 48))
-GPU_MODELS = {"llama-3.1-8b": (LLAMA_31_8B, LLAMA_OFFICIAL), "phi-3-mini-128k": (PHI3_MINI_128K, PHI3_OFFICIAL)}
-
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     """K and V of one token in every layer and KV head."""
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
-
-
-def make_prompt(vocab_size: int, length: int, seed: int) -> list[int]:
-    """Seeded random token ids: the same prompt for every run at this length."""
-    return torch.randint(vocab_size, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def speeds(prompt_tokens: int, prefill_s: float, new_tokens: int, decode_s: float) -> dict:
-    return dict(prefill_seconds=prefill_s, decode_seconds=decode_s, prefill_tok_s=prompt_tokens / prefill_s,
-                decode_tok_s=(new_tokens - 1) / decode_s)  # the first new token comes from the prefill
-
-
-def repeated_speeds(prompt_tokens: int, new_tokens: int, timings: list[tuple[float, float]]) -> dict:
-    """speeds() of the run with the median prefill and the run with the median decode among repeated
-    (prefill s, decode s), with the decode tok/s range over all of them."""
-    median = lambda i: sorted(timings, key=lambda t: t[i])[(len(timings) - 1) // 2][i]
-    decode = [(new_tokens - 1) / t[1] for t in timings]
-    return dict(speeds(prompt_tokens, median(0), new_tokens, median(1)), repeats=len(timings),
-                decode_tok_s_min=min(decode), decode_tok_s_max=max(decode))
+    layers, heads = config.num_hidden_layers, config.num_key_value_heads
+    return 2 * layers * heads * config.head_dim * dtype.itemsize
 
 
 # ---- CPU: one fresh process per grid point ----
 
 def engine_point(p: dict) -> dict:
-    """Our engine: the pool and memory estimate predicted first, then generate's own measurements."""
+    """Our engine: the pool and memory estimate predicted first, then generate's measurements."""
     model = load_model(p["folder"], "cpu", DTYPES[p["dtype"]])
-    # Speed and memory only: full attention may run past the model's trained window, as transformers' does.
+    # Speed and memory only: full attention may run past the model's trained window, as
+    # transformers' does.
     config = model.config
-    config.max_position_embeddings = max(config.max_position_embeddings, p["length"] + p["decode_tokens"])
-    if p["policy"] == "locret":  # heads attached only here: other policies must not pay for them
+    config.max_position_embeddings = max(config.max_position_embeddings,
+                                         p["length"] + p["decode_tokens"])
+    settings = Settings(**p["settings"])
+    if settings.policy == "locret":  # heads attached only here: others must not pay for them
         load_heads(model, p["heads"])
-    settings = Settings(p["policy"], p["budget"], p["chunk"], p["stabilizers"], p["n_loc"], kv_int8=p["run"] == INT8)
-    prompt = make_prompt(model.config.vocab_size, p["length"], p["seed"])
+    prompt = random_prompt(model.config.vocab_size, p["length"], p["seed"])
     capacity = pool_capacity(settings, len(prompt), p["decode_tokens"])
     predicted = pool_bytes(settings, model.config, capacity, model.lm_head.weight.dtype)
     estimate_bytes = estimate(model, settings, capacity).total
     loaded = rss_bytes()
-    _, stats = generate(model, prompt, settings, p["decode_tokens"])  # no stop ids: exactly decode_tokens
+    # no stop ids: exactly decode_tokens
+    _, stats = generate(model, prompt, settings, p["decode_tokens"])
     return dict(pool_capacity=capacity, predicted_pool_bytes=predicted, pool_bytes=stats.pool_bytes,
-                estimate_bytes=estimate_bytes, kept_after_prefill=stats.kept_after_prefill, rss_loaded_bytes=loaded,
-                peak_bytes=rss_bytes("VmHWM"),
-                **speeds(stats.prompt_tokens, stats.prefill_seconds, stats.new_tokens, stats.decode_seconds))
+                estimate_bytes=estimate_bytes, kept_after_prefill=stats.kept_after_prefill,
+                rss_loaded_bytes=loaded, peak_bytes=rss_bytes("VmHWM"),
+                **speeds(stats.prompt_tokens, stats.prefill_seconds, stats.new_tokens,
+                         stats.decode_seconds))
 
 
 class Clock:
@@ -128,31 +110,34 @@ def transformers_point(p: dict) -> dict:
     import transformers
     model = transformers.AutoModelForCausalLM.from_pretrained(
         p["folder"], dtype=DTYPES[p["dtype"]], attn_implementation="sdpa").eval()
-    prompt = torch.tensor([make_prompt(model.config.vocab_size, p["length"], p["seed"])])
+    prompt = torch.tensor([random_prompt(model.config.vocab_size, p["length"], p["seed"])])
     loaded, clock, n = rss_bytes(), Clock(), p["decode_tokens"]
     with torch.inference_mode():
-        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
-                       do_sample=False, streamer=clock, pad_token_id=0)
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                       min_new_tokens=n, do_sample=False, streamer=clock, pad_token_id=0)
     t = clock.times
     return dict(rss_loaded_bytes=loaded, peak_bytes=rss_bytes("VmHWM"),
                 **speeds(p["length"], t[1] - t[0], len(t) - 1, t[-1] - t[1]))
 
 
-KVPRESS = {"snapkv": "SnapKVPress", "streamingllm": "StreamingLLMPress", "tova": "TOVAPress", "knorm": "KnormPress",
-           "expected-attention": "ExpectedAttentionPress"}  # --presses name -> kvpress class
+# --presses name -> kvpress class
+KVPRESS = {"snapkv": "SnapKVPress", "streamingllm": "StreamingLLMPress", "tova": "TOVAPress",
+           "knorm": "KnormPress", "expected-attention": "ExpectedAttentionPress"}
 
 
 def kvpress_point(p: dict) -> dict:
-    """A kvpress press on transformers, as its pipeline runs it: the context (all but the n_loc tail) prefilled
-    in one forward and each layer's cache compressed after it to the same budget, then the tail and greedy
-    decoding at the true positions. Runs under the python of kvpress's own venv (--kvpress)."""
+    """A kvpress press on transformers, as its pipeline runs it: the context (all but the n_loc
+    tail) prefilled in one forward and each layer's cache compressed after it to the same budget,
+    then the tail and greedy decoding at the true positions. Runs under the python of kvpress's
+    own venv (--kvpress)."""
     import kvpress
     import transformers
     model = transformers.AutoModelForCausalLM.from_pretrained(
         p["folder"], dtype=DTYPES[p["dtype"]], attn_implementation="sdpa").eval()
-    ids = torch.tensor([make_prompt(model.config.vocab_size, p["length"], p["seed"])])
-    body = p["length"] - p["n_loc"]
-    press = getattr(kvpress, KVPRESS[p["press"]])(compression_ratio=1 - p["budget"] / body)
+    ids = torch.tensor([random_prompt(model.config.vocab_size, p["length"], p["seed"])])
+    n_loc, budget = p["settings"]["n_loc"], p["settings"]["budget"]
+    body = p["length"] - n_loc
+    press = getattr(kvpress, KVPRESS[p["press"]])(compression_ratio=1 - budget / body)
     cache, loaded, n = transformers.DynamicCache(), rss_bytes(), p["decode_tokens"]
     with torch.inference_mode():
         t0 = time.perf_counter()
@@ -160,46 +145,68 @@ def kvpress_point(p: dict) -> dict:
             model.model(input_ids=ids[:, :body], past_key_values=cache)
         kept = cache.get_seq_length()
         positions = torch.arange(body, p["length"])[None]
-        token = model(input_ids=ids[:, body:], past_key_values=cache, position_ids=positions, logits_to_keep=1).logits[0, -1].argmax()
+        token = model(input_ids=ids[:, body:], past_key_values=cache, position_ids=positions,
+                      logits_to_keep=1).logits[0, -1].argmax()
         t1 = time.perf_counter()
         for i in range(1, n):
             token = model(input_ids=token.view(1, 1), past_key_values=cache,
                           position_ids=torch.tensor([[p["length"] + i - 1]])).logits[0, -1].argmax()
         t2 = time.perf_counter()
-    return dict(kept_after_prefill=kept + p["n_loc"], rss_loaded_bytes=loaded, peak_bytes=rss_bytes("VmHWM"),
-                **speeds(p["length"], t1 - t0, n, t2 - t1))
+    return dict(kept_after_prefill=kept + n_loc, rss_loaded_bytes=loaded,
+                peak_bytes=rss_bytes("VmHWM"), **speeds(p["length"], t1 - t0, n, t2 - t1))
 
 
 WORKERS = {"engine": engine_point, "transformers": transformers_point, "kvpress": kvpress_point}
 
 
 def spawn(point: dict) -> dict:
-    """Run one point in a fresh process (under `point["python"]` if given); it prints its measurements as a JSON line."""
+    """Run one point in a fresh process (under `point["python"]` if given); it prints its
+    measurements as a JSON line."""
     python = point.get("python", sys.executable)
     done = subprocess.run([python, str(Path(__file__).resolve()), "--worker", json.dumps(point)],
                           capture_output=True, text=True)
     if done.returncode < 0:
         return {"error": f"killed by signal {-done.returncode}"}
     if done.returncode:
-        return {"error": (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]}
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        return {"error": lines[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def cpu_points(args, folder: Path, heads: str | None, with_transformers: bool):
-    """Per length, every run back to back, so that drift on a noisy machine hits them alike."""
-    runs = [(policy, policy) for policy in args.policies] + ([(NO_EVICT, "locret")] if args.heads_overhead else [])
-    runs += [(INT8, "locret")] if args.kv_int8 else []
-    common = dict(folder=str(folder), heads=heads, dtype=args.dtype, chunk=args.chunk, stabilizers=args.stabilizers,
-                  n_loc=args.n_loc, decode_tokens=args.decode_tokens, seed=args.seed)
+def run_settings(entry: ZooEntry | None, eviction: str, policy: str, args, length: int,
+                 **choices) -> dict:
+    """One run's settings: the grid's over the model's defaults, the flags' and `choices` over
+    them, resolved (and checked) at `length`."""
+    grid = QUICK if args.quick else GRID
+    defaults = replace(default_settings(entry, policy, eviction), **grid["settings"])
+    return asdict(resolve(defaults, chosen(args) | choices, length))
+
+
+def cpu_points(args, folder: Path, entry: ZooEntry | None, heads: str | None,
+               with_transformers: bool) -> list[dict]:
+    """Per length, every run back to back, so that drift on a noisy machine hits them alike.
+    Every point's settings are resolved here: bad ones fail before any point runs."""
+    runs = [(policy, policy, {}) for policy in args.policies]
+    runs += [(NO_EVICT, "locret", {"budget": None})] if args.heads_overhead else []
+    runs += [(INT8, "locret", {"kv_int8": True})] if args.kv_int8 else []
+    eviction = heads_eviction(heads)
+    common = dict(folder=str(folder), heads=heads, dtype=args.dtype,
+                  decode_tokens=args.decode_tokens, seed=args.seed)
+    points = []
     for length in args.lengths:
-        for run, policy in runs:
-            budget = length if run == NO_EVICT else args.budget if policy != "full" else None
-            yield dict(common, run=run, worker="engine", policy=policy, length=length, budget=budget)
+        at = lambda policy, **more: run_settings(entry, eviction, policy, args, length, **more)
+        for run, policy, choices in runs:
+            choices = {k: length if k == "budget" else v for k, v in choices.items()}
+            points.append(dict(common, run=run, worker="engine", length=length,
+                               settings=at(policy, **choices)))
         if with_transformers:
-            yield dict(common, run="transformers", worker="transformers", policy="full", length=length, budget=None)
+            points.append(dict(common, run="transformers", worker="transformers", length=length,
+                               settings=at("full")))
         for press in args.presses if args.kvpress else []:
-            yield dict(common, run=f"kvpress-{press}", worker="kvpress", python=args.kvpress, press=press, policy=press,
-                       length=length, budget=args.budget)
+            points.append(dict(common, run=f"kvpress-{press}", worker="kvpress", press=press,
+                               python=args.kvpress, length=length,
+                               settings=at("locret")))  # its budget and n_loc tail are ours
+    return points
 
 
 def cpu_bench(args, record) -> None:
@@ -208,44 +215,31 @@ def cpu_bench(args, record) -> None:
     if "locret" in args.policies or args.heads_overhead or args.kv_int8:
         if heads is None:
             raise LocretError(NEEDS_HEADS)
-        load_heads(load_model(folder, "cpu", torch.float32), heads)  # a missing or unfitting file: one error now
-    for policy in args.policies:  # bad settings: one error now, not one per point
-        check_settings(Settings(policy, args.budget, args.chunk, args.stabilizers, args.n_loc), min(args.lengths))
+        # a missing or unfitting file: one error now
+        load_heads(load_model(folder, "cpu", torch.float32), heads)
+        heads = str(Path(heads).resolve())
     with_transformers = args.transformers and importlib.util.find_spec("transformers") is not None
     if args.transformers and not with_transformers:
         print("transformers is not installed: skipping its generate", file=sys.stderr)
     kv = kv_bytes_per_token(config_from_hf(read_config(folder)), DTYPES[args.dtype])
     name = entry.name if entry else folder.name
-    for p in cpu_points(args, folder, heads and str(Path(heads).resolve()), with_transformers):
-        row = dict(model=name, run=p["run"], policy=p["policy"], prompt_tokens=p["length"], budget=p["budget"],
-                   kv_bytes_per_token=kv, **spawn(p))
+    for p in cpu_points(args, folder, entry, heads, with_transformers):
+        policy = p.get("press", p["settings"]["policy"])
+        budget = None if policy in ("full", "transformers") else p["settings"]["budget"]
+        row = dict(model=name, run=p["run"], policy=policy, prompt_tokens=p["length"],
+                   budget=budget, kv_bytes_per_token=kv, settings=p["settings"], **spawn(p))
         print(progress(row), file=sys.stderr, flush=True)
         record(row)
 
 
 def progress(row: dict) -> str:
-    what = row.get("error") or (f"peak {row['peak_bytes'] / 2**20:.0f} MiB, prefill {row['prefill_tok_s']:.0f} tok/s, "
-                                f"decode {row['decode_tok_s']:.1f} tok/s" if "peak_bytes" in row else "does not fit")
+    what = row.get("error") or (
+        f"peak {row['peak_bytes'] / 2**20:.0f} MiB, prefill {row['prefill_tok_s']:.0f} tok/s, "
+        f"decode {row['decode_tok_s']:.1f} tok/s" if "peak_bytes" in row else "does not fit")
     return f"{row['model']} {row['run']} {row['prompt_tokens']} tokens: {what}"
 
 
 # ---- GPU: published shapes, random weights, one process ----
-
-def random_model(hf: dict, device: str, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
-    """The architecture of `hf` in `dtype` on `device`, normal(0, 0.02) matrices, unit norms, with retaining heads."""
-    config = config_from_hf(hf)
-    with torch.device("meta"):
-        model = MODEL_TYPES[hf["model_type"]](config).to(dtype)
-    model = model.to_empty(device=device)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)  # matrices; RMSNorm weights (no biases here)
-    with torch.device(device):  # buffers came from the meta device empty
-        model.model.rotary_emb = RotaryEmbedding(config.rope, config.head_dim)
-    model.eval().requires_grad_(False)
-    model.add_retaining_heads(1024)  # the paper's head size
-    return model
-
 
 def set_heads(model, heads: list | None) -> None:
     for layer, head in zip(model.model.layers, heads or [None] * len(model.model.layers)):
@@ -253,9 +247,12 @@ def set_heads(model, heads: list | None) -> None:
 
 
 @torch.inference_mode()
-def timed_run(model, prompt: list[int], settings: Settings, new_tokens: int) -> tuple[int, float, float]:
-    """Greedy generation with the GPU synchronised at each clock reading -> (pool bytes, prefill s, decode s)."""
-    context = Context(model, settings, pool_capacity(settings, len(prompt), new_tokens), len(prompt))
+def timed_run(model, prompt: list[int], settings: Settings,
+              new_tokens: int) -> tuple[int, float, float]:
+    """Greedy generation with the GPU synchronised at each clock reading -> (pool bytes, prefill s,
+    decode s)."""
+    capacity = pool_capacity(settings, len(prompt), new_tokens)
+    context = Context(model, settings, capacity, len(prompt))
     engine = context.engine
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -268,14 +265,15 @@ def timed_run(model, prompt: list[int], settings: Settings, new_tokens: int) -> 
 
 
 def gpu_point(model, heads: list, settings: Settings, length: int, args) -> dict:
-    """One policy at one length: does it fit under the cap, how fast, how much of the GPU's peak it uses."""
+    """One policy at one length: does it fit under the cap, how fast, how much of the GPU's peak
+    it uses."""
     set_heads(model, heads if settings.policy == "locret" else None)
-    prompt = make_prompt(model.config.vocab_size, length, args.seed)
+    prompt = random_prompt(model.config.vocab_size, length, args.seed)
     capacity = pool_capacity(settings, length, args.decode_tokens)
     row = dict(run=settings.policy, policy=settings.policy, prompt_tokens=length,
                budget=settings.budget if settings.evicts else None, pool_capacity=capacity,
                predicted_pool_bytes=pool_bytes(settings, model.config, capacity, torch.bfloat16),
-               estimate_bytes=estimate(model, settings, capacity).total)
+               estimate_bytes=estimate(model, settings, capacity).total, settings=asdict(settings))
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     try:
@@ -283,29 +281,34 @@ def gpu_point(model, heads: list, settings: Settings, length: int, args) -> dict
     except torch.cuda.OutOfMemoryError:
         return dict(row, fits=False)
     timed = repeated_speeds(length, args.decode_tokens, [run[1:] for run in runs])
-    # 2 x parameters x tokens, embeddings and lm_head left out: per token, prefill runs neither as a matmul
-    params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("model.embed_tokens", "lm_head")))
+    # 2 x parameters x tokens, embeddings and lm_head left out: per token, prefill runs neither
+    # as a matmul
+    params = sum(p.numel() for n, p in model.named_parameters()
+                 if not n.startswith(("model.embed_tokens", "lm_head")))
     mfu = lambda tokens, seconds: 100 * 2 * params * tokens / seconds / (args.peak_tflops * 1e12)
-    return dict(row, fits=True, pool_bytes=runs[0][0], peak_bytes=torch.cuda.max_memory_allocated(), **timed,
-                prefill_mfu_pct=mfu(length, timed["prefill_seconds"]),
+    return dict(row, fits=True, pool_bytes=runs[0][0], peak_bytes=torch.cuda.max_memory_allocated(),
+                **timed, prefill_mfu_pct=mfu(length, timed["prefill_seconds"]),
                 decode_mfu_pct=mfu(args.decode_tokens - 1, timed["decode_seconds"]))
 
 
 def gpu_bench(args, record) -> None:
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, args.emulate_gib * 2**30 / total))
-    for name, (hf, base) in GPU_MODELS.items():
+    for name, (hf, entry) in PUBLISHED_SHAPES.items():
         model = random_model(hf, "cuda")
         heads = model.retaining_heads
-        runs = [Settings(policy, base.budget, base.chunk, base.stabilizers, base.n_loc) for policy in args.policies]
-        warm = make_prompt(model.config.vocab_size, base.budget + 2 * base.chunk + base.n_loc, args.seed)
-        for settings in runs:  # untimed, evicting twice: first uses (lazy CUDA modules, allocator growth) cost here
+        runs = [resolve(default_settings(entry, policy), {}) for policy in args.policies]
+        s = runs[0]
+        warm = random_prompt(model.config.vocab_size, s.budget + 2 * s.chunk + s.n_loc, args.seed)
+        # untimed, evicting twice: first uses (lazy CUDA modules, allocator growth) cost here
+        for settings in runs:
             set_heads(model, heads if settings.policy == "locret" else None)
             timed_run(model, warm, settings, 2)
         kv = kv_bytes_per_token(model.config, torch.bfloat16)
         for length in args.lengths:
             for settings in runs:
-                row = dict(model=name, kv_bytes_per_token=kv, **gpu_point(model, heads, settings, length, args))
+                row = dict(model=name, kv_bytes_per_token=kv,
+                           **gpu_point(model, heads, settings, length, args))
                 print(progress(row), file=sys.stderr, flush=True)
                 record(row)
         del model, heads
@@ -315,19 +318,24 @@ def gpu_bench(args, record) -> None:
 # ---- reports ----
 
 def speed_ratios(rows: list[dict]) -> list[dict]:
-    """Per model and length: tok/s of locret over full (and both over transformers); the heads' prefill overhead."""
+    """Per model and length: tok/s of locret over full (and both over transformers); the heads'
+    prefill overhead."""
     ok = {(r["model"], r["run"], r["prompt_tokens"]): r for r in rows if "prefill_tok_s" in r}
     lines = []
     for model, n in dict.fromkeys((m, n) for m, _, n in ok):
         at = lambda run: ok.get((model, run, n))
         line = dict(model=model, prompt_tokens=n)
-        presses = [run for m, run, length in ok if (m, length) == (model, n) and run.startswith("kvpress-")]
-        for a, b in (("locret", "full"), ("locret", "transformers"), ("full", "transformers"), *(("locret", r) for r in presses)):
+        presses = [run for m, run, length in ok
+                   if (m, length) == (model, n) and run.startswith("kvpress-")]
+        pairs = [("locret", "full"), ("locret", "transformers"), ("full", "transformers"),
+                 *(("locret", press) for press in presses)]
+        for a, b in pairs:
             if at(a) and at(b):
                 for phase in ("prefill", "decode"):
                     line[f"{phase}_{a}_vs_{b}"] = at(a)[f"{phase}_tok_s"] / at(b)[f"{phase}_tok_s"]
         if at(NO_EVICT) and at("full"):
-            line["heads_overhead_pct"] = 100 * (at("full")["prefill_tok_s"] / at(NO_EVICT)["prefill_tok_s"] - 1)
+            overhead = at("full")["prefill_tok_s"] / at(NO_EVICT)["prefill_tok_s"] - 1
+            line["heads_overhead_pct"] = 100 * overhead
         if len(line) > 2:
             lines.append(line)
     return lines
@@ -346,15 +354,16 @@ def memory_growth(rows: list[dict]) -> list[dict]:
 
 
 mib = lambda v: f"{v / 2**20:.1f}"
+fixed = lambda digits: lambda v: f"{v:.{digits}f}"
 COLUMNS = [  # (header, key, format); a column shows only where some row has a value
-    ("model", "model", str), ("run", "run", str), ("prompt tokens", "prompt_tokens", str), ("budget", "budget", str),
-    ("fits", "fits", lambda v: "yes" if v else "no"), ("pool MiB predicted", "predicted_pool_bytes", mib),
-    ("pool MiB measured", "pool_bytes", mib), ("estimate MiB", "estimate_bytes", mib),
-    ("RSS after load MiB", "rss_loaded_bytes", mib), ("peak MiB", "peak_bytes", mib),
-    ("prefill tok/s", "prefill_tok_s", lambda v: f"{v:.0f}"), ("decode tok/s", "decode_tok_s", lambda v: f"{v:.1f}"),
-    ("decode tok/s min", "decode_tok_s_min", lambda v: f"{v:.1f}"), ("max", "decode_tok_s_max", lambda v: f"{v:.1f}"),
-    ("prefill MFU %", "prefill_mfu_pct", lambda v: f"{v:.1f}"), ("decode MFU %", "decode_mfu_pct", lambda v: f"{v:.2f}"),
-    ("error", "error", str)]
+    ("model", "model", str), ("run", "run", str), ("prompt tokens", "prompt_tokens", str),
+    ("budget", "budget", str), ("fits", "fits", lambda v: "yes" if v else "no"),
+    ("pool MiB predicted", "predicted_pool_bytes", mib), ("pool MiB measured", "pool_bytes", mib),
+    ("estimate MiB", "estimate_bytes", mib), ("RSS after load MiB", "rss_loaded_bytes", mib),
+    ("peak MiB", "peak_bytes", mib), ("prefill tok/s", "prefill_tok_s", fixed(0)),
+    ("decode tok/s", "decode_tok_s", fixed(1)), ("decode tok/s min", "decode_tok_s_min", fixed(1)),
+    ("max", "decode_tok_s_max", fixed(1)), ("prefill MFU %", "prefill_mfu_pct", fixed(1)),
+    ("decode MFU %", "decode_mfu_pct", fixed(2)), ("error", "error", str)]
 
 
 def markdown(rows: list[dict], columns: list[tuple]) -> str:
@@ -363,19 +372,25 @@ def markdown(rows: list[dict], columns: list[tuple]) -> str:
         columns = [c for c in columns if c[1] != "model"]
     cell = lambda r, key, fmt: "-" if r.get(key) is None else fmt(r[key])
     lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
-    return "\n".join(lines + ["| " + " | ".join(cell(r, k, f) for _, k, f in columns) + " |" for r in rows])
+    lines += ["| " + " | ".join(cell(r, k, f) for _, k, f in columns) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def report(rows: list[dict], ratios: list[dict], growth: list[dict]) -> str:
-    kv = "; ".join(f"{m} {b} B" for m, b in dict.fromkeys((r["model"], r["kv_bytes_per_token"]) for r in rows))
-    ratio_keys = list(dict.fromkeys(k for line in ratios for k in line if k not in ("model", "prompt_tokens")))
-    ratio_columns = COLUMNS[:1] + [("prompt tokens", "prompt_tokens", str)] + [
-        (k.replace("_vs_", "/").replace("_pct", " %").replace("_", " "), k, lambda v: f"{v:.2f}") for k in ratio_keys]
-    growth_columns = [COLUMNS[0], COLUMNS[1], ("from tokens", "from_tokens", str), ("to tokens", "to_tokens", str),
+    per_model = dict.fromkeys((r["model"], r["kv_bytes_per_token"]) for r in rows)
+    kv = "; ".join(f"{m} {b} B" for m, b in per_model)
+    ratio_keys = list(dict.fromkeys(k for line in ratios for k in line
+                                    if k not in ("model", "prompt_tokens")))
+    title = lambda k: k.replace("_vs_", "/").replace("_pct", " %").replace("_", " ")
+    ratio_columns = [COLUMNS[0], ("prompt tokens", "prompt_tokens", str),
+                     *((title(k), k, fixed(2)) for k in ratio_keys)]
+    growth_columns = [COLUMNS[0], COLUMNS[1], ("from tokens", "from_tokens", str),
+                      ("to tokens", "to_tokens", str),
                       ("peak memory growth %", "growth_pct", lambda v: f"{v:+.1f}")]
     tables = [markdown(lines, columns) for lines, columns in
               ((rows, COLUMNS), (ratios, ratio_columns), (growth, growth_columns)) if lines]
-    return "\n\n".join([f"KV bytes per token (2 x layers x KV heads x head dim x itemsize): {kv}", *tables]) + "\n"
+    kv_line = f"KV bytes per token (2 x layers x KV heads x head dim x itemsize): {kv}"
+    return "\n\n".join([kv_line, *tables]) + "\n"
 
 
 def plot(rows: list[dict], path: Path, what: str) -> None:
@@ -399,11 +414,12 @@ def plot(rows: list[dict], path: Path, what: str) -> None:
 
 
 def machine(device: str) -> dict:
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor())
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+               platform.processor())
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
-    return dict(platform=platform.platform(), cpu=cpu, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                torch=torch.__version__, gpu=gpu)
+    return dict(platform=platform.platform(), cpu=cpu, cpu_count=os.cpu_count(),
+                torch_threads=torch.get_num_threads(), torch=torch.__version__, gpu=gpu)
 
 
 def save(rows: list[dict], args: argparse.Namespace) -> None:
@@ -411,9 +427,10 @@ def save(rows: list[dict], args: argparse.Namespace) -> None:
     ratios, growth = speed_ratios(rows), memory_growth(rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k != "worker"}
-    out.write_text(json.dumps(dict(date=date.today().isoformat(), machine=machine(args.device), settings=settings,
-                                   rows=rows, speed_ratios=ratios, memory_growth=growth), indent=1) + "\n")
+    flags = {k: v for k, v in vars(args).items() if k != "worker"}
+    out.write_text(json.dumps(dict(date=date.today().isoformat(), machine=machine(args.device),
+                                   settings=flags, rows=rows, speed_ratios=ratios,
+                                   memory_growth=growth), indent=1) + "\n")
     out.with_suffix(".md").write_text(report(rows, ratios, growth))
 
 
@@ -424,7 +441,7 @@ def main(args: argparse.Namespace) -> None:
         return
     rows = []
 
-    def record(row: dict) -> None:  # saved after every point: a run stopped part way keeps what it measured
+    def record(row: dict) -> None:  # saved after every point: a stopped run keeps what it measured
         rows.append(row)
         save(rows, args)
 
@@ -435,49 +452,60 @@ def main(args: argparse.Namespace) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=DEFAULT_MODEL, help=f"CPU: zoo name or HF-layout folder (default: {DEFAULT_MODEL})")
-    p.add_argument("--heads", default=None, help="retaining heads for locret (default: the zoo entry's)")
-    p.add_argument("--lengths", default=None, help=f"prompt lengths in tokens (default: {GRID['lengths']}; "
-                   f"--quick: {QUICK['lengths']}; cuda: {GPU_LENGTHS})")
-    p.add_argument("--policies", default="full,locret,streamingllm", help="comma-separated (default: %(default)s)")
-    g = p.add_argument_group("engine settings (CPU; cuda uses each shape's paper settings)")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=DEFAULT_MODEL,
+                   help=f"CPU: zoo name or HF-layout folder (default: {DEFAULT_MODEL})")
+    p.add_argument("--heads", default=None,
+                   help="retaining heads for locret (default: the zoo entry's)")
+    p.add_argument("--lengths", default=None, help=f"prompt lengths in tokens (default: "
+                   f"{GRID['lengths']}; --quick: {QUICK['lengths']}; cuda: {GPU_LENGTHS})")
+    p.add_argument("--policies", default="full,locret,streamingllm",
+                   help="comma-separated (default: %(default)s)")
+    p.add_argument("--decode-tokens", type=int, default=None,
+                   help=f"tokens generated per run, at least 2 (default: {GRID['decode_tokens']}; "
+                   f"--quick: {QUICK['decode_tokens']})")
+    g = p.add_argument_group("settings (CPU; cuda runs each shape at the paper's settings)")
     for flag, text in (("budget", "entries kept per KV head"), ("chunk", "prefill chunk in tokens"),
-                       ("stabilizers", "most recent entries always kept"),
-                       ("n_loc", "last prompt tokens prefilled without eviction"),
-                       ("decode_tokens", "tokens generated per run, at least 2")):
+                       ("stabilizers", "most recent entries always kept, by default the "
+                        "grid's share of the budget"),
+                       ("n_loc", "last prompt tokens prefilled without eviction")):
         g.add_argument(f"--{flag.replace('_', '-')}", type=int, default=None,
-                       help=f"{text} (default: {GRID[flag]}; --quick: {QUICK[flag]})")
+                       help=f"{text} (grid: {GRID['settings'][flag]}; "
+                       f"--quick: {QUICK['settings'][flag]})")
     p.add_argument("--seed", type=int, default=0, help="prompt seed (default: 0)")
-    p.add_argument("--transformers", action="store_true",
-                   help="CPU: also run transformers' generate (sdpa, full cache) on the same folder and prompts")
+    p.add_argument("--transformers", action="store_true", help="CPU: also run transformers' "
+                   "generate (sdpa, full cache) on the same folder and prompts")
     p.add_argument("--kvpress", default=None, metavar="PYTHON",
-                   help="CPU: also run kvpress's presses at the same budget, under this python (a venv of its own with "
-                        "kvpress installed: its transformers pin differs from ours)")
-    p.add_argument("--presses", default="snapkv", help=f"with --kvpress, from {', '.join(KVPRESS)} (default: %(default)s)")
-    p.add_argument("--heads-overhead", action="store_true",
-                   help=f"CPU: also run locret with budget = prompt ({NO_EVICT}): the heads' cost over full")
-    p.add_argument("--kv-int8", action="store_true", help="CPU: also Locret with an int8 KV pool (run locret-int8)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                   help="cpu: --ckpt on the grid; cuda: Llama-3.1-8B and Phi-3-mini shapes, random weights")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None,
-                   help="CPU weights and cache (default: bfloat16 where native, else float32); cuda: always bfloat16")
-    p.add_argument("--emulate-gib", type=float, default=24, help="cuda: memory cap in GiB (default: 24)")
-    p.add_argument("--repeats", type=int, default=5,
-                   help="cuda: timed runs per point; the median is reported, and decode's range (default: %(default)s)")
-    p.add_argument("--peak-tflops", type=float, default=989, help="cuda: peak for MFU (default: 989, H100 bf16 dense)")
-    p.add_argument("--out", default="bench/results/memory_speed.json", help="JSON path; the table goes next to it "
-                   "as .md (default: %(default)s)")
-    p.add_argument("--plot", default=None, help="PNG of peak memory vs prompt length (default: --out as .png)")
+                   help="CPU: also run kvpress's presses at the same budget, under this python "
+                   "(a venv of its own with kvpress installed: its transformers pin differs)")
+    p.add_argument("--presses", default="snapkv",
+                   help=f"with --kvpress, from {', '.join(KVPRESS)} (default: %(default)s)")
+    p.add_argument("--heads-overhead", action="store_true", help="CPU: also run locret with "
+                   f"budget = prompt ({NO_EVICT}): the heads' cost over full")
+    p.add_argument("--kv-int8", action="store_true",
+                   help=f"CPU: also Locret with an int8 KV pool (run {INT8})")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cpu: --ckpt on the "
+                   "grid; cuda: Llama-3.1-8B and Phi-3-mini shapes, random weights")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="CPU weights and cache "
+                   "(default: bfloat16 where native, else float32); cuda: always bfloat16")
+    p.add_argument("--emulate-gib", type=float, default=24,
+                   help="cuda: memory cap in GiB (default: 24)")
+    p.add_argument("--repeats", type=int, default=5, help="cuda: timed runs per point; the "
+                   "median is reported, and decode's range (default: %(default)s)")
+    p.add_argument("--peak-tflops", type=float, default=989,
+                   help="cuda: peak for MFU (default: 989, H100 bf16 dense)")
+    p.add_argument("--out", default="bench/results/memory_speed.json",
+                   help="JSON path; the table goes next to it as .md (default: %(default)s)")
+    p.add_argument("--plot", default=None,
+                   help="PNG of peak memory vs prompt length (default: --out as .png)")
     p.add_argument("--quick", action="store_true", help="a tiny grid, for tests")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one grid point, as JSON
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one grid point, as JSON
     args = p.parse_args(argv)
-    for name, value in (QUICK if args.quick else GRID).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.device == "cuda" and args.lengths == GRID["lengths"]:
-        args.lengths = GPU_LENGTHS
-    args.lengths = [int(x) for x in str(args.lengths).split(",")]
+    grid = QUICK if args.quick else GRID
+    lengths = args.lengths or (GPU_LENGTHS if args.device == "cuda" else grid["lengths"])
+    args.lengths = [int(x) for x in lengths.split(",")]
+    args.decode_tokens = args.decode_tokens or grid["decode_tokens"]
     args.policies, args.presses = args.policies.split(","), args.presses.split(",")
     args.dtype = "bfloat16" if args.device == "cuda" else args.dtype or default_dtype("cpu")
     args.plot = args.plot or str(Path(args.out).with_suffix(".png"))
@@ -490,7 +518,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     if args.decode_tokens < 2:
-        p.error("--decode-tokens must be at least 2 (decode speed is measured after the first token)")
+        p.error("--decode-tokens must be at least 2 (decode speed is measured after the first one)")
     return args
 
 
