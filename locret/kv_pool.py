@@ -8,14 +8,20 @@ entries are written into the free tail; eviction keeps the top entries per KV he
 original order, gathered into the front of the same buffers through a preallocated scratch.
 With `int8`, K and V are stored as int8 with an fp16 scale per group of values (int8.py) and each
 read dequantizes one layer's into preallocated buffers in the model's dtype."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import torch
-from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from models import ModelConfig
 
 from .errors import LocretError
 from .int8 import SCALE_DTYPE, dequantize, group_size, quantize
 from .ranking import shared_rank
+
+if TYPE_CHECKING:  # importing it loads torch._dynamo (~1.5 s at every start): done on first use
+    from torch.nn.attention.bias import CausalBias
 
 POOL_TENSORS = ("k", "v", "scores", "index")  # what `stored()` names, and a saved context holds
 SCALE_TENSORS = ("k_scale", "v_scale")  # and, in an int8 pool, these
@@ -106,6 +112,7 @@ class KVPool:
         causal attention) or for one new token (it sees every entry)."""
         if self.length == 0 or n_new == 1:
             return None
+        from torch.nn.attention.bias import causal_lower_right
         return causal_lower_right(n_new, self.length + n_new)
 
     def stored(self) -> dict[str, torch.Tensor]:

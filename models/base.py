@@ -1,11 +1,15 @@
 """The shared transformer: RMSNorm, GQA attention with an optional retaining head, the decoder block
 and the causal LM. Families (llama.py, phi3.py) supply only their q/k/v and MLP projections."""
-from typing import Protocol
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import CausalBias
+
+if TYPE_CHECKING:  # importing it loads torch._dynamo (~1.5 s at every start)
+    from torch.nn.attention.bias import CausalBias
 
 from .config import ModelConfig
 from .rope import RotaryEmbedding, apply_rope
