@@ -19,14 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import torch
 
 from locret.context import Context
-from locret.devices import default_device, default_dtype
 from locret.errors import LocretError, run_script
 from locret.eval.synthetic import QUESTION, text_blocks
 from locret.heads import load_heads
+from locret.loading.checkpoint import open_checkpoint
 from locret.loading.official_heads import find_heads
-from locret.loading.tokenizer import Tokenizer
-from locret.loading.weights import DTYPES, load_model
-from locret.loading.zoo import DEFAULT_MODEL, resolve_checkpoint
+from locret.loading.weights import DTYPES
+from locret.loading.zoo import DEFAULT_MODEL
 from locret.plan import default_settings, fit, heads_eviction
 from locret.settings import NEEDS_HEADS
 
@@ -41,10 +40,7 @@ def first_token(context: Context, question: list[int]) -> tuple[int, float]:
 
 @torch.inference_mode()
 def main(args: argparse.Namespace) -> None:
-    folder, entry = resolve_checkpoint(args.ckpt)
-    device = args.device or default_device()
-    tokenizer = Tokenizer(folder)
-    model = load_model(folder, device, DTYPES[args.dtype or default_dtype(device)])
+    folder, entry, tokenizer, model = open_checkpoint(args.ckpt, args.device, args.dtype)
     heads = find_heads(None, entry, model)
     if heads is None:
         raise LocretError(NEEDS_HEADS)

@@ -18,15 +18,15 @@ import torch
 from tqdm import tqdm
 
 from locret.context import Context
-from locret.devices import default_device, default_dtype
 from locret.errors import run_script
 from locret.eval.evaluation import Encoded, encode_item
 from locret.eval.suite import budget_is_valid, item_settings, parse_budget
 from locret.eval.tasks import TASKS, make_item
+from locret.loading.checkpoint import open_checkpoint
 from locret.loading.official_heads import attach_heads
 from locret.loading.tokenizer import Tokenizer
-from locret.loading.weights import DTYPES, load_model
-from locret.loading.zoo import DEFAULT_MODEL, resolve_checkpoint
+from locret.loading.weights import DTYPES
+from locret.loading.zoo import DEFAULT_MODEL
 from locret.plan import default_settings, heads_eviction
 from locret.policies import POLICIES
 from locret.settings import pool_capacity
@@ -64,10 +64,7 @@ def kept_text(pool, tokenizer: Tokenizer, prompt: list[int]) -> list[str]:
 
 @torch.inference_mode()
 def main(args: argparse.Namespace) -> None:
-    folder, entry = resolve_checkpoint(args.ckpt)
-    device = args.device or default_device()
-    tokenizer = Tokenizer(folder)
-    model = load_model(folder, device, DTYPES[args.dtype or default_dtype(device)])
+    folder, entry, tokenizer, model = open_checkpoint(args.ckpt, args.device, args.dtype)
     heads = attach_heads(model, args.heads, entry) if "locret" in args.policies else None
     defaults = {p: default_settings(entry, p, heads_eviction(heads)) for p in args.policies}
     budget = parse_budget(args.budget, args.length)

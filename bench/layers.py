@@ -22,21 +22,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import torch
 from tqdm import tqdm
 
-from locret.devices import default_device, default_dtype
-from locret.settings import layer_slice
 from locret.errors import LocretError, run_script
 from locret.eval.evaluation import encode_item
-from locret.heads import load_heads
 from locret.eval.heldout import ATTRIBUTES
-from locret.train.labels import LabelRecorder
-from locret.loading.weights import DTYPES, load_model
-from locret.loading.official_heads import find_heads
-from locret.ranking import percentile_rank, shared_rank
-from locret.train.targets import best_rank
 from locret.eval.tasks import TASKS, is_text_task, make_item
-from locret.loading.tokenizer import Tokenizer
-from locret.loading.zoo import DEFAULT_MODEL, resolve_checkpoint
-
+from locret.heads import load_heads
+from locret.loading.checkpoint import open_checkpoint
+from locret.loading.official_heads import find_heads
+from locret.loading.weights import DTYPES
+from locret.loading.zoo import DEFAULT_MODEL
+from locret.ranking import percentile_rank, shared_rank
+from locret.settings import layer_slice
+from locret.train.labels import LabelRecorder
+from locret.train.targets import best_rank
 
 LABELS = "labels (best rank in any layer)"  # the last row: the training target's own ranking
 
@@ -58,10 +56,7 @@ def mean(values: list[float]) -> float:
 
 @torch.inference_mode()
 def main(args: argparse.Namespace) -> None:
-    folder, entry = resolve_checkpoint(args.ckpt)
-    device = args.device or default_device()
-    tokenizer = Tokenizer(folder)
-    model = load_model(folder, device, DTYPES[args.dtype or default_dtype(device)])
+    folder, entry, tokenizer, model = open_checkpoint(args.ckpt, args.device, args.dtype)
     heads = find_heads(args.heads, entry, model)
     if heads is None:
         raise LocretError(f"{args.ckpt} has no retaining heads: pass --heads FILE.safetensors")
@@ -82,8 +77,8 @@ def main(args: argparse.Namespace) -> None:
         # the whole needle where none of its tokens is in the answer
         value = [i for i in needle if encoded.prompt[i] in answer_ids] or needle
         recorder = LabelRecorder(len(encoded.prompt))
-        model(torch.tensor([encoded.prompt + encoded.answer], device=device), cache=recorder,
-              last_only=True)
+        ids = torch.tensor([encoded.prompt + encoded.answer], device=model.lm_head.weight.device)
+        model(ids, cache=recorder, last_only=True)
         scores, labels = (t[..., :body].float() for t in recorder.stacked())  # [L, 1, KVH, body]
         ranked = {row: shared_rank(scores[layers])[0] for row, layers in rows.items()}
         ranked[LABELS] = best_rank(labels)[0]

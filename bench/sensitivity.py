@@ -27,24 +27,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import torch
 from tqdm import tqdm
 
-from locret.devices import default_device, default_dtype
 from locret.errors import run_script
 from locret.eval.evaluation import Encoded, encode_item, evaluate
 from locret.eval.results import append, read_results
 from locret.eval.stats import wilson
 from locret.eval.suite import item_settings, parse_budget, saved_reference
 from locret.eval.tasks import TASKS, is_text_task, make_item
+from locret.loading.checkpoint import open_checkpoint
 from locret.loading.official_heads import attach_heads
-from locret.loading.tokenizer import Tokenizer
-from locret.loading.weights import DTYPES, load_model, stop_token_ids
-from locret.loading.zoo import DEFAULT_MODEL, resolve_checkpoint
+from locret.loading.weights import DTYPES, stop_token_ids
+from locret.loading.zoo import DEFAULT_MODEL
 from locret.plan import default_settings, heads_eviction
 from locret.policies import Precomputed
 from locret.ranking import percentile_rank
 from locret.settings import EVICTIONS, Settings, layer_slice
 from locret.train.labels import LabelRecorder
 from locret.train.targets import best_rank
-
 
 # (scores, eviction)
 ORACLES = [("labels", "per-head"), ("labels", "shared"), ("shared labels", "shared"),
@@ -118,10 +116,7 @@ def summarize(rows: list[dict], points: list[dict]) -> list[str]:
 
 @torch.inference_mode()
 def main(args: argparse.Namespace) -> None:
-    folder, entry = resolve_checkpoint(args.ckpt)
-    device = args.device or default_device()
-    tokenizer = Tokenizer(folder)
-    model = load_model(folder, device, DTYPES[args.dtype or default_dtype(device)])
+    folder, entry, tokenizer, model = open_checkpoint(args.ckpt, args.device, args.dtype)
     eviction = heads_eviction(attach_heads(model, args.heads, entry))
     stops = stop_token_ids(folder, tokenizer)
     points = grid(args, default_settings(entry, "locret", eviction))

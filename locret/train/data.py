@@ -17,8 +17,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from . import corpora
 from ..sampling import distinct
+from . import corpora
 from .values import FIRST_NAMES, NAME_WORDS, SALAD_WORDS, VALUE_KINDS, random_value, subject
 
 # Evaluation benchmark templates (InfiniteBench, RULER, long-text PPL, the held-out suite): kept out
