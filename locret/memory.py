@@ -57,17 +57,31 @@ class MemoryEstimate:
 
 
 def sdpa_bytes(model: CausalLM, tokens: int, attended: int) -> int:
-    """What attention holds for `tokens` queries over `attended` entries. CPU: sdpa works in blocks; a chunk
-    after cached entries (models/base.cached_then_causal) holds its two partial outputs, the chunk's K and V per
-    query head, the grouped queries and the fp32 merge, none of it growing with the cache; a bf16 decoding step
-    the fp32 copies of K and V (models/base.attend). Elsewhere a chunk can fall back to the math kernel: logits
-    and softmax, fp32 at most (README: Performance)."""
+    """What attention holds for `tokens` queries over `attended` entries. CPU: sdpa works in
+    blocks; a chunk after cached entries (models/base.cached_then_causal) holds its two partial
+    outputs, the chunk's K and V per query head, the grouped queries and the fp32 merge, none of it
+    growing with the cache, and the kernel's blocks (flash_scratch_bytes); a bf16 decoding step the
+    fp32 copies of K and V (models/base.attend). Elsewhere a chunk can fall back to the math kernel:
+    logits and softmax, fp32 at most (README: Performance)."""
     c, p = model.config, model.lm_head.weight
     if p.device.type != "cpu":
         return 2 * c.num_attention_heads * tokens * attended * 4
-    decode_copies = 2 * c.num_key_value_heads * attended * c.head_dim * 4 if p.dtype == torch.bfloat16 else 0
-    split = c.num_attention_heads * tokens * (c.head_dim * (5 * p.element_size() + 12) + 8)  # 8: the log-sum-exps
-    return split + decode_copies
+    kv_copies = 2 * c.num_key_value_heads * attended * c.head_dim * 4
+    decode_copies = kv_copies if p.dtype == torch.bfloat16 else 0
+    lse = 8  # the two log-sum-exps, per query
+    split = c.num_attention_heads * tokens * (c.head_dim * (5 * p.element_size() + 12) + lse)
+    return split + decode_copies + flash_scratch_bytes(model, tokens, attended)
+
+
+def flash_scratch_bytes(model: CausalLM, tokens: int, attended: int) -> int:
+    """sdpa's CPU flash kernel gives each thread a block of logits (up to 256 queries, a KV head's
+    group of query heads in one, by 512 keys) with its running max, sum and output in fp32, and the
+    block again in a 16-bit dtype: it grows with the threads, not the cache."""
+    c, item = model.config, model.lm_head.weight.element_size()
+    queries = min(256, tokens * (c.num_attention_heads // c.num_key_value_heads))
+    keys = min(512, attended)
+    block = queries * (keys + c.head_dim + 2) * 4 + (queries * keys * item if item < 4 else 0)
+    return torch.get_num_threads() * block
 
 
 def activation_bytes(model: CausalLM, tokens: int, attended: int, policy: str) -> int:

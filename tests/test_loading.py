@@ -1,17 +1,14 @@
-"""Strict loading: sharded checkpoints load; every kind of bad checkpoint is one clear error."""
-import json
-import os
+"""Loading: sharded checkpoints, dtypes, a bf16 load's peak memory, an offline hub id (the table of
+bad checkpoints, each one clear error, is in test_bad_inputs)."""
 import subprocess
 import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from conftest import tiny_llama_config
 from locret.errors import LocretError
 from locret.loading.weights import load_model
-from locret.loading.zoo import resolve_checkpoint
 
 
 @pytest.fixture
@@ -19,7 +16,7 @@ def folder(save_hf):
     return save_hf(tiny_llama_config())[1]
 
 
-def test_sharded_checkpoint_loads(save_hf, tmp_path):
+def test_sharded_checkpoint_loads_and_a_missing_shard_is_named(save_hf, tmp_path):
     hf, _ = save_hf(tiny_llama_config())
     sharded = tmp_path / "sharded"
     hf.save_pretrained(sharded, safe_serialization=True, max_shard_size="20KB")
@@ -27,6 +24,10 @@ def test_sharded_checkpoint_loads(save_hf, tmp_path):
     tokens = torch.randint(0, 128, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(load_model(sharded)(tokens), hf(tokens).logits, atol=1e-5, rtol=0)
+    shard = sorted(sharded.glob("model-*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(LocretError, match=f"shard {shard.name} .* is missing"):
+        load_model(sharded)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -62,64 +63,13 @@ def test_missing_config(tmp_path):
         load_model(tmp_path)
 
 
-def test_unknown_model_type(folder):
-    cfg = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt_neox"}))
-    with pytest.raises(LocretError, match="unsupported model_type 'gpt_neox'"):
-        load_model(folder)
-
-
-def test_truncated_safetensors(folder):
-    path = folder / "model.safetensors"
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(LocretError, match="model.safetensors: unreadable safetensors file"):
-        load_model(folder)
-
-
-def rewrite_weights(folder, edit):
-    tensors = load_file(folder / "model.safetensors")
-    edit(tensors)
-    save_file(tensors, folder / "model.safetensors")
-
-
-def test_missing_tensor(folder):
-    rewrite_weights(folder, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(LocretError, match="missing tensor model.layers.1.mlp.up_proj.weight"):
-        load_model(folder)
-
-
-def test_unexpected_tensor(folder):
-    rewrite_weights(folder, lambda t: t.update({"model.layers.0.extra.weight": torch.zeros(2)}))
-    with pytest.raises(LocretError, match="unexpected tensor model.layers.0.extra.weight"):
-        load_model(folder)
-
-
-def test_misshaped_tensor(folder):
-    rewrite_weights(folder, lambda t: t.update({"model.norm.weight": torch.ones(63)}))
-    with pytest.raises(LocretError, match=r"tensor model.norm.weight has shape \[63\], expected \[64\]"):
-        load_model(folder)
-
-
-def test_missing_shard(save_hf, tmp_path):
-    hf, _ = save_hf(tiny_llama_config())
-    hf.save_pretrained(tmp_path / "sharded", safe_serialization=True, max_shard_size="20KB")
-    shard = sorted((tmp_path / "sharded").glob("model-*.safetensors"))[0]
-    shard.unlink()
-    with pytest.raises(LocretError, match=f"shard {shard.name} .* is missing"):
-        load_model(tmp_path / "sharded")
-
-
-def test_unknown_zoo_name():
-    with pytest.raises(LocretError, match="unknown model 'llama-9000': not a zoo name"):
-        resolve_checkpoint("llama-9000")
-
-
-def test_hub_id_offline_is_one_line_error(tmp_path):
+def test_hub_id_offline_is_one_line_error(tmp_path, monkeypatch, run_generate):
     """A hub id with no network (HF_HUB_OFFLINE) fails with one line that says how to use a local folder."""
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     (tmp_path / "p.txt").write_text("hello")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    run = subprocess.run([sys.executable, "generate.py", "--ckpt", "someorg/some-model", "--prompt", str(tmp_path / "p.txt")],
-                         capture_output=True, text=True, env=env, timeout=120)
+    run = run_generate("--ckpt", "someorg/some-model", "--prompt", str(tmp_path / "p.txt"))
     assert run.returncode == 1
     assert run.stderr.count("\n") == 1, run.stderr
     assert "cannot download 'someorg/some-model'" in run.stderr and "--ckpt /path/to/folder" in run.stderr

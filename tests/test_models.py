@@ -60,21 +60,6 @@ def test_prefill_then_decode_equals_one_forward(save_hf, name):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
 
-def test_prefill_in_chunks_equals_one_forward(save_hf):
-    _, folder = save_hf(CONFIGS["llama"]())
-    model = load_model(folder)
-    tokens = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(3))
-    pool = KVPool(model.config, capacity=30)
-    cache = PolicyCache(pool, policy=None)
-    with torch.no_grad():
-        chunks = []
-        for start in range(0, 30, 8):
-            chunk = tokens[:, start:start + 8]
-            chunks.append(model(chunk, torch.arange(start, start + chunk.shape[1]), cache))
-            pool.advance(chunk.shape[1])
-        torch.testing.assert_close(torch.cat(chunks, dim=1), model(tokens), atol=1e-5, rtol=0)
-
-
 def classic_config(cfg: dict) -> dict:
     """Rewrite transformers' newer `rope_parameters` into the hub's classic rope_theta + rope_scaling keys."""
     params = dict(cfg.pop("rope_parameters"))

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import write_byte_level_tokenizer
 from locret.eval import haystack
 from locret.eval import heldout
 from locret.eval import tasks as T
 from locret.train import data as td
 from locret.eval.task_base import words_of
-from locret.loading.default_model import ensure_default_model
 from locret.errors import LocretError
 from locret.eval.evaluation import encode_item
 from locret.loading.tokenizer import Tokenizer
@@ -46,8 +46,13 @@ def fallback_essays(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return Tokenizer(ensure_default_model())
+def tok(tmp_path_factory):
+    """A small byte-level BPE: the tasks fit any tokenizer's lengths; the real one is not the
+    point."""
+    folder = tmp_path_factory.mktemp("tokenizer")
+    texts = [FALLBACK, NOISE, TECH_FALLBACK, REAL_ESSAYS(AUSTEN_EXCERPT)]
+    write_byte_level_tokenizer(folder, texts, vocab_size=2000)
+    return Tokenizer(folder)
 
 
 def n_tokens(tok, item):
