@@ -28,7 +28,7 @@ from .settings import NEEDS_HEADS, Settings, layer_slice, turns_keys
 
 def pool_bytes(s: Settings, config, capacity: int, dtype: torch.dtype) -> int:
     """The bytes the Engine's pool will allocate (KVPool.bytes_needed at these settings)."""
-    return KVPool.bytes_needed(config, capacity, 1, dtype, s.kv_int8, turns_keys(s))
+    return KVPool.bytes_needed(config, capacity, dtype, s.kv_int8, turns_keys(s))
 
 
 class PolicyCache:

@@ -28,10 +28,11 @@ SCALE_TENSORS = ("k_scale", "v_scale")  # and, in an int8 pool, these
 
 
 class KVPool:
-    def __init__(self, config: ModelConfig, capacity: int, batch: int = 1,
+    def __init__(self, config: ModelConfig, capacity: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  int8: bool = False, turned_keys: bool = False):
         L, H, D = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+        batch = 1  # one sequence: the model's [B, KVH, T, D] layout
         stored = torch.int8 if int8 else dtype
         self.k = torch.zeros(L, batch, H, capacity, D, dtype=stored, device=device)
         self.v = torch.zeros(L, batch, H, capacity, D, dtype=stored, device=device)
@@ -54,20 +55,18 @@ class KVPool:
         self.seen = 0  # tokens written so far: the prompt index of the next one
 
     @staticmethod
-    def bytes_needed(config: ModelConfig, capacity: int, batch: int, dtype: torch.dtype,
+    def bytes_needed(config: ModelConfig, capacity: int, dtype: torch.dtype,
                      int8: bool = False, turned_keys: bool = False) -> int:
         """What the constructor allocates, known before anything runs."""
         L, H, D = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
-        # K, V and the scratch
-        kv = (2 * L + 1) * batch * H * capacity * D * (1 if int8 else dtype.itemsize)
-        scales = (2 * L * batch * H * capacity * D // group_size(D) * SCALE_DTYPE.itemsize
-                  if int8 else 0)
-        layer = batch * H * capacity * D  # values in one layer's buffer
+        layer = H * capacity * D  # values in one layer's K or V
+        kv = (2 * L + 1) * layer * (1 if int8 else dtype.itemsize)  # K, V and the scratch
+        scales = 2 * L * layer // group_size(D) * SCALE_DTYPE.itemsize if int8 else 0
         # the fp32 work buffer, K and V dequantized
         read_back = layer * (4 + 2 * dtype.itemsize) if int8 else 0
         turned = layer * dtype.itemsize if turned_keys else 0
-        # scores (fp32), indices (int64)
-        return kv + scales + read_back + turned + L * batch * H * capacity * (4 + 8)
+        scores_and_index = L * H * capacity * (4 + 8)  # fp32, int64
+        return kv + scales + read_back + turned + scores_and_index
 
     def buffers(self) -> list[torch.Tensor]:
         """Every tensor the pool allocated."""

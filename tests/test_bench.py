@@ -445,8 +445,8 @@ def test_transient_measures_a_cut_model_in_a_fresh_process(tmp_path, capsys, mon
     [row] = json.loads((tmp_path / "t.json").read_text())
     config, cut = config_from_hf(hf), config_from_hf(dict(hf, num_hidden_layers=2))
     assert row["prompt_tokens"] == 256 + 2 * 512 + 16 and row["capacity"] == 256 + 512
-    assert row["pool_bytes"] == KVPool.bytes_needed(cut, 768, 1, torch.float32, turned_keys=True)
-    full_depth = KVPool.bytes_needed(config, 768, 1, torch.float32, turned_keys=True)
+    assert row["pool_bytes"] == KVPool.bytes_needed(cut, 768, torch.float32, turned_keys=True)
+    full_depth = KVPool.bytes_needed(config, 768, torch.float32, turned_keys=True)
     assert row["full_depth_pool_bytes"] == full_depth
     # the MLP alone holds 3 x 512 x 4096 fp32 values (24 MiB) at once; the estimate's bound is
     # close to what is used

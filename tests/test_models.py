@@ -47,8 +47,8 @@ def test_logits_match_transformers(save_hf, name, length):
 def test_prefill_then_decode_equals_one_forward(save_hf, name):
     _, folder = save_hf(CONFIGS[name]())
     model = load_model(folder)
-    tokens = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))
-    pool = KVPool(model.config, capacity=24, batch=2)
+    tokens = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(2))
+    pool = KVPool(model.config, capacity=24)
     cache = PolicyCache(pool, policy=None)
     with torch.no_grad():
         full = model(tokens)
