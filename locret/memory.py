@@ -1,6 +1,6 @@
 """Memory: what a generation will need, known before it starts, and what it did use."""
 import resource
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,8 +13,9 @@ from .policies import QUERY_BLOCK, READS_ATTENTION
 
 
 def rss_bytes(field: str = "VmRSS") -> int:
-    """This process's resident set size now (VmRSS) or at its peak (VmHWM), from Linux's /proc. Not
-    ru_maxrss: across fork and exec it keeps the parent's peak, so a child of a large process reports that."""
+    """This process's resident set size now (VmRSS) or at its peak (VmHWM), from Linux's /proc.
+    Not ru_maxrss: across fork and exec it keeps the parent's peak, so a child of a large process
+    reports that."""
     status = Path("/proc/self/status")
     if not status.is_file():  # not Linux: ru_maxrss is the best there is (bytes on macOS)
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -30,8 +31,8 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def available_bytes(device: torch.device) -> int | None:
-    """Memory a new allocation can still get: free GPU memory, or the system's MemAvailable plus what
-    this process already holds (None where unknown)."""
+    """Memory a new allocation can still get: free GPU memory, or the system's MemAvailable plus
+    what this process already holds (None where unknown)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
     meminfo = Path("/proc/meminfo")
@@ -47,7 +48,8 @@ def format_bytes(n: int) -> str:
 
 @dataclass
 class MemoryEstimate:
-    held: int  # before the run: the weights, or all the process holds (runtime, weights as loaded) if measured
+    # before the run: the weights, or, if measured, all the process holds (runtime, loaded weights)
+    held: int
     pool: int
     activations: int
 
@@ -85,11 +87,11 @@ def flash_scratch_bytes(model: CausalLM, tokens: int, attended: int) -> int:
 
 
 def activation_bytes(model: CausalLM, tokens: int, attended: int, policy: str) -> int:
-    """Upper bound on one layer's working memory for `tokens` queries over `attended` entries (they are
-    freed layer by layer): hidden states, q/k/v, MLP, attention (sdpa_bytes; for policies that read
-    attention, the weights of a block of queries, twice, and the keys in fp32), compact mode's cos/sin
-    table (its turned keys, like int8's dequantized K and V, have buffers in the pool), retaining head and
-    the last token's logits."""
+    """Upper bound on one layer's working memory for `tokens` queries over `attended` entries
+    (they are freed layer by layer): hidden states, q/k/v, MLP, attention (sdpa_bytes; for policies
+    that read attention, the weights of a block of queries, twice, and the keys in fp32), compact
+    mode's cos/sin table (its turned keys, like int8's dequantized K and V, have buffers in the
+    pool), retaining head and the last token's logits."""
     c, item = model.config, model.lm_head.weight.element_size()
     hidden = 4 * tokens * c.hidden_size * item
     qkv = 2 * tokens * c.qkv_size * item
@@ -105,10 +107,11 @@ def activation_bytes(model: CausalLM, tokens: int, attended: int, policy: str) -
 
 
 def estimate(model: CausalLM, settings, capacity: int, held: int | None = None) -> MemoryEstimate:
-    """What is `held` already (default: the weights) + KV pool + the largest step's activations (a prefill
-    chunk over a full pool)."""
+    """What is `held` already (default: the weights) + KV pool + the largest step's activations
+    (a prefill chunk over a full pool)."""
     if held is None:
-        held = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+        unique = {id(p): p for p in model.parameters()}.values()  # tied embeddings once
+        held = sum(p.numel() * p.element_size() for p in unique)
     p = model.lm_head.weight
     pool = pool_bytes(settings, model.config, capacity, p.dtype)
     step = min(settings.chunk, capacity)
@@ -117,9 +120,9 @@ def estimate(model: CausalLM, settings, capacity: int, held: int | None = None) 
 
 def largest_budget(model: CausalLM, at_budget, limit: int, capacity_of, low: int, upper: int,
                    held: int | None = None) -> int:
-    """The largest budget in [`low`, `upper`] whose estimate fits in `limit` bytes. `at_budget(budget)` gives the
-    run's settings at that budget, `capacity_of(settings)` sizes the pool; `held` is what the process holds
-    before the run."""
+    """The largest budget in [`low`, `upper`] whose estimate fits in `limit` bytes.
+    `at_budget(budget)` gives the run's settings at that budget, `capacity_of(settings)` sizes the
+    pool; `held` is what the process holds before the run."""
     def need(budget: int) -> int:
         s = at_budget(budget)
         return estimate(model, s, capacity_of(s), held).total
