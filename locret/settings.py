@@ -73,6 +73,8 @@ def check_settings(s: Settings, prompt_tokens: int | None = None) -> None:
     if s.n_loc < 0 or (prompt_tokens is not None and s.n_loc >= prompt_tokens):
         raise LocretError(f"--n-loc must be in [0, prompt tokens) = [0, {prompt_tokens}) "
                           f"(got {s.n_loc})")
+    if s.evicts and s.budget < 1:
+        raise LocretError(f"--budget must be at least 1 entry per KV head (got {s.budget})")
     if s.evicts and s.stabilizers < 0:
         raise LocretError(f"--stabilizers must be >= 0 (got {s.stabilizers})")
     if s.evicts and s.budget <= s.stabilizers:
