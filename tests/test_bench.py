@@ -185,38 +185,47 @@ def run_bench(name: str, flags: list[str], monkeypatch) -> None:
 
 @pytest.fixture
 def heldout_heads(tiny_chat_model, tmp_path, monkeypatch) -> list[str]:
-    """A held-out haystack of plain prose for the tiny model, random heads saved for it: the benches' first flags."""
+    """A held-out haystack of plain prose for the tiny model, random heads saved for it: the
+    benches' first flags."""
     from locret.eval import heldout
-    text = " ".join(f"Option {i} now names the file it could not read, instead of failing quietly." for i in range(3000))
+    text = " ".join(f"Option {i} now names the file it could not read, instead of failing quietly."
+                    for i in range(3000))
     monkeypatch.setattr(heldout, "text", lambda split: text)
     model = load_model(tiny_chat_model)
     torch.manual_seed(0)
     model.add_retaining_heads(8)
     save_heads(model, tmp_path / "heads.safetensors", backbone="tiny")
-    return ["--ckpt", str(tiny_chat_model), "--heads", str(tmp_path / "heads.safetensors"), "--length", "400",
-            "--dtype", "float32", "--device", "cpu"]
+    return ["--ckpt", str(tiny_chat_model), "--heads", str(tmp_path / "heads.safetensors"),
+            "--length", "400", "--dtype", "float32", "--device", "cpu"]
 
 
-def test_sensitivity_varies_one_setting_at_a_time_and_resumes(heldout_heads, tmp_path, capsys, monkeypatch):
-    flags = heldout_heads + ["--budget", "1/4", "--stabilizers", "0,1/4", "--chunks", "64", "--spans", "1,5",
-                             "--shared-layers", "all,1-1", "--n", "2", "--oracle", "--out", str(tmp_path / "sens")]
+def test_sensitivity_varies_one_setting_at_a_time_and_resumes(heldout_heads, tmp_path, capsys,
+                                                              monkeypatch):
+    flags = heldout_heads + ["--budget", "1/4", "--stabilizers", "0,1/4", "--chunks", "64",
+                             "--spans", "1,5", "--shared-layers", "all,1-1", "--n", "2",
+                             "--oracle", "--out", str(tmp_path / "sens")]
     run_bench("sensitivity", flags, monkeypatch)
     rows = [json.loads(line) for line in (tmp_path / "sens.jsonl").read_text().splitlines()]
-    # per item: full attention, the defaults (GENERIC: share 1/4, chunk 1024), one change each, the oracles
-    default = {"stabilizers": "1/4", "chunk": 1024, "span": 1, "eviction": "per-head", "layers": "all",
-               "scorer": "heads"}
+    # per item: full attention, the defaults (GENERIC: share 1/4, chunk 1024), one change each,
+    # the oracles
+    default = {"stabilizers": "1/4", "chunk": 1024, "span": 1, "eviction": "per-head",
+               "layers": "all", "scorer": "heads"}
     points = [r["point"] for r in rows[:11]]
-    assert points == [None, default, default | {"stabilizers": "0"}, default | {"chunk": 64}, default | {"span": 5},
-                      default | {"eviction": "shared"}, default | {"layers": "1-1"}, default | {"scorer": "labels"},
+    assert points == [None, default, default | {"stabilizers": "0"}, default | {"chunk": 64},
+                      default | {"span": 5}, default | {"eviction": "shared"},
+                      default | {"layers": "1-1"}, default | {"scorer": "labels"},
                       default | {"scorer": "labels", "eviction": "shared"},
                       default | {"scorer": "shared labels", "eviction": "shared"},
                       default | {"scorer": "joint labels", "eviction": "shared"}]
     assert len(rows) == 22 and all(r["budget"] == 100 for r in rows)
-    by_point = lambda p: [r["prediction"] + str(r["needle_retention"]) for r in rows if r["point"] == p]
-    assert by_point(default | {"scorer": "labels"}) != by_point(default)  # the labels, not the heads, chose
+    by_point = lambda p: [r["prediction"] + str(r["needle_retention"])
+                          for r in rows if r["point"] == p]
+    # the labels, not the heads, chose
+    assert by_point(default | {"scorer": "labels"}) != by_point(default)
     table = capsys.readouterr().out
     assert table == (tmp_path / "sens.md").read_text() and len(table.splitlines()) == 2 + 11
-    assert "| full attention | - | - | - | - | - |" in table and "| 1/4 | 64 | 1 | per-head | all | heads |" in table
+    assert ("| full attention | - | - | - | - | - |" in table
+            and "| 1/4 | 64 | 1 | per-head | all | heads |" in table)
     assert "| 1/4 | 1024 | 1 | shared | all | shared labels |" in table
     run_bench("sensitivity", flags, monkeypatch)  # everything done: nothing is added
     assert len((tmp_path / "sens.jsonl").read_text().splitlines()) == 22
@@ -227,23 +236,29 @@ def test_layers_ranks_needles_per_layer_and_range(heldout_heads, tmp_path, capsy
     flags = heldout_heads + ["--n", "3", "--out", str(tmp_path / "l")]
     run_bench("layers", flags + ["--ranges", "all,1-1"], monkeypatch)
     table = capsys.readouterr().out
-    assert table == (tmp_path / "l.md").read_text() and table.startswith("| ranked by | needle tokens in the top 0.125 (3 heldout_val items)")
+    assert table == (tmp_path / "l.md").read_text() and table.startswith(
+        "| ranked by | needle tokens in the top 0.125 (3 heldout_val items)")
     shares, by_kind = table.split("\n\n")
-    cells = {row.split(" | ")[0][2:]: row.strip("| ").split(" | ")[1:] for row in shares.splitlines()[2:]}
+    cells = {row.split(" | ")[0][2:]: row.strip("| ").split(" | ")[1:]
+             for row in shares.splitlines()[2:]}
     values = {row: float(needle) for row, (needle, _) in cells.items()}
     assert list(values) == ["layer 0", "layer 1", "all", "1-1", "labels (best rank in any layer)"]
-    assert all(0 <= v <= 1 for v in values.values()) and values["1-1"] == values["layer 1"]  # a one-layer range
+    # a one-layer range
+    assert all(0 <= v <= 1 for v in values.values()) and values["1-1"] == values["layer 1"]
     assert len(set(values.values())) > 1  # layers, ranges and labels rank differently
     assert all(0 <= float(value) <= 1 for _, value in cells.values())
-    # value tokens by the kind asked: one column per kind among the 3 items, rows for --ranges and the labels
+    # value tokens by the kind asked: one column per kind among the 3 items, rows for --ranges and
+    # the labels
     header, _, *kind_rows = by_kind.splitlines()
     counts = [int(c.split("(")[1].rstrip(")")) for c in header.strip("| ").split(" | ")[1:]]
-    assert sum(counts) == 3 and [r.split(" | ")[0][2:] for r in kind_rows] == ["all", "1-1", "labels (best rank in any layer)"]
+    assert sum(counts) == 3 and [r.split(" | ")[0][2:] for r in kind_rows] == [
+        "all", "1-1", "labels (best rank in any layer)"]
     assert kind_rows[0].count(" | ") == len(counts)
-    run_bench("layers", flags + ["--task", "passkey", "--n", "2", "--share", "0.0625", "--ranges", "all"],
-              monkeypatch)
+    run_bench("layers", flags + ["--task", "passkey", "--n", "2", "--share", "0.0625",
+                                 "--ranges", "all"], monkeypatch)
     out = capsys.readouterr().out
-    assert "needle tokens in the top 0.0625 (2 passkey items)" in out and "\n\n" not in out  # no kinds outside the suite
+    # no kinds outside the suite
+    assert "needle tokens in the top 0.0625 (2 passkey items)" in out and "\n\n" not in out
     with pytest.raises(SystemExit, match="--ranges 0-5: the model has layers 0-1"):
         run_bench("layers", flags + ["--ranges", "0-5"], monkeypatch)
     with pytest.raises(SystemExit, match="--ranges must be FIRST-LAST"):
@@ -384,23 +399,28 @@ def test_attention_bench(tiny_chat_model, tmp_path, capsys, monkeypatch):
     assert f"| {engine} | {rows[engine]['ms']:.1f} |" in capsys.readouterr().out
 
 
-def test_sensitivity_runs_the_oracle_on_a_benchmark_task(heldout_heads, tmp_path, capsys, monkeypatch):
-    flags = heldout_heads + ["--task", "passkey", "--length", "400", "--budget", "1/4", "--stabilizers", "1/4",
-                             "--chunks", "1024", "--spans", "1", "--evictions", "per-head", "--n", "1", "--oracle",
+def test_sensitivity_runs_the_oracle_on_a_benchmark_task(heldout_heads, tmp_path, capsys,
+                                                         monkeypatch):
+    flags = heldout_heads + ["--task", "passkey", "--length", "400", "--budget", "1/4",
+                             "--stabilizers", "1/4", "--chunks", "1024", "--spans", "1",
+                             "--evictions", "per-head", "--n", "1", "--oracle",
                              "--out", str(tmp_path / "passkey")]
     run_bench("sensitivity", flags, monkeypatch)
     rows = [json.loads(line) for line in (tmp_path / "passkey.jsonl").read_text().splitlines()]
-    assert [r["point"] and r["point"]["scorer"] for r in rows] == [None, "heads", "labels", "labels", "shared labels",
-                                                                   "joint labels"]
+    assert [r["point"] and r["point"]["scorer"] for r in rows] == [
+        None, "heads", "labels", "labels", "shared labels", "joint labels"]
     assert all(r["task"] == "passkey" and 0 <= r["score"] <= 1 for r in rows)
     assert all(0 <= r["needle_retention"] <= 1 for r in rows)  # the passkey is tracked as a needle
     assert rows[0]["needle_retention"] == 1.0 and "shared labels" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--budget", "abc"], "--budget must be a fraction"), (["--budget", "1/0"], "--budget must be a fraction"),
-    (["--budget", "0"], "keeps no entries"), (["--stabilizers", "0,2"], "shares of the budget, each in"),
-    (["--stabilizers", "1/0"], "invalid fractions value"), (["--n", "0"], "--n >= 1")])
+    (["--budget", "abc"], "--budget must be a fraction"),
+    (["--budget", "1/0"], "--budget must be a fraction"),
+    (["--budget", "0"], "keeps no entries"),
+    (["--stabilizers", "0,2"], "shares of the budget, each in"),
+    (["--stabilizers", "1/0"], "invalid fractions value"),
+    (["--n", "0"], "--n >= 1")])
 def test_sensitivity_bad_flags_are_one_line(flags, message, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         run_bench("sensitivity", flags, monkeypatch)
@@ -411,13 +431,17 @@ def test_kept_splits_the_pool_by_part_of_the_prompt(heldout_heads, tmp_path, cap
     from types import SimpleNamespace
     from locret.eval.evaluation import Encoded
     kept = SimpleNamespace(**runpy.run_path(str(ROOT / "bench" / "kept.py")))
-    encoded = Encoded(list(range(12)), [], [range(5, 7)], 2, 3)  # preamble 0-2, needle 5-6, question 10-11
+    # preamble 0-2, needle 5-6, question 10-11
+    encoded = Encoded(list(range(12)), [], [range(5, 7)], 2, 3)
     part = kept.parts_of(encoded, 10)
     assert part.tolist() == [0, 0, 0, 2, 2, 1, 1, 2, 2, 2]
-    pool = SimpleNamespace(index=torch.tensor([[[[0, 5, 8, 9], [5, 6, 1, 2]]]]), length=4)  # [L, B, KVH, n]
+    # [L, B, KVH, n]
+    pool = SimpleNamespace(index=torch.tensor([[[[0, 5, 8, 9], [5, 6, 1, 2]]]]), length=4)
     by_part, needles = kept.kept_shares(pool, part)
-    assert by_part == pytest.approx([3 / 8, 3 / 8, 2 / 8]) and needles == pytest.approx((1 + 2) / 2 / 2)
-    flags = heldout_heads + ["--task", "heldout_val", "--budget", "1/4", "--policies", "locret,streamingllm",
+    assert (by_part == pytest.approx([3 / 8, 3 / 8, 2 / 8])
+            and needles == pytest.approx((1 + 2) / 2 / 2))
+    flags = heldout_heads + ["--task", "heldout_val", "--budget", "1/4",
+                             "--policies", "locret,streamingllm",
                              "--n", "2", "--show", "--out", str(tmp_path / "kept")]
     run_bench("kept", flags, monkeypatch)
     out = capsys.readouterr().out

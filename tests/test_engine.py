@@ -50,8 +50,9 @@ def record_pre_rope_keys(model, monkeypatch):
 
 
 def keys_attended(engine, token, record=lambda k: k[0, :, :-1].clone()):
-    """Every layer's keys as attention sees them when `token` is decoded next: by default [KVH, n, D], without
-    the new token's own key; `record` keeps something else of each layer's keys."""
+    """Every layer's keys as attention sees them when `token` is decoded next: by default
+    [KVH, n, D], without the new token's own key; `record` keeps something else of each layer's
+    keys."""
     seen, update = {}, engine.cache.update
 
     def recording(layer, *args):
@@ -64,8 +65,9 @@ def keys_attended(engine, token, record=lambda k: k[0, :, :-1].clone()):
 
 
 def check_keys_turned_to_their_positions(model, monkeypatch, settings, prompt, atol):
-    """After prefill, each cached key attention sees equals its token's key before RoPE, rotated from
-    scratch at its position: its slot (compact, re-indexed 0..n-1) or its prompt index (original)."""
+    """After prefill, each cached key attention sees equals its token's key before RoPE, rotated
+    from scratch at its position: its slot (compact, re-indexed 0..n-1) or its prompt index
+    (original)."""
     pre_rope = record_pre_rope_keys(model, monkeypatch)
     with torch.inference_mode():
         context = Context(model, settings, pool_capacity(settings, len(prompt), 1), len(prompt))
@@ -83,12 +85,16 @@ def check_keys_turned_to_their_positions(model, monkeypatch, settings, prompt, a
         torch.testing.assert_close(attended[layer], expected, atol=atol, rtol=atol)
 
 
-@pytest.mark.parametrize("positions, int8", [("compact", False), ("compact", True), ("original", False)])
-def test_compact_mode_turns_keys_in_the_pools_buffer_until_the_document_closes(model, positions, int8):
-    """While the document is fed, compact mode's keys are turned to their slots at each forward into the pool's
-    one-layer buffer (no cache-sized temporaries); once it is closed they are settled (turned for good) in each
-    layer's own K, except in an int8 pool. With original positions keys are stored rotated, no such buffer."""
-    s = Settings(policy="knorm", budget=20, chunk=16, stabilizers=6, n_loc=4, positions=positions, kv_int8=int8)
+@pytest.mark.parametrize("positions, int8", [("compact", False), ("compact", True),
+                                             ("original", False)])
+def test_compact_mode_turns_keys_in_the_pools_buffer_until_the_document_closes(model, positions,
+                                                                              int8):
+    """While the document is fed, compact mode's keys are turned to their slots at each forward
+    into the pool's one-layer buffer (no cache-sized temporaries); once it is closed they are
+    settled (turned for good) in each layer's own K, except in an int8 pool. With original
+    positions keys are stored rotated, no such buffer."""
+    s = Settings(policy="knorm", budget=20, chunk=16, stabilizers=6, n_loc=4, positions=positions,
+                 kv_int8=int8)
     ptr = lambda k: k.data_ptr()
     with torch.inference_mode():
         context = Context(model, s, pool_capacity(s, 61, 2), 61)
@@ -98,16 +104,19 @@ def test_compact_mode_turns_keys_in_the_pools_buffer_until_the_document_closes(m
         once_closed = set(keys_attended(context.engine, 5, record=ptr).values())
     turned, layers = context.pool.turned, model.config.num_hidden_layers
     if positions == "original":
-        assert turned is None and len(while_open) == len(once_closed) == layers  # each layer's own K
+        # each layer's own K
+        assert turned is None and len(while_open) == len(once_closed) == layers
     else:
         assert while_open == {turned.data_ptr()} and context.engine.raw_keys == int8
-        assert once_closed == ({turned.data_ptr()} if int8 else {context.pool.k[i].data_ptr() for i in range(layers)})
+        assert once_closed == ({turned.data_ptr()} if int8
+                               else {context.pool.k[i].data_ptr() for i in range(layers)})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_settled_keys_answer_as_keys_turned_at_each_use(save_hf, monkeypatch, dtype):
-    """Turning the kept keys for good at the close changes no logit by a single bit, over a question, twenty
-    decoded tokens, a second question from the same context and teacher forcing."""
+    """Turning the kept keys for good at the close changes no logit by a single bit, over a
+    question, twenty decoded tokens, a second question from the same context and teacher
+    forcing."""
     _, folder = save_hf(tiny_llama_config())
     model = load_model(folder, dtype=dtype)
     s = Settings(policy="knorm", budget=24, chunk=16, stabilizers=6, n_loc=5)
@@ -117,7 +126,8 @@ def test_settled_keys_answer_as_keys_turned_at_each_use(save_hf, monkeypatch, dt
         with torch.inference_mode():
             context = Context(model, s, pool_capacity(s, 125, 30), 125)
             context.feed(document)
-            return [context.ask(q, 20)[0] for q in (q1, q2)] + [context.teacher_forced(q1, q2)], context
+            return ([context.ask(q, 20)[0] for q in (q1, q2)]
+                    + [context.teacher_forced(q1, q2)], context)
     settled, settled_context = answers()
     monkeypatch.setattr(Engine, "settle_keys", lambda self, turn=True: None)
     raw, raw_context = answers()
@@ -132,8 +142,8 @@ def test_kept_keys_are_rotated_to_their_positions(model, monkeypatch, positions)
 
 
 def test_bf16_keys_do_not_drift_over_200_evictions(monkeypatch, save_hf):
-    """Keys are turned from their pre-RoPE values at each use, so after 200 evictions in bfloat16 each
-    one still equals its freshly rotated key to within one bf16 rounding."""
+    """Keys are turned from their pre-RoPE values at each use, so after 200 evictions in bfloat16
+    each one still equals its freshly rotated key to within one bf16 rounding."""
     _, folder = save_hf(tiny_llama_config(max_position_embeddings=2048))
     model = load_model(folder, dtype=torch.bfloat16)
     s = Settings(policy="random", budget=24, chunk=4, stabilizers=4, n_loc=4)
@@ -169,12 +179,15 @@ def test_shared_eviction_keeps_one_set_in_every_layer_and_head(model, policy):
     index = pool.index[:, :, :, :pool.length]
     assert pool.length == s.budget + s.n_loc and (index == index[0, 0, 0]).all()
     body = len(prompt) - s.n_loc
-    assert index[0, 0, 0, s.budget - s.stabilizers:].tolist() == list(range(body - s.stabilizers, len(prompt)))
-    assert index[0, 0, 0, :s.budget - s.stabilizers].max() < body - s.stabilizers  # and older tokens before them
+    assert (index[0, 0, 0, s.budget - s.stabilizers:].tolist()
+            == list(range(body - s.stabilizers, len(prompt))))
+    # and older tokens before them
+    assert index[0, 0, 0, :s.budget - s.stabilizers].max() < body - s.stabilizers
     # with a budget covering the prompt, nothing is evicted: exactly full attention
     roomy = replace(s, budget=128)
     with torch.inference_mode():
-        logits = Context(model, roomy, pool_capacity(roomy, len(prompt), 1), len(prompt)).prefill(prompt)
+        roomy_context = Context(model, roomy, pool_capacity(roomy, len(prompt), 1), len(prompt))
+        logits = roomy_context.prefill(prompt)
         torch.testing.assert_close(logits, model(torch.tensor([prompt]))[0, -1], atol=1e-5, rtol=0)
 
 
@@ -195,7 +208,8 @@ def test_precomputed_scores_are_looked_up_by_layer_and_position(model):
     s = Settings(policy="locret", budget=24, chunk=10, stabilizers=8, n_loc=6)
     index, body = kept_by_age(model, s)
     stabilizers = list(range(body - s.stabilizers, body))
-    assert (index[0] == torch.tensor(list(range(s.budget - s.stabilizers)) + stabilizers)).all()  # the oldest
+    # the oldest
+    assert (index[0] == torch.tensor(list(range(s.budget - s.stabilizers)) + stabilizers)).all()
     assert (index[1] == torch.arange(body - s.budget, body)).all()  # the most recent
 
 
@@ -207,13 +221,15 @@ def test_shared_eviction_ranks_by_the_shared_layers_only(model, layers, keeps):
     assert (index == index[0, 0]).all()  # one set everywhere
     oldest = list(range(s.budget - s.stabilizers)) + list(range(body - s.stabilizers, body))
     if keeps != "either":
-        assert index[0, 0].tolist() == (oldest if keeps == "oldest" else list(range(body - s.budget, body)))
+        assert index[0, 0].tolist() == (oldest if keeps == "oldest"
+                                        else list(range(body - s.budget, body)))
     else:  # opposite ranks tie: neither rule alone decides
         assert index[0, 0].tolist() not in (oldest, list(range(body - s.budget, body)))
 
 
 def test_shared_layers_beyond_the_model_are_refused(model):
-    s = Settings(policy="h2o", budget=24, chunk=10, stabilizers=8, n_loc=6, eviction="shared", shared_layers="1-2")
+    s = Settings(policy="h2o", budget=24, chunk=10, stabilizers=8, n_loc=6, eviction="shared",
+                 shared_layers="1-2")
     with pytest.raises(LocretError, match="--shared-layers 1-2: the model has layers 0-1"):
         Engine(model, s, 64, 100)
 
@@ -239,17 +255,20 @@ def test_pool_never_moves_and_has_the_same_size_for_1k_and_16k_prompts(model):
 
 def test_evict_during_decode_stays_within_capacity(model):
     prompt = prompt_of(120, seed=4)
-    s = Settings(policy="h2o", budget=30, chunk=16, stabilizers=5, n_loc=4, evict_during_decode=True)
+    s = Settings(policy="h2o", budget=30, chunk=16, stabilizers=5, n_loc=4,
+                 evict_during_decode=True)
     capacity = pool_capacity(s, len(prompt), 200)
     assert capacity == s.budget + s.chunk
     out, stats = generate(model, prompt, s, max_new_tokens=200)
-    assert len(out) == 200 and stats.pool_bytes == Engine(model, s, capacity, len(prompt)).pool.nbytes
+    assert (len(out) == 200
+            and stats.pool_bytes == Engine(model, s, capacity, len(prompt)).pool.nbytes)
 
 
 @pytest.mark.parametrize("evict_during_decode", [False, True])
 def test_heads_run_only_where_the_policy_scores(model, evict_during_decode):
-    """The document's chunks score, so every layer's head runs on each; the question (the n_loc tail) and the
-    decoding steps score only when decoding may evict, and otherwise skip the heads."""
+    """The document's chunks score, so every layer's head runs on each; the question (the n_loc
+    tail) and the decoding steps score only when decoding may evict, and otherwise skip the
+    heads."""
     prompt = prompt_of(60, seed=5)
     s = Settings(policy="locret", budget=24, chunk=12, stabilizers=4, n_loc=6,
                        evict_during_decode=evict_during_decode)
@@ -281,7 +300,8 @@ def test_heads_run_only_where_the_policy_scores(model, evict_during_decode):
 ])
 def test_impossible_settings(change, message):
     with pytest.raises(LocretError, match=message):
-        check_settings(replace(Settings(policy="streamingllm", n_loc=10), **change), prompt_tokens=50)
+        check_settings(replace(Settings(policy="streamingllm", n_loc=10), **change),
+                       prompt_tokens=50)
 
 
 def test_locret_without_heads_is_refused(tmp_path):
@@ -295,14 +315,17 @@ def test_heads_round_trip_and_wrong_backbone(model, tmp_path, save_hf):
     path = tmp_path / "heads.safetensors"
     save_heads(model, path, backbone="tiny", training={"steps": 3})
     assert not list(tmp_path.glob(".*tmp*"))  # written atomically
-    fresh = load_model(save_hf(tiny_llama_config() if model.config.model_type == "llama" else tiny_phi3_config())[1])
+    config = tiny_llama_config() if model.config.model_type == "llama" else tiny_phi3_config()
+    fresh = load_model(save_hf(config)[1])
     fresh.model.load_state_dict(model.model.state_dict(), strict=False)
     meta = load_heads(fresh, path)
     assert meta["backbone"] == "tiny" and '"steps": 3' in meta["training"]
     for ours, theirs in zip(fresh.retaining_heads, model.retaining_heads):
-        assert torch.equal(ours.fc1.weight, theirs.fc1.weight) and torch.equal(ours.fc2.weight, theirs.fc2.weight)
+        assert (torch.equal(ours.fc1.weight, theirs.fc1.weight)
+                and torch.equal(ours.fc2.weight, theirs.fc2.weight))
     other = load_model(save_hf(tiny_llama_config(num_hidden_layers=3), name="other")[1])
-    with pytest.raises(LocretError, match=r"heads were trained for another backbone \(tiny: .*num_hidden_layers 2 vs 3"):
+    with pytest.raises(LocretError, match=r"heads were trained for another backbone "
+                                          r"\(tiny: .*num_hidden_layers 2 vs 3"):
         load_heads(other, path)
     with pytest.raises(LocretError, match="not found"):
         load_heads(other, tmp_path / "nope.safetensors")
@@ -378,28 +401,33 @@ def test_chunked_prefill_equals_one_forward(rope_model, variant, chunk, policy, 
 
 
 def test_final_eviction_protects_stabilizers_unless_asked_not_to(model):
-    """By default the last stabilizers survive every eviction; unprotected, the final one keeps the top scores."""
+    """By default the last stabilizers survive every eviction; unprotected, the final one keeps
+    the top scores."""
     prompt = prompt_of(100, seed=2)
     s = Settings(policy="knorm", budget=24, chunk=10, stabilizers=8, n_loc=6)
     body = len(prompt) - s.n_loc
     kept = {}
     for protect in (True, False):
         with torch.inference_mode():
-            context = Context(model, replace(s, final_stabilizers=protect), pool_capacity(s, len(prompt), 1), len(prompt))
+            context = Context(model, replace(s, final_stabilizers=protect),
+                              pool_capacity(s, len(prompt), 1), len(prompt))
             context.prefill(prompt)
         kept[protect] = context.pool.index[:, :, :, :s.budget]
     last = torch.arange(body - s.stabilizers, body)
-    all_kept = lambda index: (index[..., None] == last).any(dim=-2).all(dim=-1)  # [L, B, KVH]: every one kept
+    # [L, B, KVH]: every one kept
+    all_kept = lambda index: (index[..., None] == last).any(dim=-2).all(dim=-1)
     assert all_kept(kept[True]).all()
     assert not all_kept(kept[False]).all()  # knorm drops some of them in some layer or head
 
 
 @pytest.mark.parametrize("positions", ["compact", "original"])
 def test_int8_pool_stays_close_to_full_attention_and_evicts_as_planned(model, positions):
-    """Int8 K and V (one scale per entry): near full attention when nothing is evicted, not equal to it
-    (the values really are rounded); with eviction, the pool stays int8 and static, and memory is estimated."""
+    """Int8 K and V (one scale per entry): near full attention when nothing is evicted, not equal
+    to it (the values really are rounded); with eviction, the pool stays int8 and static, and
+    memory is estimated."""
     prompt = prompt_of(40)
-    s = Settings(policy="locret", budget=64, chunk=7, stabilizers=4, n_loc=5, positions=positions, kv_int8=True)
+    s = Settings(policy="locret", budget=64, chunk=7, stabilizers=4, n_loc=5, positions=positions,
+                 kv_int8=True)
     with torch.inference_mode():
         context = Context(model, s, pool_capacity(s, len(prompt), 6), len(prompt))
         logits = context.prefill(prompt)
@@ -409,12 +437,15 @@ def test_int8_pool_stays_close_to_full_attention_and_evicts_as_planned(model, po
     assert context.pool.k.dtype == torch.int8 and len(context.pool.scales) == 2
     small = replace(s, budget=16)
     out, stats = generate(model, prompt_of(200, seed=2), small, max_new_tokens=6)
-    plain, plain_stats = generate(model, prompt_of(200, seed=2), replace(small, kv_int8=False), max_new_tokens=6)
-    assert len(out) == 6 and stats.chunks == plain_stats.chunks and stats.pool_bytes < plain_stats.pool_bytes
+    plain, plain_stats = generate(model, prompt_of(200, seed=2), replace(small, kv_int8=False),
+                                  max_new_tokens=6)
+    assert (len(out) == 6 and stats.chunks == plain_stats.chunks
+            and stats.pool_bytes < plain_stats.pool_bytes)
     capacity = pool_capacity(small, 200, 6)
     assert estimate(model, small, capacity).pool == stats.pool_bytes
     # dequantizing needs no temporaries: the pool holds its buffers
-    assert estimate(model, small, capacity).activations == estimate(model, replace(small, kv_int8=False), capacity).activations
+    assert (estimate(model, small, capacity).activations
+            == estimate(model, replace(small, kv_int8=False), capacity).activations)
 
 
 # One chunk's attention in a fresh process, on each number of threads given: the rise of its peak

@@ -1,5 +1,5 @@
-"""CIS labels against a brute-force reference built from transformers' own q/k and RoPE, the loss, and the
-cross-layer ranks (ranking.py) against plain Python."""
+"""CIS labels against a brute-force reference built from transformers' own q/k and RoPE, the loss,
+and the cross-layer ranks (ranking.py) against plain Python."""
 import math
 
 import pytest
@@ -10,16 +10,19 @@ from locret.train.labels import LabelRecorder, cis_labels
 from locret.loading.weights import load_model
 from locret.train.loss import keep_loss, retaining_loss, topk_overlap
 from locret.ranking import percentile_rank, shared_rank
-from locret.train.targets import best_rank, graded_target, joint_rank_target, joint_target, shared_target
+from locret.train.targets import (best_rank, graded_target, joint_rank_target, joint_target,
+                                  shared_target)
 
 
 def hf_rotated_qk(hf, tokens):
-    """Per layer, transformers' q [H, T, D] and k [KVH, T, D] with its RoPE applied at positions 0..T-1."""
+    """Per layer, transformers' q [H, T, D] and k [KVH, T, D] with its RoPE applied at positions
+    0..T-1."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
     inputs = {}
     hooks = [layer.self_attn.register_forward_pre_hook(
-        lambda mod, args, kwargs, i=i: inputs.__setitem__(i, (kwargs.get("hidden_states", args[0] if args else None),
-                                                              kwargs["position_embeddings"])), with_kwargs=True)
+        lambda mod, args, kwargs, i=i: inputs.__setitem__(
+            i, (kwargs.get("hidden_states", args[0] if args else None),
+                kwargs["position_embeddings"])), with_kwargs=True)
         for i, layer in enumerate(hf.model.layers)]
     with torch.no_grad():
         hf(tokens)
@@ -48,11 +51,13 @@ def brute_force_labels(q, k, prompt_len):
     labels = torch.full((kv_heads, prompt_len), -math.inf)
     for h in range(H):
         logits = q[h] @ k[h // (H // kv_heads)].T / math.sqrt(D)  # [T, T]
-        labels[h // (H // kv_heads)] = torch.maximum(labels[h // (H // kv_heads)], logits[prompt_len:, :prompt_len].amax(0))
+        kv = h // (H // kv_heads)
+        labels[kv] = torch.maximum(labels[kv], logits[prompt_len:, :prompt_len].amax(0))
     return labels
 
 
-@pytest.mark.parametrize("config", [tiny_llama_config, tiny_phi3_config, lambda: tiny_phi3_config(**longrope(16))],
+@pytest.mark.parametrize("config", [tiny_llama_config, tiny_phi3_config,
+                                    lambda: tiny_phi3_config(**longrope(16))],
                          ids=["llama-gqa", "phi3", "phi3-longrope"])
 def test_labels_match_brute_force(save_hf, config):
     hf, folder = save_hf(config())
@@ -62,7 +67,8 @@ def test_labels_match_brute_force(save_hf, config):
     with torch.no_grad():
         model(tokens, cache=recorder)
     for layer, (q, k) in enumerate(hf_rotated_qk(hf, tokens)):
-        torch.testing.assert_close(recorder.labels[layer][0], brute_force_labels(q, k, 24), atol=1e-5, rtol=0)
+        torch.testing.assert_close(recorder.labels[layer][0], brute_force_labels(q, k, 24),
+                                   atol=1e-5, rtol=0)
 
 
 def test_labels_only_need_answer_rows():
@@ -77,7 +83,8 @@ def test_labels_only_need_answer_rows():
 
 def test_loss_terms():
     pred, label = torch.randn(3, 1, 2, 20), torch.randn(3, 1, 2, 20)
-    smooth_l1 = torch.where((pred - label).abs() < 1, 0.5 * (pred - label) ** 2, (pred - label).abs() - 0.5).mean()
+    smooth_l1 = torch.where((pred - label).abs() < 1, 0.5 * (pred - label) ** 2,
+                            (pred - label).abs() - 0.5).mean()
     mse_per_layer = [((pred[l, ..., 1:] - pred[l, ..., :-1]) ** 2).mean() for l in range(3)]
     expected = smooth_l1 + 0.01 * sum(mse_per_layer)
     torch.testing.assert_close(retaining_loss(pred, label, alpha=0.01), expected)
@@ -104,12 +111,16 @@ def test_joint_target_marks_the_tokens_with_the_best_mean_rank_over_the_given_la
     labels = torch.randn(5, 1, 2, 16, generator=torch.Generator().manual_seed(3))
     target = joint_target(labels, slice(1, 4), share=1 / 4)
     assert target.shape == labels.shape and (target == target[0, 0, 0]).all()  # one target for all
-    mean_rank = [sum(sorted(labels[l, 0, h].tolist()).index(float(labels[l, 0, h, j])) for l in (1, 2, 3) for h in (0, 1))
+    mean_rank = [sum(sorted(labels[l, 0, h].tolist()).index(float(labels[l, 0, h, j]))
+                     for l in (1, 2, 3) for h in (0, 1))
                  for j in range(16)]
-    chosen = sorted(range(16), key=lambda j: (mean_rank[j], j))[-4:]  # ties by position, as percentile_rank
+    # ties by position, as percentile_rank
+    chosen = sorted(range(16), key=lambda j: (mean_rank[j], j))[-4:]
     assert target[0, 0, 0].tolist() == [float(j in chosen) for j in range(16)]
-    assert joint_target(labels, slice(None)).sum(dim=-1).max() == 2  # the default share: an eighth of 16
-    assert not torch.equal(joint_target(labels, slice(0, 1)), joint_target(labels, slice(4, 5)))  # layers matter
+    # the default share: an eighth of 16
+    assert joint_target(labels, slice(None)).sum(dim=-1).max() == 2
+    # layers matter
+    assert not torch.equal(joint_target(labels, slice(0, 1)), joint_target(labels, slice(4, 5)))
 
 
 def test_joint_rank_target_keeps_the_whole_joint_order_weighted_toward_its_top():
@@ -117,18 +128,22 @@ def test_joint_rank_target_keeps_the_whole_joint_order_weighted_toward_its_top()
     target = joint_rank_target(labels, slice(1, 4))
     assert target.shape == labels.shape and (target == target[0, 0, 0]).all()  # one target for all
     row = target[0, 0, 0]
-    torch.testing.assert_close(row.sort().values, (torch.arange(16) / 15) ** 8)  # each rank once, sharpened
+    # each rank once, sharpened
+    torch.testing.assert_close(row.sort().values, (torch.arange(16) / 15) ** 8)
     for share in (1 / 4, 1 / 8):  # every budget's kept set is the joint target's
         kept = joint_target(labels, slice(1, 4), share)[0, 0, 0]
-        assert torch.equal(torch.zeros(16).index_fill_(0, row.topk(int(16 * share)).indices, 1.0), kept)
-    torch.testing.assert_close(joint_rank_target(labels, slice(1, 4), sharpness=1.0)[0, 0, 0].sort().values,
-                               torch.arange(16) / 15)
+        assert torch.equal(torch.zeros(16).index_fill_(0, row.topk(int(16 * share)).indices, 1.0),
+                           kept)
+    torch.testing.assert_close(
+        joint_rank_target(labels, slice(1, 4), sharpness=1.0)[0, 0, 0].sort().values,
+        torch.arange(16) / 15)
 
 
 def test_percentile_rank_and_shared_rank():
     x = torch.tensor([[3.0, -1.0, 7.0, 0.5, 2.0]])
     assert percentile_rank(x).tolist() == [[0.75, 0.0, 1.0, 0.25, 0.5]]
-    assert percentile_rank(torch.tensor([[2.0, 2.0, 1.0]])).tolist() == [[0.5, 1.0, 0.0]]  # a tie: by position
+    # a tie: by position
+    assert percentile_rank(torch.tensor([[2.0, 2.0, 1.0]])).tolist() == [[0.5, 1.0, 0.0]]
     scores = torch.randn(3, 2, 4, 9, generator=torch.Generator().manual_seed(1))  # [L, B, KVH, n]
     expected = torch.zeros(2, 9)
     for l in range(3):
@@ -144,13 +159,16 @@ def test_shared_target_marks_the_tokens_with_the_best_rank_in_any_layer():
     labels = torch.randn(4, 1, 2, 16, generator=torch.Generator().manual_seed(2))
     target = shared_target(labels, share=1 / 4)
     assert target.shape == labels.shape and (target == target[0, 0, 0]).all()  # one target for all
-    best = [max(sorted(labels[l, 0, h].tolist()).index(float(labels[l, 0, h, j])) for l in range(4) for h in range(2))
+    best = [max(sorted(labels[l, 0, h].tolist()).index(float(labels[l, 0, h, j]))
+                for l in range(4) for h in range(2))
             for j in range(16)]
-    chosen = sorted(range(16), key=lambda j: (best[j], j))[-4:]  # ties go by position, as percentile_rank does
+    # ties go by position, as percentile_rank does
+    chosen = sorted(range(16), key=lambda j: (best[j], j))[-4:]
     assert target[0, 0, 0].tolist() == [float(j in chosen) for j in range(16)]
     assert shared_target(labels).sum(dim=-1).max() == 2  # the default: the top eighth of 16 tokens
     rank = best_rank(labels)[0]
-    torch.testing.assert_close(rank.sort().values, torch.arange(16) / 15)  # spread evenly over [0, 1]
+    # spread evenly over [0, 1]
+    torch.testing.assert_close(rank.sort().values, torch.arange(16) / 15)
     assert rank.argsort().tolist() == sorted(range(16), key=lambda j: (best[j], j))
 
 
@@ -158,9 +176,12 @@ def test_graded_target_counts_the_budgets_whose_kept_set_holds_a_token():
     labels = torch.randn(3, 1, 2, 32, generator=torch.Generator().manual_seed(4))
     target = graded_target(labels)  # shares 1/32, 1/16, 1/8, 1/4 of 32 tokens: the top 1, 2, 4, 8
     assert target.shape == labels.shape and (target == target[0, 0, 0]).all()  # one target for all
-    best = [max(sorted(labels[l, 0, h].tolist()).index(float(labels[l, 0, h, j])) for l in range(3) for h in range(2))
+    best = [max(sorted(labels[l, 0, h].tolist()).index(float(labels[l, 0, h, j]))
+                for l in range(3) for h in range(2))
             for j in range(32)]
-    order = sorted(range(32), key=lambda j: (best[j], j), reverse=True)  # best first; ties by position
+    # best first; ties by position
+    order = sorted(range(32), key=lambda j: (best[j], j), reverse=True)
     expected = [1.0] + [0.75] + [0.5] * 2 + [0.25] * 4 + [0.0] * 24  # by place in that order
     assert [float(target[0, 0, 0, j]) for j in order] == expected
-    assert torch.equal((target >= 0.5).float(), shared_target(labels))  # its 1/8 cut is the shared target
+    # its 1/8 cut is the shared target
+    assert torch.equal((target >= 0.5).float(), shared_target(labels))

@@ -23,7 +23,8 @@ def test_sharded_checkpoint_loads_and_a_missing_shard_is_named(save_hf, tmp_path
     assert (sharded / "model.safetensors.index.json").is_file()
     tokens = torch.randint(0, 128, (1, 12))
     with torch.no_grad():
-        torch.testing.assert_close(load_model(sharded)(tokens), hf(tokens).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(load_model(sharded)(tokens), hf(tokens).logits,
+                                   atol=1e-5, rtol=0)
     shard = sorted(sharded.glob("model-*.safetensors"))[0]
     shard.unlink()
     with pytest.raises(LocretError, match=f"shard {shard.name} .* is missing"):
@@ -47,13 +48,15 @@ print(rss_bytes("VmHWM") - rss_bytes())  # the peak above what the loaded model 
 
 
 def test_bf16_load_of_an_fp32_file_never_holds_the_file_too(save_hf):
-    """Weights are converted one tensor at a time and the file's mapped pages let go: loading an fp32 file
-    in bf16 peaks at what the loaded model holds, not at that plus the whole file."""
+    """Weights are converted one tensor at a time and the file's mapped pages let go: loading an
+    fp32 file in bf16 peaks at what the loaded model holds, not at that plus the whole file."""
     _, folder = save_hf(tiny_llama_config(vocab_size=2048, hidden_size=512, intermediate_size=1024,
-                                          num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8))
+                                          num_hidden_layers=8, num_attention_heads=8,
+                                          num_key_value_heads=8))
     file_bytes = (folder / "model.safetensors").stat().st_size
     assert file_bytes > 80 * 2**20  # large beside the process's own noise
-    run = subprocess.run([sys.executable, "-c", PEAK_AT_LOAD, str(folder)], capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-c", PEAK_AT_LOAD, str(folder)],
+                         capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert int(run.stdout) < 0.25 * file_bytes
 
@@ -64,7 +67,8 @@ def test_missing_config(tmp_path):
 
 
 def test_hub_id_offline_is_one_line_error(tmp_path, monkeypatch, run_generate):
-    """A hub id with no network (HF_HUB_OFFLINE) fails with one line that says how to use a local folder."""
+    """A hub id with no network (HF_HUB_OFFLINE) fails with one line that says how to use a local
+    folder."""
     from huggingface_hub import constants
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
@@ -72,4 +76,5 @@ def test_hub_id_offline_is_one_line_error(tmp_path, monkeypatch, run_generate):
     run = run_generate("--ckpt", "someorg/some-model", "--prompt", str(tmp_path / "p.txt"))
     assert run.returncode == 1
     assert run.stderr.count("\n") == 1, run.stderr
-    assert "cannot download 'someorg/some-model'" in run.stderr and "--ckpt /path/to/folder" in run.stderr
+    assert ("cannot download 'someorg/some-model'" in run.stderr
+            and "--ckpt /path/to/folder" in run.stderr)

@@ -20,7 +20,8 @@ CONFIGS = {
     "llama3-scaling": lambda: tiny_llama_config(rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64}),
-    "linear-scaling": lambda: tiny_llama_config(rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    "linear-scaling": lambda: tiny_llama_config(rope_scaling={"rope_type": "linear",
+                                                              "factor": 4.0}),
     "attention-bias": lambda: tiny_llama_config(attention_bias=True),
     "qwen2-qkv-bias": lambda: tiny_qwen2_config(tie_word_embeddings=False),
     "phi3": lambda: tiny_phi3_config(),
@@ -61,12 +62,14 @@ def test_prefill_then_decode_equals_one_forward(save_hf, name):
 
 
 def classic_config(cfg: dict) -> dict:
-    """Rewrite transformers' newer `rope_parameters` into the hub's classic rope_theta + rope_scaling keys."""
+    """Rewrite transformers' newer `rope_parameters` into the hub's classic rope_theta +
+    rope_scaling keys."""
     params = dict(cfg.pop("rope_parameters"))
     cfg["rope_theta"] = params.pop("rope_theta")
     params.pop("partial_rotary_factor", None)
     if cfg["model_type"] == "phi3":
-        cfg["original_max_position_embeddings"] = params.pop("original_max_position_embeddings", 4096)
+        cfg["original_max_position_embeddings"] = params.pop("original_max_position_embeddings",
+                                                             4096)
     rope_type = params.pop("rope_type")
     cfg["rope_scaling"] = None if rope_type == "default" else {"type": rope_type, **params}
     return cfg
@@ -82,15 +85,19 @@ def test_classic_and_new_rope_config_styles_agree(save_hf, name):
     (folder / "config.json").write_text(json.dumps(classic))
     tokens = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        torch.testing.assert_close(load_model(folder)(tokens), hf_logits(hf, tokens), atol=1e-5, rtol=0)
+        torch.testing.assert_close(load_model(folder)(tokens), hf_logits(hf, tokens),
+                                   atol=1e-5, rtol=0)
 
 
 def test_phi3_real_config_reads_longrope():
     """The hub's Phi-3-mini-128k config.json keys (classic style, values abridged)."""
-    cfg = {"model_type": "phi3", "vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192,
+    cfg = {"model_type": "phi3", "vocab_size": 32064, "hidden_size": 3072,
+           "intermediate_size": 8192,
            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
-           "max_position_embeddings": 131072, "original_max_position_embeddings": 4096, "rope_theta": 10000.0,
-           "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [2.0] * 48}}
+           "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+           "rope_theta": 10000.0,
+           "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 48,
+                            "long_factor": [2.0] * 48}}
     config = config_from_hf(cfg)
     assert config.rope.rope_type == "longrope"
     assert config.rope.original_max_position_embeddings == 4096
@@ -105,7 +112,8 @@ def test_retaining_heads_are_optional_and_score_each_kv_head(save_hf):
     model.add_retaining_heads(hidden=32)
     head = model.retaining_heads[0]
     assert head.fc1.weight.shape == (32, model.config.qkv_size) and head.fc2.weight.shape == (2, 32)
-    assert 0.015 < head.fc1.weight.std().item() < 0.025  # normal(0, 0.02), not the official Phi-3 zero init
+    # normal(0, 0.02), not the official Phi-3 zero init
+    assert 0.015 < head.fc1.weight.std().item() < 0.025
 
     class Recorder:
         scores, scoring = {}, True
@@ -124,30 +132,37 @@ def test_retaining_heads_are_optional_and_score_each_kv_head(save_hf):
     for layer in model.model.layers:
         layer.self_attn.retaining_head = None
     with torch.no_grad():
-        torch.testing.assert_close(model(tokens), logits_with_heads, atol=0, rtol=0)  # heads never change logits
+        # heads never change logits
+        torch.testing.assert_close(model(tokens), logits_with_heads, atol=0, rtol=0)
 
 
 def test_one_bf16_query_on_cpu_attends_in_fp32():
-    """A decoding step in bf16 on CPU attends in fp32 (CPU sdpa is slow in bf16 there): its output is the
-    float64 reference rounded once to bf16, and multi-query chunks still use the model dtype's sdpa."""
+    """A decoding step in bf16 on CPU attends in fp32 (CPU sdpa is slow in bf16 there): its output
+    is the float64 reference rounded once to bf16, and multi-query chunks still use the model
+    dtype's sdpa."""
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 6, 1, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
     reference = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True)
     out = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, False)
     assert out.dtype == torch.bfloat16
-    exact = F.scaled_dot_product_attention(q.bfloat16().double(), k.bfloat16().double(), v.bfloat16().double(), enable_gqa=True)
-    assert torch.allclose(out.double(), exact, rtol=2 ** -8, atol=1e-6)  # one bf16 rounding of the exact result
-    assert torch.allclose(out.double(), reference, atol=2e-2)  # and near the fp64 result of the unrounded inputs
+    exact = F.scaled_dot_product_attention(q.bfloat16().double(), k.bfloat16().double(),
+                                           v.bfloat16().double(), enable_gqa=True)
+    # one bf16 rounding of the exact result
+    assert torch.allclose(out.double(), exact, rtol=2 ** -8, atol=1e-6)
+    # and near the fp64 result of the unrounded inputs
+    assert torch.allclose(out.double(), reference, atol=2e-2)
     chunk = attend(q.expand(1, 6, 3, 16).bfloat16(), k.bfloat16(), v.bfloat16(), None, True)
-    assert torch.equal(chunk, F.scaled_dot_product_attention(q.expand(1, 6, 3, 16).bfloat16(), k.bfloat16(), v.bfloat16(),
+    assert torch.equal(chunk, F.scaled_dot_product_attention(q.expand(1, 6, 3, 16).bfloat16(),
+                                                             k.bfloat16(), v.bfloat16(),
                                                              is_causal=True, enable_gqa=True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_chunk_after_cached_keys_attends_without_a_dense_mask(dtype):
-    """A chunk over cached entries gets a lower-right causal bias, never materialised: CUDA's flash kernel takes it,
-    and on CPU the chunk's attention is split into the cached keys and its own, merged by log-sum-exp. Both give
-    the attention of an explicit per-query-head softmax (in bf16, to within its rounding)."""
+    """A chunk over cached entries gets a lower-right causal bias, never materialised: CUDA's flash
+    kernel takes it, and on CPU the chunk's attention is split into the cached keys and its own,
+    merged by log-sum-exp. Both give the attention of an explicit per-query-head softmax (in bf16,
+    to within its rounding)."""
     torch.manual_seed(0)
     pool = KVPool(tiny_llama_config(), capacity=16)
     pool.advance(9)
@@ -156,19 +171,25 @@ def test_a_chunk_after_cached_keys_attends_without_a_dense_mask(dtype):
     q, k, v = torch.randn(1, 6, 4, 16), torch.randn(1, 2, 13, 16), torch.randn(1, 2, 13, 16)
     visible = torch.arange(13) <= 9 + torch.arange(4)[:, None]  # [4, 13]
     logits = q @ k.repeat_interleave(3, dim=1).transpose(-1, -2) / 4  # [1, 6, 4, 13]
-    expected = logits.masked_fill(~visible, float("-inf")).softmax(-1) @ v.repeat_interleave(3, dim=1)
-    assert not torch.allclose(logits.softmax(-1) @ v.repeat_interleave(3, dim=1), expected, atol=1e-3)  # the mask matters
+    expected = (logits.masked_fill(~visible, float("-inf")).softmax(-1)
+                @ v.repeat_interleave(3, dim=1))
+    # the mask matters
+    assert not torch.allclose(logits.softmax(-1) @ v.repeat_interleave(3, dim=1), expected,
+                              atol=1e-3)
     q, k, v = (t.to(dtype) for t in (q, k, v))
     tolerance = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(attend(q, k, v, bias, False).float(), expected, **tolerance)  # split (CPU)
-    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)  # what CUDA runs
+    # split (CPU)
+    torch.testing.assert_close(attend(q, k, v, bias, False).float(), expected, **tolerance)
+    # what CUDA runs
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
     torch.testing.assert_close(sdpa.float(), expected, **tolerance)
 
 
 @pytest.mark.parametrize("rotary_dim", [16, 8])  # full and partial rotary (Phi-3 style)
 def test_apply_rope_matches_transformers_and_writes_into_a_buffer(rotary_dim):
-    """Our RoPE gives transformers' values (bitwise, fp32 and bf16); into a buffer it returns that buffer, with
-    every value within one rounding (the dtype's epsilon, at the inputs' scale) of the float64 result."""
+    """Our RoPE gives transformers' values (bitwise, fp32 and bf16); into a buffer it returns that
+    buffer, with every value within one rounding (the dtype's epsilon, at the inputs' scale) of the
+    float64 result."""
     from transformers.models.llama.modeling_llama import rotate_half
     torch.manual_seed(0)
     x = torch.randn(2, 3, 10, 16)

@@ -11,7 +11,8 @@ from locret.errors import LocretError
 from locret.heads import load_heads
 from locret.train.labels import LabelRecorder
 from locret.loading.weights import load_model
-from locret.loading.official_heads import convert_official_heads, ensure_official_heads, read_official_heads
+from locret.loading.official_heads import (convert_official_heads, ensure_official_heads,
+                                           read_official_heads)
 from locret.loading.zoo import ZOO, local_heads
 
 CONFIGS = {"llama": tiny_llama_config, "phi3": tiny_phi3_config}
@@ -21,7 +22,8 @@ HIDDEN, QKV, KVH, LAYERS = 24, 128, 2, 2  # tiny configs: q 4x16 + k 2x16 + v 2x
 def official_weights(layers=LAYERS, qkv=QKV, seed=0):
     """layer -> (fc1, fc2) in bf16, as the official files hold them."""
     g = torch.Generator().manual_seed(seed)
-    return {i: (torch.randn(HIDDEN, qkv, generator=g).bfloat16(), torch.randn(KVH, HIDDEN, generator=g).bfloat16())
+    return {i: (torch.randn(HIDDEN, qkv, generator=g).bfloat16(),
+                torch.randn(KVH, HIDDEN, generator=g).bfloat16())
             for i in range(layers)}
 
 
@@ -52,19 +54,24 @@ def test_convert_is_exact_and_scores_match(kind, save_hf, tmp_path):
     folder = save_hf(CONFIGS[kind]())[1]
     weights = official_weights()
     model, out = load_model(folder), tmp_path / "heads.safetensors"
-    convert_official_heads(write_official(tmp_path / "official.bin", weights), model, out, backbone="tiny")
+    convert_official_heads(write_official(tmp_path / "official.bin", weights), model, out,
+                           backbone="tiny")
     with safe_open(out, framework="pt") as f:
-        assert f.get_tensor("model.layers.1.self_attn.retaining_head.fc1.weight").dtype == torch.bfloat16
+        fc1_weight = f.get_tensor("model.layers.1.self_attn.retaining_head.fc1.weight")
+        assert fc1_weight.dtype == torch.bfloat16
         assert '"source": "official"' in f.metadata()["training"]
-    assert all(h.fc1.weight.dtype == torch.float32 for h in model.retaining_heads)  # back in the model's dtype
+    # back in the model's dtype
+    assert all(h.fc1.weight.dtype == torch.float32 for h in model.retaining_heads)
     fresh = load_model(folder)
     assert load_heads(fresh, out)["backbone"] == "tiny"
     seen = record_scores(fresh)
     with torch.no_grad():
-        fresh(torch.randint(0, 128, (1, 9)), cache=LabelRecorder(8))  # a cache that scores: the heads run
+        # a cache that scores: the heads run
+        fresh(torch.randint(0, 128, (1, 9)), cache=LabelRecorder(8))
     for i, (fc1, fc2) in weights.items():
         head = fresh.retaining_heads[i]
-        assert torch.equal(head.fc1.weight, fc1.float()) and torch.equal(head.fc2.weight, fc2.float())
+        assert (torch.equal(head.fc1.weight, fc1.float())
+                and torch.equal(head.fc2.weight, fc2.float()))
         qkv, scores = seen[i]
         assert qkv.shape == (1, 9, QKV) and scores.shape == (1, KVH, 9)
         expected = F.linear(F.silu(F.linear(qkv, fc1.float())), fc2.float()).transpose(1, 2)
@@ -77,7 +84,8 @@ def test_other_key_layouts(prefix, tmp_path):
     weights = official_weights()
     heads = read_official_heads(write_official(tmp_path / "official.bin", weights, prefix))
     assert heads.keys() == weights.keys()
-    assert all(torch.equal(heads[i][0], fc1) and torch.equal(heads[i][1], fc2) for i, (fc1, fc2) in weights.items())
+    assert all(torch.equal(heads[i][0], fc1) and torch.equal(heads[i][1], fc2)
+               for i, (fc1, fc2) in weights.items())
 
 
 def test_bad_files_are_refused(tmp_path):
@@ -85,23 +93,27 @@ def test_bad_files_are_refused(tmp_path):
     fc2 = torch.zeros(KVH, HIDDEN, dtype=torch.bfloat16)
     cases = [
         ({"x": object()}, r"torch.load\(weights_only=True\) \(Unsupported global"),
-        ({"model.layers.0.self_attn.fc1.weight": 3}, r"'model.layers.0.self_attn.fc1.weight' is int, expected a tensor"),
+        ({"model.layers.0.self_attn.fc1.weight": 3},
+         r"'model.layers.0.self_attn.fc1.weight' is int, expected a tensor"),
         ({0: fc1}, "key 0 is not a string"),
         ([fc1, fc2], "expected a dict of tensors, got list"),
         ({}, "holds no retaining-head weights"),
         ({"model.layers.0.self_attn.fc1.weight": fc1, "model.layers.0.self_attn.fc2.weight": fc2,
           "lm_head.weight": fc1}, "unrecognised key 'lm_head.weight'"),
         ({"model.layers.0.self_attn.fc1.weight": fc1}, "layer 0 has no fc2 weight"),
-        ({f"model.layers.{i}.self_attn.fc{j}.weight": w for i in (0, 2) for j, w in ((1, fc1), (2, fc2))},
+        ({f"model.layers.{i}.self_attn.fc{j}.weight": w
+          for i in (0, 2) for j, w in ((1, fc1), (2, fc2))},
          r"layers must be numbered 0..N-1, found \[0, 2\]"),
-        ({"model.layers.0.self_attn.fc1.weight": fc1, "layers.0.fc1.weight": fc1}, "layer 0 has two fc1 weights"),
+        ({"model.layers.0.self_attn.fc1.weight": fc1, "layers.0.fc1.weight": fc1},
+         "layer 0 has two fc1 weights"),
         ({"model.layers.0.self_attn.fc1.weight": fc1[0]}, "is a 1-d torch.bfloat16 tensor"),
     ]
     for n, (obj, match) in enumerate(cases):
         torch.save(obj, tmp_path / f"bad{n}.bin")
         assert_one_line_error(lambda: read_official_heads(tmp_path / f"bad{n}.bin"), match)
     (tmp_path / "garbage.bin").write_bytes(b"not a checkpoint")
-    assert_one_line_error(lambda: read_official_heads(tmp_path / "garbage.bin"), "garbage.bin: not loadable")
+    assert_one_line_error(lambda: read_official_heads(tmp_path / "garbage.bin"),
+                          "garbage.bin: not loadable")
     assert_one_line_error(lambda: read_official_heads(tmp_path / "nope.bin"), "nope.bin not found")
 
 
@@ -126,7 +138,8 @@ def test_ensure_offline_says_how_to_pass_heads(save_hf, tmp_path, monkeypatch):
     monkeypatch.setenv("LOCRET_CACHE", str(tmp_path / "cache"))
     model = load_model(save_hf(tiny_llama_config())[1])
     assert_one_line_error(lambda: ensure_official_heads(ZOO["llama-3.1-8b-instruct"], model),
-                          r"cannot download llama-3.1-8B-instruct.bin .*OSError: offline.*pass --heads")
+                          r"cannot download llama-3.1-8B-instruct.bin "
+                          r".*OSError: offline.*pass --heads")
     assert_one_line_error(lambda: ensure_official_heads(ZOO["smollm2-135m-instruct"], model),
                           "smollm2-135m-instruct has no official retaining heads; pass --heads")
 
@@ -151,19 +164,23 @@ def test_ensure_downloads_and_converts_once(save_hf, tmp_path, monkeypatch):
     first = ensure_official_heads(entry, load_model(folder))
     second = ensure_official_heads(entry, load_model(folder))
     assert first == second == tmp_path / "cache" / "heads" / "llama-3.1-8b-instruct.safetensors"
-    assert calls == {"download": [("hyx21/Locret-llama-3.1-8B-instruct", "llama-3.1-8B-instruct.bin")], "convert": 1}
+    assert calls == {"download": [("hyx21/Locret-llama-3.1-8B-instruct",
+                                   "llama-3.1-8B-instruct.bin")], "convert": 1}
     fresh = load_model(folder)
     assert load_heads(fresh, first)["backbone"] == "meta-llama/Llama-3.1-8B-Instruct"
     assert torch.equal(fresh.retaining_heads[1].fc2.weight, official_weights()[1][1].float())
 
 
 def test_find_heads_prefers_given_then_shipped_then_official(monkeypatch):
-    monkeypatch.setattr(official_heads, "ensure_official_heads", lambda entry, model: f"official:{entry.name}")
-    shipped, official, plain = ZOO["smollm2-135m-instruct"], ZOO["llama-3.1-8b-instruct"], ZOO["llama-3.2-1b-instruct"]
+    monkeypatch.setattr(official_heads, "ensure_official_heads",
+                        lambda entry, model: f"official:{entry.name}")
+    shipped, official = ZOO["smollm2-135m-instruct"], ZOO["llama-3.1-8b-instruct"]
+    plain = ZOO["llama-3.2-1b-instruct"]
     assert local_heads("mine.safetensors", shipped) == "mine.safetensors"
     assert local_heads(None, shipped) == shipped.heads and shipped.heads.endswith(".safetensors")
     assert local_heads(None, official) is None and local_heads(None, None) is None
     assert official_heads.find_heads("mine.safetensors", official, None) == "mine.safetensors"
     assert official_heads.find_heads(None, shipped, None) == shipped.heads
     assert official_heads.find_heads(None, official, None) == "official:llama-3.1-8b-instruct"
-    assert official_heads.find_heads(None, plain, None) is None and official_heads.find_heads(None, None, None) is None
+    assert (official_heads.find_heads(None, plain, None) is None
+            and official_heads.find_heads(None, None, None) is None)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from locret.errors import LocretError
-from locret.policies import (POLICIES, QUERY_BLOCK, Chunk, Precomputed, Random, h2o, knorm, locret, make_policy, snapkv,
-                             streamingllm, tova)
+from locret.policies import (POLICIES, QUERY_BLOCK, Chunk, Precomputed, Random, h2o, knorm, locret,
+                             make_policy, snapkv, streamingllm, tova)
 
 B, KVH, G, D, S, T = 2, 2, 2, 8, 12, 5
 H = KVH * G
@@ -24,14 +24,16 @@ def make_chunk(seed: int = 0, dtype: torch.dtype = torch.float32) -> Chunk:
     k = (torch.randn(B, KVH, S, D, generator=g) * 2).to(dtype)
     stored = torch.randn(B, KVH, OLD, generator=g)
     # increasing prompt positions per (batch, head), some below 4 (sinks), the new chunk contiguous
-    old_positions = [[0, 2, 3, 5, 9, 13, 20], [1, 4, 6, 7, 8, 15, 19], [3, 4, 10, 11, 12, 16, 17], [0, 1, 2, 3, 18, 19, 20]]
+    old_positions = [[0, 2, 3, 5, 9, 13, 20], [1, 4, 6, 7, 8, 15, 19],
+                     [3, 4, 10, 11, 12, 16, 17], [0, 1, 2, 3, 18, 19, 20]]
     index = torch.tensor([p + list(range(30, 30 + T)) for p in old_positions]).view(B, KVH, S)
     head_scores = torch.randn(B, KVH, T, generator=g)
     return Chunk(q=q, k=k, stored=stored, index=index, head_scores=head_scores)
 
 
 def reference_attention(c: Chunk) -> list:
-    """att[b][h][i][j] (float64): softmax over visible keys of q_h,i . k_{h//G},j / sqrt(D); 0 where hidden."""
+    """att[b][h][i][j] (float64): softmax over visible keys of q_h,i . k_{h//G},j / sqrt(D); 0 where
+    hidden."""
     q, k = c.q.double(), c.k.double()
     att = []
     for b in range(B):
@@ -85,33 +87,39 @@ def test_chunk_attention_matches_reference(chunk, ref):
 def test_chunk_attention_of_last_queries(chunk, ref, last):
     att = chunk.attention(last=last)
     assert att.shape == (B, KVH, G, last, S)
-    expected = [[[ref[b][kv * G + g][T - last:] for g in range(G)] for kv in range(KVH)] for b in range(B)]
+    expected = [[[ref[b][kv * G + g][T - last:] for g in range(G)] for kv in range(KVH)]
+                for b in range(B)]
     close(att, expected)
 
 
 @pytest.mark.parametrize("block", [1, 2, T - 1, T, 64])
 def test_received_attention_in_blocks_of_queries(chunk, ref, block):
-    """Summed a few queries at a time (the transient bound): the same as over the whole chunk at once."""
-    expected = [[[sum(ref[b][kv * G + g][i][j] for g in range(G) for i in range(T)) for j in range(S)]
+    """Summed a few queries at a time (the transient bound): the same as over the whole chunk at
+    once."""
+    expected = [[[sum(ref[b][kv * G + g][i][j] for g in range(G) for i in range(T))
+                  for j in range(S)]
                  for kv in range(KVH)] for b in range(B)]
     close(chunk.received(block=block), expected)
 
 
 def test_h2o_on_a_chunk_longer_than_the_query_block(monkeypatch):
-    """h2o over a chunk of more queries than one block sums every block, each at most QUERY_BLOCK queries
-    (what memory.py counts): equal to one full softmax."""
+    """h2o over a chunk of more queries than one block sums every block, each at most QUERY_BLOCK
+    queries (what memory.py counts): equal to one full softmax."""
     g = torch.Generator().manual_seed(3)
     T_long, S_long = 300, 340  # several blocks of QUERY_BLOCK queries
     q, k = torch.randn(1, H, T_long, D, generator=g), torch.randn(1, KVH, S_long, D, generator=g)
-    c = Chunk(q=q, k=k, stored=torch.zeros(1, KVH, S_long - T_long), index=torch.arange(S_long).expand(1, KVH, -1),
-              head_scores=None)
-    logits = q.double().view(1, KVH, G, T_long, D) @ k.double()[:, :, None].transpose(-1, -2) / math.sqrt(D)
+    c = Chunk(q=q, k=k, stored=torch.zeros(1, KVH, S_long - T_long),
+              index=torch.arange(S_long).expand(1, KVH, -1), head_scores=None)
+    logits = (q.double().view(1, KVH, G, T_long, D) @ k.double()[:, :, None].transpose(-1, -2)
+              / math.sqrt(D))
     visible = torch.arange(S_long) <= S_long - T_long + torch.arange(T_long)[:, None]
     expected = logits.masked_fill(~visible, float("-inf")).softmax(-1).sum(dim=(2, 3))
     blocks, attention_rows = [], Chunk.attention_rows
-    monkeypatch.setattr(Chunk, "attention_rows", lambda self, i, j: blocks.append((i, j)) or attention_rows(self, i, j))
+    monkeypatch.setattr(Chunk, "attention_rows",
+                        lambda self, i, j: blocks.append((i, j)) or attention_rows(self, i, j))
     close(h2o(c), expected)
-    assert blocks == [(i, min(i + QUERY_BLOCK, T_long)) for i in range(0, T_long, QUERY_BLOCK)] and len(blocks) >= 3
+    assert (blocks == [(i, min(i + QUERY_BLOCK, T_long)) for i in range(0, T_long, QUERY_BLOCK)]
+            and len(blocks) >= 3)
 
 
 def test_chunk_attention_in_bf16():
@@ -135,7 +143,8 @@ def test_streamingllm(chunk):
             for j in range(S):
                 p = int(chunk.index[b, kv, j])
                 assert float(out[b, kv, j]) == (math.inf if p < 4 else float(p))
-    assert torch.isinf(out).any() and not torch.isinf(out).all()  # the example has sinks and non-sinks
+    # the example has sinks and non-sinks
+    assert torch.isinf(out).any() and not torch.isinf(out).all()
 
 
 def test_h2o(chunk, ref):
@@ -144,7 +153,8 @@ def test_h2o(chunk, ref):
         rows = []
         for kv in range(KVH):
             stored = chunk.stored[b, kv].tolist() + [0.0] * T
-            received = [sum(ref[b][kv * G + g][i][j] for g in range(G) for i in range(T)) for j in range(S)]
+            received = [sum(ref[b][kv * G + g][i][j] for g in range(G) for i in range(T))
+                        for j in range(S)]
             rows.append([s + r for s, r in zip(stored, received)])
         expected.append(rows)
     close(h2o(chunk), expected)
@@ -160,7 +170,8 @@ def reference_snapkv(c: Chunk, ref, window: int, kernel: int) -> list:
             for g in range(G):
                 votes = [sum(ref[b][kv * G + g][i][j] for i in range(T - w, T)) for j in range(S)]
                 for j in range(S):
-                    total[j] += max(votes[max(0, j - r):min(S, j + r + 1)])  # window clipped at the edges
+                    # window clipped at the edges
+                    total[j] += max(votes[max(0, j - r):min(S, j + r + 1)])
             rows.append(total)
         expected.append(rows)
     return expected
@@ -177,7 +188,8 @@ def test_snapkv_window_and_kernel(chunk, ref, window, kernel):
     out = snapkv(chunk, window=window, kernel=kernel)
     close(out, reference_snapkv(chunk, ref, window=window, kernel=kernel))
     # the window really matters: all queries would vote differently
-    assert not torch.allclose(out.double(), as_tensor(reference_snapkv(chunk, ref, window=T, kernel=kernel)))
+    assert not torch.allclose(out.double(),
+                              as_tensor(reference_snapkv(chunk, ref, window=T, kernel=kernel)))
 
 
 def test_tova(chunk, ref):
@@ -198,27 +210,32 @@ def test_knorm(chunk):
 def test_locret(chunk):
     out = locret(chunk)
     assert out.shape == (B, KVH, S)
-    assert torch.equal(out, torch.tensor(stored_then(chunk, chunk.head_scores.tolist()), dtype=torch.float32))
+    assert torch.equal(out, torch.tensor(stored_then(chunk, chunk.head_scores.tolist()),
+                                         dtype=torch.float32))
 
 
 @pytest.mark.parametrize("span", [3, 5])
 def test_locret_span_takes_the_best_score_among_neighbours(chunk, span):
     scores = chunk.head_scores.tolist()
-    best = [[[max(row[max(0, t - span // 2):t + span // 2 + 1]) for t in range(T)] for row in per_b] for per_b in scores]
+    best = [[[max(row[max(0, t - span // 2):t + span // 2 + 1]) for t in range(T)] for row in per_b]
+            for per_b in scores]
     out = make_policy("locret", span=span)(chunk)
     assert torch.equal(out, torch.tensor(stored_then(chunk, best), dtype=torch.float32))
     assert not torch.equal(out, locret(chunk))
 
 
 def test_precomputed_scores_take_the_span_as_the_heads_do(chunk):
-    """An oracle's scores, looked up by each new entry's prompt position, pooled within the chunk like the heads'."""
+    """An oracle's scores, looked up by each new entry's prompt position, pooled within the chunk
+    like the heads'."""
     P = int(chunk.index.max()) + 1
     table = torch.zeros(2, B, KVH, P)
-    table[1].scatter_(-1, chunk.index[..., -T:], chunk.head_scores.float())  # layer 1 holds the heads' scores
+    # layer 1 holds the heads' scores
+    table[1].scatter_(-1, chunk.index[..., -T:], chunk.head_scores.float())
     for span in (1, 3):
         looked_up = Precomputed(table, span)(replace(chunk, layer=1))
         assert torch.equal(looked_up, make_policy("locret", span=span)(chunk))
-    assert torch.equal(Precomputed(table, 3)(chunk)[..., -T:], torch.zeros(B, KVH, T))  # layer 0's zeros
+    # layer 0's zeros
+    assert torch.equal(Precomputed(table, 3)(chunk)[..., -T:], torch.zeros(B, KVH, T))
 
 
 def test_random(chunk):
@@ -234,7 +251,8 @@ def test_random(chunk):
 
 def test_make_policy():
     assert make_policy("full") is None
-    assert make_policy("h2o") is h2o and make_policy("snapkv") is snapkv and make_policy("locret") is locret
+    assert (make_policy("h2o") is h2o and make_policy("snapkv") is snapkv
+            and make_policy("locret") is locret)
     assert isinstance(make_policy("random"), Random)
     with pytest.raises(LocretError) as err:
         make_policy("oracle")

