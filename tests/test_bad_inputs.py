@@ -132,6 +132,8 @@ CASES = [
      "invalid choice: 'absolute'"),
     ("budget-not-a-number", "generate", ["--budget", "lots"], None, "invalid int value"),
     # generate.py: settings the engine cannot run
+    ("budget-zero", "generate", ["--policy", "knorm", "--budget", "0"], None,
+     r"--budget must be at least 1 entry per KV head \(got 0\)"),
     ("budget-below-stabilizers", "generate",
      ["--policy", "knorm", "--budget", "8", "--stabilizers", "8"], None,
      r"--budget \(8\) must be larger than --stabilizers"),
