@@ -1,8 +1,7 @@
 """Llama 2 / 3 / 3.1 / 3.2 and relatives of its layout (SmolLM2, Mistral, Qwen2: q/k/v bias)."""
-import torch.nn.functional as F
 from torch import nn
 
-from .base import Attention, CausalLM
+from .base import ACTIVATIONS, Attention, CausalLM
 from .config import ModelConfig
 
 
@@ -25,9 +24,10 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(d, f, bias=bias)
         self.up_proj = nn.Linear(d, f, bias=bias)
         self.down_proj = nn.Linear(f, d, bias=bias)
+        self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Llama(CausalLM):

@@ -1,8 +1,7 @@
 """Phi-3 / Phi-3.5 mini: Llama's block with fused `qkv_proj` and `gate_up_proj`, longrope RoPE."""
-import torch.nn.functional as F
 from torch import nn
 
-from .base import Attention, CausalLM
+from .base import ACTIVATIONS, Attention, CausalLM
 from .config import ModelConfig
 
 
@@ -22,10 +21,11 @@ class Phi3MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(up * F.silu(gate))
+        return self.down_proj(up * self.act(gate))
 
 
 class Phi3(CausalLM):

@@ -6,7 +6,6 @@ import random
 import torch
 
 from models import MODEL_TYPES, CausalLM, config_from_hf
-from models.rope import RotaryEmbedding
 
 from ..loading.zoo import ZOO, ZooEntry
 
@@ -68,7 +67,7 @@ def random_model(hf: dict, device: str, dtype: torch.dtype = torch.bfloat16) -> 
         for p in model.parameters():  # matrices; RMSNorm weights (no biases here)
             p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
     with torch.device(device):  # buffers came from the meta device empty
-        model.model.rotary_emb = RotaryEmbedding(config.rope, config.head_dim)
+        model.make_rope()
     model.eval().requires_grad_(False)
     model.add_retaining_heads(1024)
     return model

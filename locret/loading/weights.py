@@ -7,7 +7,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from models import MODEL_TYPES, CausalLM, config_from_hf
-from models.rope import RotaryEmbedding
 
 from ..errors import LocretError
 
@@ -126,7 +125,7 @@ def load_model(folder: str | Path, device: str = "cpu",
     model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
     with torch.device(device):  # buffers are not in the checkpoint: compute them on the real device
-        model.model.rotary_emb = RotaryEmbedding(config.rope, config.head_dim)
+        model.make_rope()
     return model.eval().requires_grad_(False)
 
 
