@@ -36,5 +36,8 @@ def average_gradients(params: list[torch.nn.Parameter], rank: Rank) -> None:
 
 
 def leave(rank: Rank) -> None:
+    """Leave together: a rank that tears its gloo connections down while another still saves can
+    abort that one."""
     if rank.world > 1:
+        dist.barrier()
         dist.destroy_process_group()
