@@ -39,7 +39,8 @@ def main(args: argparse.Namespace) -> None:
     device = check_device(args.device or default_device())
     dtype = DTYPES[args.dtype or default_dtype(device)]
     folder, entry = resolve_checkpoint(args.ckpt)
-    tokenizer, chat = Tokenizer(folder), not args.no_chat
+    tokenizer = Tokenizer(folder)
+    chat = not args.no_chat and bool(tokenizer.chat_template)  # a base model: plain completion
     question = read_question(args)
     tail = question_ids(tokenizer, question, chat) if question is not None else None
     if args.load_context:
@@ -117,8 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(safetensors) for --load-context; answers too if asked")
     p.add_argument("--load-context", metavar="FILE",
                    help="answer --question from a saved context instead of a --prompt")
-    p.add_argument("--no-chat", action="store_true",
-                   help="use the prompt as is, without the chat template")
+    p.add_argument("--no-chat", action="store_true", help="use the prompt as is, without the chat "
+                   "template (always so for a model that has none)")
     p.add_argument("--policy", choices=POLICIES, help="what the cache keeps: locret (trained "
                    "heads), full (no eviction) or a heuristic (default: locret if the model has "
                    "heads, else full)")

@@ -80,6 +80,9 @@ class Engine:
     length) picks the RoPE frequencies for the whole generation."""
 
     def __init__(self, model: CausalLM, settings: Settings, capacity: int, rope_length: int):
+        if model.config.has_windows:
+            raise LocretError(f"{model.config.model_type}: sliding-window layers do not run in the "
+                              "chunked engine yet (their KV pool is still to come)")
         if settings.policy == "locret" and model.retaining_heads[0] is None:
             raise LocretError(NEEDS_HEADS)
         self.ranking_layers = layer_slice(settings.shared_layers, model.config.num_hidden_layers)

