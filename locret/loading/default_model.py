@@ -10,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import gguf
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
@@ -29,7 +30,6 @@ BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
-CONTROL_TOKEN = 3  # llama.cpp's token type for special tokens such as <|im_end|>
 
 
 def default_gguf_path(cache_dir: Path | None = None) -> Path:
@@ -124,7 +124,7 @@ def build_tokenizer(meta: dict) -> Tokenizer:
     types = meta["tokenizer.ggml.token_type"]
     tok.add_special_tokens([
         AddedToken(t, special=True, normalized=False)
-        for t, ty in zip(tokens, types) if ty == CONTROL_TOKEN
+        for t, ty in zip(tokens, types) if ty == gguf.TokenType.CONTROL  # e.g. <|im_end|>
     ])
     return tok
 

@@ -134,7 +134,7 @@ def build_tokenizer(meta: dict) -> Tokenizer:
     tokens = ["\u2581" * len(t) if not t.strip(" ") else t for t in meta["tokenizer.ggml.tokens"]]
     types = meta["tokenizer.ggml.token_type"]
     vocab = {t: i for i, t in enumerate(tokens)}
-    tok = Tokenizer(models.BPE(vocab, derived_merges(tokens, types), unk_token="<unk>",
+    tok = Tokenizer(models.BPE(vocab, derived_merges(tokens, types, vocab), unk_token="<unk>",
                                fuse_unk=True, byte_fallback=True))
     tok.normalizer = normalizers.Replace(" ", "\u2581")
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
@@ -150,10 +150,10 @@ def build_tokenizer(meta: dict) -> Tokenizer:
     return tok
 
 
-def derived_merges(tokens: list[str], types: list[int]) -> list[tuple[str, str]]:
-    """The GGUF lists no merges: every split of a normal token into two tokens, ranked by the
-    joined token's id (its score's order)."""
-    ids = {t: i for i, t in enumerate(tokens)}
+def derived_merges(tokens: list[str], types: list[int],
+                   ids: dict[str, int]) -> list[tuple[str, str]]:
+    """The GGUF lists no merges: every split of a normal token into two tokens (`ids`: the vocab),
+    ranked by the joined token's id (its score's order)."""
     merges = []
     for i, (t, ty) in enumerate(zip(tokens, types)):
         if ty == gguf.TokenType.NORMAL:

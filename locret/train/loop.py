@@ -11,9 +11,8 @@ from tqdm import tqdm
 
 from ..files import remove_stale_temporaries
 from ..heads import load_heads, save_heads
+from ..loading.checkpoint import open_checkpoint
 from ..loading.tokenizer import Tokenizer
-from ..loading.weights import DTYPES, load_model
-from ..loading.zoo import resolve_checkpoint
 from ..settings import GENERIC, layer_slice
 from .config import Job, TrainConfig, fit_window
 from .distributed import Rank, join, leave
@@ -48,8 +47,7 @@ class Throughput:
 def train(job: Job) -> list[Validation]:
     """Train the heads `job` asks for and write them to job.out -> the validations made."""
     device, rank = join(job.device)
-    folder, entry = resolve_checkpoint(job.config.ckpt)
-    tokenizer, model = Tokenizer(folder), load_model(folder, device, DTYPES[job.dtype])
+    _, entry, tokenizer, model = open_checkpoint(job.config.ckpt, device, job.dtype)
     config = fit_window(job.config, job.chosen, model.config.max_position_embeddings)
     torch.manual_seed(config.seed)  # identical initial heads on every rank
     if job.init:
