@@ -76,7 +76,7 @@ def main(args: argparse.Namespace) -> None:
         answer_ids = set(encoded.answer)
         # the whole needle where none of its tokens is in the answer
         value = [i for i in needle if encoded.prompt[i] in answer_ids] or needle
-        recorder = LabelRecorder(len(encoded.prompt))
+        recorder = LabelRecorder(model.config, len(encoded.prompt))
         ids = torch.tensor([encoded.prompt + encoded.answer], device=model.lm_head.weight.device)
         model(ids, cache=recorder, last_only=True)
         scores, labels = (t[..., :body].float() for t in recorder.stacked())  # [L, 1, KVH, body]

@@ -87,7 +87,7 @@ def oracle_scores(model, encoded, ranking_layers: slice) -> dict[str, torch.Tens
     each layer's own (`labels`) and, the same for all, each token's best rank in any layer
     (`shared labels`: the graded form of train.py --target shared) or its mean rank over the
     `ranking_layers` (`joint labels`, of --target joint)."""
-    recorder = LabelRecorder(len(encoded.prompt))
+    recorder = LabelRecorder(model.config, len(encoded.prompt))
     ids = torch.tensor([encoded.prompt + encoded.answer], device=model.lm_head.weight.device)
     model(ids, cache=recorder, last_only=True)
     labels = recorder.stacked()[1]

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from models import CausalLM
 
 from . import context_file
-from .engine import Engine
+from .engine import Engine, Mark
 from .errors import LocretError
 from .loading.text_stream import StreamEncoder
 from .loading.tokenizer import Tokenizer
@@ -82,8 +82,8 @@ class Context:
         self.pending: list[int] = []  # fed ids not prefilled yet: at most one chunk
         self.tokens = self.chunks = 0  # prefilled so far, chunks run
         self.prefill_seconds, self.last_logits = 0.0, None
-        self.closed_at: tuple[int, int] | None = None  # (pool length, tokens seen) once closed
-        self.spent = False  # decoding evicted: the context cannot be rewound to answer again
+        self.closed_at: Mark | None = None  # where the pools stood once closed
+        self.spent = False  # answering moved kept entries: the context cannot be rewound
         self.bar = tqdm(total=total, desc="prefill", unit="tok", disable=not progress, leave=False)
 
     def feed(self, ids: list[int]) -> None:
@@ -123,7 +123,7 @@ class Context:
         if self.pending:
             self.run_chunk(self.pending, protect=self.settings.final_stabilizers)
         self.engine.settle_keys()
-        self.pending, self.closed_at = [], (self.pool.length, self.pool.seen)
+        self.pending, self.closed_at = [], self.engine.mark()
         self.bar.close()
 
     @torch.inference_mode()
@@ -131,9 +131,10 @@ class Context:
         """Close, then run `tail` (the question) without eviction; its last token's logits [V]."""
         self.close()
         if self.spent:
-            raise LocretError("this context evicted while decoding (--evict-during-decode): "
+            raise LocretError("this context's cache moved on while answering (evictions while "
+                              "decoding, or sliding-window layers past their room): "
                               "it answered its one question")
-        self.engine.rewind(*self.closed_at)
+        self.engine.rewind(self.closed_at)
         if tail:
             s = self.settings
             scoring = s.evicts and (s.evict_during_decode or s.score_question)
@@ -160,7 +161,7 @@ class Context:
         """Answer after the question `tail` (token ids): up to `max_new_tokens`, stopping at
         `stop_ids`. The context is as before afterwards, ready for another question."""
         self.close()
-        t0, evictions = time.perf_counter(), self.engine.evictions
+        t0 = time.perf_counter()
         logits = self.start(tail)
         question_seconds, kept = time.perf_counter() - t0, self.pool.length
         generator = torch.Generator(logits.device).manual_seed(sampling.seed)
@@ -176,15 +177,15 @@ class Context:
             if out[-1] in stop_ids or len(out) == max_new_tokens:
                 break
             logits = self.engine.decode_step(out[-1])
-        self.spent = self.engine.evictions > evictions  # decoding evicted: no rewinding
+        self.spent = self.engine.moves > self.closed_at.moves  # no rewinding
         if not self.spent:
-            self.engine.rewind(*self.closed_at)
+            self.engine.rewind(self.closed_at)
         stats = GenerationStats(
             prompt_tokens=self.tokens + len(tail), new_tokens=len(out),
             chunks=self.chunks + bool(tail), kept_after_prefill=kept,
             prefill_seconds=self.prefill_seconds + question_seconds, question_tokens=len(tail),
             question_seconds=question_seconds, decode_seconds=time.perf_counter() - t1,
-            pool_bytes=self.pool.nbytes, peak_memory_bytes=peak_memory_bytes(logits.device))
+            pool_bytes=self.engine.nbytes, peak_memory_bytes=peak_memory_bytes(logits.device))
         return out, stats
 
     @torch.inference_mode()
@@ -193,7 +194,7 @@ class Context:
         logits = [self.start(tail)[None]]  # predicts the answer's first token
         if len(answer) > 1:
             logits.append(self.engine.forward(answer[:-1], scoring=False, all_logits=True))
-        self.engine.rewind(*self.closed_at)
+        self.engine.rewind(self.closed_at)
         return torch.cat(logits)
 
     def save(self, path, **metadata: str) -> None:
@@ -215,11 +216,13 @@ class Context:
         length = tensors["k"].shape[3]
         context = cls(model, settings, length + room, int(meta["rope_length"]))
         context.pool.load(tensors, seen=int(meta["seen"]))
+        if context.engine.windows:
+            context.engine.windows.load(tensors["window_k"], tensors["window_v"])
         context.engine.settle_keys(turn=meta["keys"] == "before-rope")
         if meta["keys"] == "rotated" and context.engine.raw_keys:  # they would be turned twice
             raise LocretError(f"{path}: damaged context file "
                               "(turned keys in a pool that keeps them before RoPE)")
-        context.tokens, context.closed_at = int(meta["tokens"]), (length, int(meta["seen"]))
+        context.tokens, context.closed_at = int(meta["tokens"]), context.engine.mark()
         context.bar.close()
         return context, meta
 

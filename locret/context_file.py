@@ -1,5 +1,7 @@
-"""A saved context: the pool's filled entries (K, V, scores, token indices) as safetensors, with
-metadata naming what made them (model, retaining heads, dtype, settings): only the same load it."""
+"""A saved context: the pool's filled entries (K, V, scores, token indices) and, for a model with
+sliding-window layers, the last window - 1 entries of those layers (window_k, window_v), as
+safetensors, with metadata naming what made them (model, retaining heads, dtype, settings): only the
+same load it."""
 import hashlib
 import json
 from dataclasses import asdict, fields
@@ -18,6 +20,7 @@ from .kv_pool import POOL_TENSORS, SCALE_TENSORS
 from .settings import Settings
 
 FORMAT = "locret-context/1"
+WINDOW_TENSORS = ("window_k", "window_v")  # [sliding-window layers, B, KVH, n, D]
 
 
 def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
@@ -53,6 +56,11 @@ def write(context, path: str | Path, extra: dict[str, str]) -> None:
                 "tokens": str(context.tokens),
                 "keys": "before-rope" if context.engine.raw_keys else "rotated"}
     filled = {name: t[:, :, :, :n] for name, t in pool.stored().items()}
+    windows = context.engine.windows
+    if windows:  # what their next query can see
+        visible = slice(max(windows.length - windows.keep, 0), windows.length)
+        filled |= {name: t[:, :, :, visible]
+                   for name, t in zip(WINDOW_TENSORS, (windows.k, windows.v))}
     save_atomic(filled, path, metadata, "context")
 
 
@@ -67,7 +75,9 @@ def read(path: str | Path, model: CausalLM, positions: str | None) -> tuple[dict
             if meta.get("format") != FORMAT:
                 raise LocretError(f"{path}: not a locret context file (no {FORMAT} metadata)")
             settings = read_settings(path, meta)
-            tensors = {k: f.get_tensor(k) for k in POOL_TENSORS + SCALE_TENSORS * settings.kv_int8}
+            names = (POOL_TENSORS + SCALE_TENSORS * settings.kv_int8
+                     + WINDOW_TENSORS * model.config.has_windows)
+            tensors = {k: f.get_tensor(k) for k in names}
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise LocretError(f"{path}: unreadable context file ({type(e).__name__}: {e})") from None
     required = {"dtype", "model", "heads", "rope_length", "seen", "tokens", "keys"}
@@ -110,16 +120,23 @@ def check_fits(path: Path, meta: dict, settings: Settings, model: CausalLM,
 
 def check_shapes(path: Path, tensors: dict, model: CausalLM) -> None:
     c = model.config
-    L, H, D = c.num_hidden_layers, c.num_key_value_heads, c.head_dim
+    L, H, D = len(c.global_layers), c.num_key_value_heads, c.head_dim
     n = tensors["k"].shape[3] if tensors["k"].dim() == 5 else -1
     # int8 pools also hold scales
     scales = {name: (L, 1, H, n, D // group_size(D)) for name in SCALE_TENSORS if name in tensors}
     expected = {"k": (L, 1, H, n, D), "v": (L, 1, H, n, D),
                 "scores": (L, 1, H, n), "index": (L, 1, H, n)} | scales
+    if c.has_windows:
+        w = tensors["window_k"].shape[3] if tensors["window_k"].dim() == 5 else -1
+        w = w if 0 <= w < c.sliding_window else -1
+        expected |= dict.fromkeys(WINDOW_TENSORS, (c.num_hidden_layers - L, 1, H, w, D))
     if n < 1 or any(tuple(tensors[k].shape) != shape for k, shape in expected.items()):
         raise LocretError(f"{path}: pool tensors do not fit this model "
-                          f"({L} layers, {H} KV heads of {D})")
+                          f"({L} global layers, {H} KV heads of {D})")
     stored = torch.int8 if "k_scale" in tensors else model.lm_head.weight.dtype
     if tensors["k"].dtype != stored or tensors["v"].dtype != stored:
         raise LocretError(f"{path}: K and V are stored as {dtype_name(tensors['k'].dtype)}, "
                           f"expected {dtype_name(stored)}")
+    if any(tensors[k].dtype != model.lm_head.weight.dtype for k in WINDOW_TENSORS if k in tensors):
+        raise LocretError(f"{path}: the sliding-window layers' K and V are not stored in "
+                          f"{dtype_name(model.lm_head.weight.dtype)}")

@@ -90,7 +90,7 @@ def load_heads(model: CausalLM, path: str | Path) -> dict:
     if (tensors.keys() != expected.keys()
             or any(tensors[k].shape != v.shape for k, v in expected.items())):
         raise LocretError(f"{path}: head tensors do not match the "
-                          f"{len(model.retaining_heads)}-layer backbone")
+                          f"backbone's {len(model.retaining_heads)} global layers")
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
         raise LocretError(f"{path}: tensor {bad[0]} holds NaN or inf values")

@@ -1,13 +1,14 @@
-"""The KV pool: every buffer a generation needs, allocated once with static shapes.
+"""The KV pool of the global layers: every buffer a generation needs, allocated once with static
+shapes (sliding-window layers keep only their window, window_pool.py).
 
-Per layer: K and V [batch, kv_heads, capacity, head_dim], one score per entry (what the policy
-said it is worth) and the prompt index of the token it holds; K before RoPE in compact mode with
-eviction, else rotated (engine.py); in compact mode one more buffer takes a layer's keys turned to
-their slots at each forward. Only KV heads are stored. New
-entries are written into the free tail; eviction keeps the top entries per KV head, in their
-original order, gathered into the front of the same buffers through a preallocated scratch.
-With `int8`, K and V are stored as int8 with an fp16 scale per group of values (int8.py) and each
-read dequantizes one layer's into preallocated buffers in the model's dtype."""
+Per global layer (config.global_layers): K and V [batch, kv_heads, capacity, head_dim], one score
+per entry (what the policy said it is worth) and the prompt index of the token it holds; K before
+RoPE in compact mode with eviction, else rotated (engine.py); in compact mode one more buffer takes
+a layer's keys turned to their slots at each forward. Only KV heads are stored. New entries are
+written into the free tail; eviction keeps the top entries per KV head, in their original order,
+gathered into the front of the same buffers through a preallocated scratch. With `int8`, K and V
+are stored as int8 with an fp16 scale per group of values (int8.py) and each read dequantizes one
+layer's into preallocated buffers in the model's dtype."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -31,7 +32,8 @@ class KVPool:
     def __init__(self, config: ModelConfig, capacity: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  int8: bool = False, turned_keys: bool = False):
-        L, H, D = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+        self.layers = config.global_layers  # the model's layers, one per row
+        L, H, D = len(self.layers), config.num_key_value_heads, config.head_dim
         batch = 1  # one sequence: the model's [B, KVH, T, D] layout
         stored = torch.int8 if int8 else dtype
         self.k = torch.zeros(L, batch, H, capacity, D, dtype=stored, device=device)
@@ -58,7 +60,7 @@ class KVPool:
     def bytes_needed(config: ModelConfig, capacity: int, dtype: torch.dtype,
                      int8: bool = False, turned_keys: bool = False) -> int:
         """What the constructor allocates, known before anything runs."""
-        L, H, D = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+        L, H, D = len(config.global_layers), config.num_key_value_heads, config.head_dim
         layer = H * capacity * D  # values in one layer's K or V
         kv = (2 * L + 1) * layer * (1 if int8 else dtype.itemsize)  # K, V and the scratch
         scales = 2 * L * layer // group_size(D) * SCALE_DTYPE.itemsize if int8 else 0

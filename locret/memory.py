@@ -103,6 +103,9 @@ def activation_bytes(model: CausalLM, tokens: int, attended: int, policy: str) -
         attention += c.num_key_value_heads * attended * c.head_dim * 4
     heads = [h for h in model.retaining_heads if h is not None]
     head = tokens * heads[0].fc1.out_features * item if heads else 0
+    if c.has_windows:  # a sliding-window layer: over its window and the chunk, with a bool mask
+        ring = c.sliding_window - 1 + tokens
+        attention = max(attention, sdpa_bytes(model, tokens, ring) + tokens * ring)
     return hidden + qkv + mlp + attention + slot_rope + head + c.vocab_size * 4
 
 

@@ -32,6 +32,12 @@ class KVCache(Protocol):
         last n_new keys, see every key before them and, causally, each other), or None (plain
         causal attention, or one new token seeing every key)."""
 
+    def window_view(self, positions: torch.Tensor, window: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the sliding-window layers, given the new tokens' `positions` [T] in the global
+        ones: their positions there [T] (their RoPE) and which of the keys update() returns each
+        of them sees, [T, keys]."""
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -105,9 +111,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: CausalBias |
                                           enable_gqa=True)
 
 
-def window_mask(positions: torch.Tensor, window: int) -> torch.Tensor:
-    """[T, T], True where query i sees key j: 0 <= positions[i] - positions[j] < window."""
-    behind = positions[:, None] - positions[None, :]
+def window_mask(queries: torch.Tensor, keys: torch.Tensor, window: int) -> torch.Tensor:
+    """[T, S], True where query i sees key j: 0 <= queries[i] - keys[j] < window (positions)."""
+    behind = queries[:, None] - keys[None, :]
     return (behind >= 0) & (behind < window)
 
 
@@ -150,7 +156,7 @@ class Attention(nn.Module):
         else:  # the cache decides how keys are stored; it returns them rotated
             # [B, KVH, S, D]: cached + these T
             k, v = cache.update(self.layer_idx, q, k, v, scores, (cos, sin))
-        if self.window is not None:  # mask: window_mask (CausalLM.forward takes no cache here)
+        if self.window is not None:  # mask: which keys each query's window holds
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
                                                enable_gqa=True)
         else:  # no mask: causal among the new tokens; a single one sees every key
@@ -237,15 +243,15 @@ class CausalLM(nn.Module):
         T, c = tokens.shape[1], self.config
         if positions is None:
             positions = torch.arange(T, device=tokens.device)
-        if cache is not None and c.has_windows:
-            raise ValueError("sliding-window layers take no KV cache: run this model without one")
         x = self.embed(tokens)
         # each kind of layer's cos, sin, cache and mask, keyed by its window
         inputs = {None: (*self.rope(positions, x.dtype, rope_length), cache,
                          None if cache is None else cache.attention_mask(T))}
         if c.has_windows:
-            inputs[c.sliding_window] = (*self.rope(positions, x.dtype, rope_length, local=True),
-                                        None, window_mask(positions, c.sliding_window))
+            local, mask = ((positions, window_mask(positions, positions, c.sliding_window))
+                           if cache is None else cache.window_view(positions, c.sliding_window))
+            inputs[c.sliding_window] = (*self.rope(local, x.dtype, rope_length, local=True),
+                                        cache, mask)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, *inputs[c.window(i)])
         if last_only:
@@ -263,12 +269,18 @@ class CausalLM(nn.Module):
         return tuple(t.to(dtype) for t in rotary(positions, rope_length))
 
     @property
+    def global_attention(self) -> list[Attention]:
+        """The attention of every layer that sees all earlier keys (config.global_layers)."""
+        return [self.model.layers[i].self_attn for i in self.config.global_layers]
+
+    @property
     def retaining_heads(self) -> list[RetainingHead | None]:
-        return [layer.self_attn.retaining_head for layer in self.model.layers]
+        """One per global layer (sliding-window layers evict nothing and have none)."""
+        return [attention.retaining_head for attention in self.global_attention]
 
     def add_retaining_heads(self, hidden: int) -> None:
-        """Attach a fresh retaining head (normal(0, 0.02) init) to every attention layer."""
+        """Attach a fresh retaining head (normal(0, 0.02) init) to every global layer."""
         p = self.lm_head.weight
-        for layer in self.model.layers:
+        for attention in self.global_attention:
             head = RetainingHead(self.config.qkv_size, hidden, self.config.num_key_value_heads)
-            layer.self_attn.retaining_head = head.to(device=p.device, dtype=p.dtype)
+            attention.retaining_head = head.to(device=p.device, dtype=p.dtype)

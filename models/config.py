@@ -54,6 +54,12 @@ class ModelConfig:
     def has_windows(self) -> bool:
         return "sliding_attention" in self.layer_types
 
+    @property
+    def global_layers(self) -> list[int]:
+        """The layers whose queries see every earlier key: where a KV budget and retaining heads
+        apply."""
+        return [i for i in range(self.num_hidden_layers) if self.window(i) is None]
+
 
 ROPE_TYPE_ALIASES = {"su": "longrope", "yarn": "longrope"}  # old Phi-3 configs' names for longrope
 LAYER_TYPES = ("full_attention", "sliding_attention")

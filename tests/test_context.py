@@ -376,7 +376,7 @@ def test_a_context_that_evicted_while_decoding_answers_once(model):
     context.feed(ids_of(100))
     out, _ = context.ask(ids_of(4, seed=1), max_new_tokens=50)
     assert len(out) == 50 and context.spent
-    with pytest.raises(LocretError, match="evicted while decoding"):
+    with pytest.raises(LocretError, match="moved on while answering .evictions while decoding"):
         context.ask(ids_of(4, seed=1), max_new_tokens=5)
     with pytest.raises(LocretError, match="evicted while decoding"):
         context.save("never-written.safetensors")

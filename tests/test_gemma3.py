@@ -136,10 +136,12 @@ def test_sliding_layers_see_exactly_their_window(tmp_path):
 
 
 def test_window_mask_counts_the_query_itself():
-    mask = window_mask(torch.arange(5), 2)
+    mask = window_mask(torch.arange(5), torch.arange(5), 2)
     assert mask.tolist() == [[True, False, False, False, False], [True, True, False, False, False],
                              [False, True, True, False, False], [False, False, True, True, False],
                              [False, False, False, True, True]]
+    # queries at 3, 4 over keys 0..4
+    assert window_mask(torch.arange(3, 5), torch.arange(5), 2).tolist() == mask[3:].tolist()
 
 
 def test_bf16_embedding_scale_and_norms_round_as_the_reference(tmp_path):
@@ -154,24 +156,6 @@ def test_bf16_embedding_scale_and_norms_round_as_the_reference(tmp_path):
         torch.testing.assert_close(ours.norm(x), theirs.norm(x), atol=0, rtol=0)
         torch.testing.assert_close(ours.layers[0].self_attn.k_norm(heads),
                                    theirs.layers[0].self_attn.k_norm(heads), atol=0, rtol=0)
-
-
-def test_a_kv_cache_over_sliding_layers_is_refused(tmp_path):
-    save_gemma3(tmp_path, tiny_gemma3_config())
-    model = load_model(tmp_path)
-
-    class AnyCache:
-        scoring = False
-
-    with pytest.raises(ValueError, match="sliding-window layers take no KV cache: run this model "
-                                         "without one"):
-        model(prompt(), cache=AnyCache())
-    from locret.engine import Engine
-    from locret.errors import LocretError
-    from locret.settings import Settings
-    with pytest.raises(LocretError, match="gemma3_text: sliding-window layers do not run in the "
-                                          "chunked engine yet"):
-        Engine(model, Settings(policy="full"), capacity=64, rope_length=64)
 
 
 # Gemma 3 270M's config.json in the hub's classic style, tie_word_embeddings left out (transformers

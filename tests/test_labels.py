@@ -63,7 +63,7 @@ def test_labels_match_brute_force(save_hf, config):
     hf, folder = save_hf(config())
     model = load_model(folder)
     tokens = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(0))
-    recorder = LabelRecorder(prompt_len=24)
+    recorder = LabelRecorder(model.config, prompt_len=24)
     with torch.no_grad():
         model(tokens, cache=recorder)
     for layer, (q, k) in enumerate(hf_rotated_qk(hf, tokens)):

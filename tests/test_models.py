@@ -164,7 +164,7 @@ def test_a_chunk_after_cached_keys_attends_without_a_dense_mask(dtype):
     merged by log-sum-exp. Both give the attention of an explicit per-query-head softmax (in bf16,
     to within its rounding)."""
     torch.manual_seed(0)
-    pool = KVPool(tiny_llama_config(), capacity=16)
+    pool = KVPool(config_from_hf(tiny_llama_config().to_dict()), capacity=16)
     pool.advance(9)
     bias = pool.attention_mask(4)  # 4 new tokens after 9 cached
     assert isinstance(bias, CausalBias) and (bias.seq_len_q, bias.seq_len_kv) == (4, 13)

@@ -67,7 +67,7 @@ def test_convert_is_exact_and_scores_match(kind, save_hf, tmp_path):
     seen = record_scores(fresh)
     with torch.no_grad():
         # a cache that scores: the heads run
-        fresh(torch.randint(0, 128, (1, 9)), cache=LabelRecorder(8))
+        fresh(torch.randint(0, 128, (1, 9)), cache=LabelRecorder(fresh.config, 8))
     for i, (fc1, fc2) in weights.items():
         head = fresh.retaining_heads[i]
         assert (torch.equal(head.fc1.weight, fc1.float())

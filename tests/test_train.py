@@ -169,7 +169,7 @@ def test_shared_targets_come_from_the_labels_and_their_heads_evict_shared(tiny_c
 def test_label_recorder_predictions_carry_gradients_only_to_heads(tiny_chat_model):
     model = load_model(tiny_chat_model)
     model.add_retaining_heads(8)
-    recorder = LabelRecorder(prompt_len=10)
+    recorder = LabelRecorder(model.config, prompt_len=10)
     model(torch.randint(0, 128, (1, 14)), cache=recorder, last_only=True)
     pred, label = recorder.stacked()
     assert pred.shape == label.shape == (2, 1, 2, 10)
@@ -207,7 +207,7 @@ def full_forward_head_inputs(model, ids):
     hooks = [h.register_forward_hook(lambda _h, inputs, _o: captured.append(inputs[0]))
              for h in model.retaining_heads]
     with torch.no_grad():
-        model(torch.tensor([ids]), cache=LabelRecorder(len(ids) - 1))  # it scores: the heads run
+        model(torch.tensor([ids]), cache=LabelRecorder(model.config, len(ids) - 1))  # it scores
     for hook in hooks:
         hook.remove()
     return captured

@@ -78,9 +78,9 @@ def check_fit(heads: dict[int, tuple[torch.Tensor, torch.Tensor]], model: Causal
               path: Path) -> None:
     """Layer count and every weight's shape must match the backbone: else one clear error."""
     cfg = model.config
-    if len(heads) != cfg.num_hidden_layers:
+    if len(heads) != len(cfg.global_layers):
         raise LocretError(f"{path}: heads have {len(heads)} layers, "
-                          f"the backbone {cfg.num_hidden_layers}")
+                          f"the backbone {len(cfg.global_layers)} global layers")
     hidden = heads[0][0].shape[0]
     for layer, (fc1, fc2) in heads.items():
         for name, w, want in (("fc1", fc1, [hidden, cfg.qkv_size]),

@@ -364,15 +364,17 @@ def fit_length(generate, seed_text: str, tokenizer, target: int, form: str,
 
 
 def make_sample(index: int, seed: int, tokenizer, min_tokens: int, max_tokens: int,
-                worked_examples: float = 0.0) -> Sample:
+                worked_examples: float = 0.0, chat: bool = True) -> Sample:
     """Sample `index` of the stream for `seed`: deterministic in (index, seed), so training can
     resume anywhere and ranks can shard by index. Its prompt has about U[min_tokens, max_tokens]
-    tokens; a `worked_examples` share of the prompts open with an answered example of their task."""
+    tokens; a `worked_examples` share of the prompts open with an answered example of their task.
+    Half are chat turns, half plain completions; all completions without `chat` (a base model)."""
     # string seeds are hashed with sha512: stable across processes
     rng = random.Random(f"{seed}:{index}")
     names = tasks()
     task = rng.choices(names, [WEIGHTS[t] for t in names])[0]
     target, form = rng.randint(min_tokens, max_tokens), rng.choice(["chat", "completion"])
+    form = form if chat else "completion"
     generate = GENERATORS[task]
     if worked_examples and random.Random(f"{seed}:{index}:example").random() < worked_examples:
         # its own draw: the stream without examples is unchanged

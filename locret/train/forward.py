@@ -33,7 +33,7 @@ def heads_forward(model, ids: list[int], prompt_len: int, target: str = "cis",
     (SHARED_TARGETS[target]; `joint` and `joint-rank` rank tokens by `layers`). With `evicted`
     (the model's default settings, a budget fraction), the predictions come from the head inputs
     of a chunked prefill of the prompt under that budget (head_inputs.py), as at inference."""
-    recorder = LabelRecorder(prompt_len)
+    recorder = LabelRecorder(model.config, prompt_len)
     with torch.set_grad_enabled(torch.is_grad_enabled() and evicted is None):
         ids_tensor = torch.tensor([ids], device=model.lm_head.weight.device)
         model(ids_tensor, cache=recorder, last_only=True)
@@ -50,5 +50,5 @@ def heads_forward(model, ids: list[int], prompt_len: int, target: str = "cis",
 def training_ids(tokenizer: Tokenizer, config: TrainConfig, index: int, seed: int):
     """The `index`-th generated sample of `seed` as (token ids, prompt length)."""
     sample = make_sample(index, seed, tokenizer, config.min_tokens, config.max_tokens,
-                         config.worked_examples)
+                         config.worked_examples, chat=bool(tokenizer.chat_template))
     return encode_sample(tokenizer, sample)

@@ -56,7 +56,8 @@ def train(job: Job) -> list[Validation]:
         model.add_retaining_heads(config.head_hidden)
     defaults = entry.settings if entry else GENERIC
     evicted = (defaults, float(Fraction(config.evicted))) if config.evicted else None
-    layers = layer_slice(defaults.shared_layers, model.config.num_hidden_layers)  # --target joint's
+    # --target joint's ranking layers, among the global ones
+    layers = layer_slice(defaults.shared_layers, len(model.config.global_layers))
     validations = run_steps(job, config, model, tokenizer, rank, evicted, layers)
     leave(rank)
     return validations
