@@ -103,8 +103,8 @@ def instrument_engine(context: Context, timers: Timers) -> None:
 
 class FlopCounter:
     """Model FLOPs as they run: 2 x rows x weights per nn.Linear call, and per engine forward of T
-    new tokens over S kept entries, 4 x heads x head dim x layers x (T x S + T (T + 1) / 2) for
-    attention."""
+    new tokens over S kept entries, 4 x heads x head dim x (T x S + T (T + 1) / 2) per global layer
+    for attention, and at most S = window - 1 in a sliding-window layer."""
 
     def __init__(self, model, engine):
         self.flops = 0
@@ -112,12 +112,17 @@ class FlopCounter:
             if isinstance(module, torch.nn.Linear):
                 module.register_forward_hook(self.count_linear)
         c = model.config
-        per_key = 4 * c.num_attention_heads * c.head_dim * c.num_hidden_layers
+        per_key = 4 * c.num_attention_heads * c.head_dim
+        windowed = c.num_hidden_layers - len(c.global_layers)
         forward = engine.forward
 
         def counted(tokens, *args, **kwargs):
             T, S = len(tokens), engine.pool.length
-            self.flops += per_key * (T * S + T * (T + 1) // 2)
+            own = T * (T + 1) // 2
+            seen = len(c.global_layers) * (T * S + own)
+            if windowed:
+                seen += windowed * (T * min(S, c.sliding_window - 1) + own)
+            self.flops += per_key * seen
             return forward(tokens, *args, **kwargs)
         engine.forward = counted
 

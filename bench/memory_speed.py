@@ -60,8 +60,9 @@ INT8 = "locret-int8"  # locret with K and V stored as int8 (--kv-int8)
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
-    """K and V of one token in every layer and KV head."""
-    layers, heads = config.num_hidden_layers, config.num_key_value_heads
+    """K and V of one token in every global layer and KV head (sliding-window layers hold a
+    window, whatever the length)."""
+    layers, heads = len(config.global_layers), config.num_key_value_heads
     return 2 * layers * heads * config.head_dim * dtype.itemsize
 
 

@@ -190,3 +190,30 @@ def test_a_context_file_with_a_wrong_window_is_refused(gemma, tmp_path):
     save_file(tensors, path, metadata=meta)
     with pytest.raises(LocretError, match="pool tensors do not fit this model"):
         Context.load(path, model, room=30)
+
+
+def test_max_memory_counts_the_sliding_window_layers_too(gemma, tmp_path, run_generate,
+                                                         monkeypatch):
+    """generate.py --max-memory on a hybrid model picks the largest budget whose estimate fits: a
+    limit set to the estimate at budget 40 gives budget 40 (that the estimate holds the windows'
+    bytes exactly is checked above)."""
+    from conftest import write_tiny_tokenizer
+    from locret import plan
+    model, _, folder = gemma
+    write_tiny_tokenizer(folder)
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("the quick brown fox jumps over the lazy dog " * 12)
+    held = 100 * 2**20
+    monkeypatch.setattr(plan, "peak_memory_bytes", lambda device: held)
+    flags = dict(policy="snapkv", chunk=8, stabilizers=4, n_loc=5)
+    argv = ["--ckpt", str(folder), "--prompt", str(prompt), "--max-new-tokens", "4", "--no-chat",
+            "--dtype", "float32", *(f"--{k.replace('_', '-')}={v}" for k, v in flags.items())]
+    first = run_generate(*argv, "--budget", "30")
+    assert first.returncode == 0, first.stderr
+    tokens = int(first.stderr.split("prompt tokens ")[1].split()[0])
+    assert tokens > 3 * WINDOW
+    s = Settings(budget=40, **flags)
+    limit = estimate(model, s, pool_capacity(s, tokens, 4), held).total
+    done = run_generate(*argv, "--max-memory", f"{limit / 2**30:.12f}")
+    assert done.returncode == 0, done.stderr
+    assert "policy snapkv (budget 40)" in done.stderr
