@@ -36,7 +36,8 @@ class KVCache(Protocol):
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """For the sliding-window layers, given the new tokens' `positions` [T] in the global
         ones: their positions there [T] (their RoPE) and which of the keys update() returns each
-        of them sees, [T, keys]."""
+        of them sees, [T, keys]; or None: the keys are the new tokens' own, at consecutive
+        positions (sliding_window_attention)."""
 
 
 class RMSNorm(nn.Module):
@@ -117,6 +118,22 @@ def window_mask(queries: torch.Tensor, keys: torch.Tensor, window: int) -> torch
     return (behind >= 0) & (behind < window)
 
 
+def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                             scale: float | None = None) -> torch.Tensor:
+    """q [B, H, T, D] over k, v [B, KVH, T, D] of the same consecutive tokens, each query seeing
+    itself and the window - 1 before it, in blocks of `window` queries over the keys they can see:
+    O(T * window) time and memory, not O(T^2)."""
+    T, blocks = q.shape[2], []
+    for start in range(0, T, window):
+        end, first = min(start + window, T), max(start - window + 1, 0)
+        positions = torch.arange(first, end, device=q.device)
+        mask = window_mask(positions[start - first:], positions, window)  # [end-start, end-first]
+        blocks.append(F.scaled_dot_product_attention(
+            q[:, :, start:end], k[:, :, first:end], v[:, :, first:end], attn_mask=mask,
+            scale=scale, enable_gqa=True))
+    return torch.cat(blocks, dim=2)
+
+
 class Attention(nn.Module):
     """Causal GQA attention, over every earlier key or a sliding window of them. Subclasses define
     `project(x) -> q, k, v`, flat and before RoPE, and may set `q_norm`, `k_norm` (QK-norm: over
@@ -156,7 +173,9 @@ class Attention(nn.Module):
         else:  # the cache decides how keys are stored; it returns them rotated
             # [B, KVH, S, D]: cached + these T
             k, v = cache.update(self.layer_idx, q, k, v, scores, (cos, sin))
-        if self.window is not None:  # mask: which keys each query's window holds
+        if self.window is not None and mask is None:  # no cache: k, v are these T tokens'
+            y = sliding_window_attention(q, k, v, self.window, self.scale)
+        elif self.window is not None:  # mask: which keys each query's window holds
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
                                                enable_gqa=True)
         else:  # no mask: causal among the new tokens; a single one sees every key
@@ -237,7 +256,8 @@ class CausalLM(nn.Module):
         """tokens [B, T] at `positions` [T] (default 0..T-1) -> logits [B, T, V]
         ([B, 1, V] if last_only).
 
-        With a cache, the tokens attend to the cached entries plus themselves (causally).
+        With a cache, the tokens attend to the cached entries plus themselves (causally); without,
+        `positions` are consecutive (the sliding-window layers attend in blocks).
         `rope_length` picks longrope's frequencies (default: max position + 1); a generation
         passes one value throughout."""
         T, c = tokens.shape[1], self.config
@@ -248,8 +268,8 @@ class CausalLM(nn.Module):
         inputs = {None: (*self.rope(positions, x.dtype, rope_length), cache,
                          None if cache is None else cache.attention_mask(T))}
         if c.has_windows:
-            local, mask = ((positions, window_mask(positions, positions, c.sliding_window))
-                           if cache is None else cache.window_view(positions, c.sliding_window))
+            local, mask = ((positions, None) if cache is None
+                           else cache.window_view(positions, c.sliding_window))
             inputs[c.sliding_window] = (*self.rope(local, x.dtype, rope_length, local=True),
                                         cache, mask)
         for i, layer in enumerate(self.model.layers):

@@ -11,7 +11,7 @@ from locret.errors import LocretError
 from locret.heads import backbone_signature
 from locret.loading.weights import load_model
 from models import MODEL_TYPES, config_from_hf
-from models.base import window_mask
+from models.base import sliding_window_attention, window_mask
 
 LOCAL, GLOBAL = "sliding_attention", "full_attention"
 PATTERN = [LOCAL, LOCAL, GLOBAL, LOCAL, LOCAL, GLOBAL]
@@ -142,6 +142,16 @@ def test_window_mask_counts_the_query_itself():
                              [False, False, False, True, True]]
     # queries at 3, 4 over keys 0..4
     assert window_mask(torch.arange(3, 5), torch.arange(5), 2).tolist() == mask[3:].tolist()
+
+
+@pytest.mark.parametrize("T,window", [(37, 8), (16, 8), (5, 8), (9, 1)])
+def test_blocked_sliding_window_attention_equals_one_masked_softmax(T, window):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, T, 16), torch.randn(1, 2, T, 16), torch.randn(1, 2, T, 16)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=window_mask(torch.arange(T), torch.arange(T), window), enable_gqa=True)
+    torch.testing.assert_close(sliding_window_attention(q, k, v, window), dense,
+                               atol=1e-6, rtol=1e-5)
 
 
 def test_bf16_embedding_scale_and_norms_round_as_the_reference(tmp_path):

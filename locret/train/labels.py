@@ -11,7 +11,6 @@ import math
 import torch
 
 from models import ModelConfig
-from models.base import window_mask
 from models.rope import apply_rope
 
 
@@ -54,7 +53,7 @@ class LabelRecorder:
         return None  # plain causal attention over prompt + answer
 
     def window_view(self, positions, window):
-        return positions, window_mask(positions, positions, window)
+        return positions, None  # the keys are the forward's own
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(predictions, labels), each [global layers, B, KVH, prompt_len]."""
