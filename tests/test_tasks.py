@@ -1,4 +1,5 @@
 import json
+import random
 import re
 import struct
 import uuid
@@ -415,6 +416,19 @@ def test_heldout_splits_read_different_documents(tmp_path, monkeypatch):
     with pytest.raises(LocretError, match="apt-get install r-cran-janeaustenr"):
         heldout.paragraphs("val")
     heldout.paragraphs.cache_clear()
+
+
+def test_heldout_haystacks_past_the_splits_end_wrap_round_to_its_start(monkeypatch):
+    """A haystack longer than what follows its random start goes on from the split's first word:
+    every word of the split at most once, in order."""
+    words = [f"w{i}." for i in range(heldout.MAX_HAYSTACK_WORDS + 500)]
+    monkeypatch.setattr(heldout, "text", lambda split: " ".join(words))
+    size = heldout.MAX_HAYSTACK_WORDS + 300
+    fields = heldout.needle_task("test").build(random.Random(3), size, 0.5, None)
+    hay = [w for w in fields["context"].split() if w.startswith("w") and w[1:-1].isdigit()]
+    first = int(hay[0][1:-1])
+    assert len(hay) == size and first + size > len(words)  # it wrapped
+    assert hay == [f"w{(first + i) % len(words)}." for i in range(size)]
 
 
 @pytest.mark.parametrize("task", ["vt", "passkey"])

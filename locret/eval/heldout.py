@@ -83,7 +83,8 @@ NAMES = (["Ottoline", "Benedikt", "Marisol", "Casimir", "Henrike", "Leopold", "S
          ["Vantongeren", "Quillfeather", "Ashcombe", "Brightwater", "Castellanos", "Drummond",
           "Ferreira"])
 ORDINAL = {1: "st", 2: "nd", 3: "rd", 21: "st", 22: "nd", 23: "rd"}
-MAX_HAYSTACK_WORDS = 9000  # a 7K-token prompt of R's prose takes about 5,500 words
+# a 7K-token prompt of R's prose takes about 5,500 words; longer haystacks wrap round
+MAX_HAYSTACK_WORDS = 9000
 
 
 def random_value(rng, kind: str) -> str:
@@ -125,8 +126,9 @@ def needle_task(split: str, n_facts: int = 1):
         facts = [random_fact(rng, subjects) for _ in range(n_facts)]
         words = words_of(text(split))
         start = rng.randrange(len(words) - MAX_HAYSTACK_WORDS)
-        sentences = (re.split(r"(?<=[.!?])\s+(?=[A-Z(])", " ".join(words[start:start + size]))
-                     if size else [])
+        # past the split's end it wraps round to its start (prompts longer than about 7K tokens)
+        hay = words[start:start + size] + words[:max(start + size - len(words), 0)]
+        sentences = re.split(r"(?<=[.!?])\s+(?=[A-Z(])", " ".join(hay)) if size else []
         depths = [0.05 + 0.9 * ((depth + i / n_facts) % 1.0001) for i in range(n_facts)]
         needles = [f.pop("needle") for f in facts]
         more = [dict(f, needles=[n], depth=d)
