@@ -129,7 +129,7 @@ def check_shapes(path: Path, tensors: dict, model: CausalLM) -> None:
     if c.has_windows:
         w = tensors["window_k"].shape[3] if tensors["window_k"].dim() == 5 else -1
         w = w if 0 <= w < c.sliding_window else -1
-        expected |= dict.fromkeys(WINDOW_TENSORS, (c.num_hidden_layers - L, 1, H, w, D))
+        expected |= dict.fromkeys(WINDOW_TENSORS, (len(c.sliding_layers), 1, H, w, D))
     if n < 1 or any(tuple(tensors[k].shape) != shape for k, shape in expected.items()):
         raise LocretError(f"{path}: pool tensors do not fit this model "
                           f"({L} global layers, {H} KV heads of {D})")

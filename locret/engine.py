@@ -44,7 +44,7 @@ def pool_bytes(s: Settings, config, capacity: int, dtype: torch.dtype) -> int:
     pool = KVPool.bytes_needed(config, capacity, dtype, s.kv_int8, turns_keys(s))
     if not config.has_windows:
         return pool
-    layers = config.num_hidden_layers - len(config.global_layers)
+    layers = len(config.sliding_layers)
     return pool + WindowPool.bytes_needed(layers, config.num_key_value_heads, config.head_dim,
                                           config.sliding_window, window_room(s, capacity), dtype)
 
@@ -137,9 +137,8 @@ class Engine:
         c, p = self.model.config, self.model.lm_head.weight
         room = window_room(self.settings, capacity)
         slots = torch.arange(c.sliding_window - 1 + room, device=p.device)
-        layers = [i for i in range(c.num_hidden_layers) if i not in c.global_layers]
-        return WindowPool(layers, c.num_key_value_heads, c.head_dim, c.sliding_window, room,
-                          self.model.rope(slots, p.dtype, local=True), p.dtype, p.device)
+        return WindowPool(c.sliding_layers, c.num_key_value_heads, c.head_dim, c.sliding_window,
+                          room, self.model.rope(slots, p.dtype, local=True), p.dtype, p.device)
 
     @property
     def nbytes(self) -> int:

@@ -60,6 +60,11 @@ class ModelConfig:
         apply."""
         return [i for i in range(self.num_hidden_layers) if self.window(i) is None]
 
+    @property
+    def sliding_layers(self) -> list[int]:
+        """The layers whose queries see only the last `sliding_window` keys."""
+        return [i for i in range(self.num_hidden_layers) if self.window(i) is not None]
+
 
 ROPE_TYPE_ALIASES = {"su": "longrope", "yarn": "longrope"}  # old Phi-3 configs' names for longrope
 LAYER_TYPES = ("full_attention", "sliding_attention")

@@ -1,6 +1,7 @@
 """Models with sliding-window layers in the chunked engine: the window layers keep only their
 window (WindowPool) while the global layers evict under the budget. Checked against transformers'
-Gemma 3 over prompts many windows long, chunked and decoded; memory, saved contexts and rewinding."""
+Gemma 3 over prompts many windows long, chunked and decoded; memory, saved contexts and
+rewinding."""
 from dataclasses import replace
 
 import pytest
