@@ -118,7 +118,8 @@ class Engine:
     length) picks the RoPE frequencies for the whole generation."""
 
     def __init__(self, model: CausalLM, settings: Settings, capacity: int, rope_length: int):
-        if settings.policy == "locret" and model.retaining_heads[0] is None:
+        heads = model.retaining_heads
+        if settings.policy == "locret" and (not heads or heads[0] is None):
             raise LocretError(NEEDS_HEADS)
         c, p = model.config, model.lm_head.weight
         self.ranking_layers = layer_slice(settings.shared_layers, len(c.global_layers))
