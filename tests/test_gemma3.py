@@ -2,14 +2,17 @@
 fp32 over a prompt longer than the sliding window, each kind of layer with its own RoPE base and
 window, and the config keys of both transformers' and the hub's styles."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import transformers  # test-only oracle
 from locret.errors import LocretError
-from locret.heads import backbone_signature
+from locret.heads import backbone_signature, load_heads
 from locret.loading.weights import load_model
+from locret.loading.zoo import ZOO
+from locret.plan import heads_eviction
 from models import MODEL_TYPES, config_from_hf
 from models.base import sliding_window_attention, window_mask
 
@@ -195,6 +198,21 @@ def test_gemma3_270m_config_builds_its_268m_parameters():
         "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
         "vocab_size": 262144}
 
+
+
+def test_shipped_heads_fit_gemma_3_270m():
+    """The zoo's heads load onto the 270M's shapes: one head on each layer transformers' default
+    pattern makes global, none on a sliding-window one, small enough to ship."""
+    path = Path(ZOO["gemma-3-270m"].heads)
+    assert path.stat().st_size <= 20 * 2**20
+    with torch.device("meta"):
+        model = MODEL_TYPES["gemma3_text"](config_from_hf(GEMMA3_270M))
+    load_heads(model, path)
+    with_heads = [i for i, layer in enumerate(model.model.layers)
+                  if layer.self_attn.retaining_head is not None]
+    pattern = transformers.Gemma3TextConfig(num_hidden_layers=18).layer_types
+    assert with_heads == [i for i, kind in enumerate(pattern) if kind == GLOBAL]
+    assert heads_eviction(str(path)) == "shared"  # what they were trained for
 
 @pytest.mark.parametrize("edit, message", [
     ({"attn_logit_softcapping": 50.0}, "unsupported attn_logit_softcapping 50.0"),

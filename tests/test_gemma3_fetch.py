@@ -3,21 +3,17 @@ import hashlib
 import json
 import subprocess
 import zipfile
-from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file
 
 from locret.errors import LocretError
-from locret.heads import load_heads
 from locret.loading import gemma3_270m as g3, gguf_convert
 from locret.loading.tokenizer import Tokenizer
 from locret.loading.weights import load_model
-from locret.plan import heads_eviction
 
 H, HEADS, KV_HEADS, HEAD_DIM, FFN, LAYERS, WINDOW = 8, 2, 1, 4, 16, 6, 4
 CONTROL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>"]
@@ -259,21 +255,3 @@ def test_named_only_never_the_default():
     assert DEFAULT_MODEL != g3.NAME and generate.parse_args(["--prompt", "x"]).ckpt != g3.NAME
     assert ZOO[g3.NAME].fetch is g3.ensure_gemma3
 
-
-def test_shipped_heads_fit_gemma_3_270m():
-    """The zoo's heads load onto Gemma 3 270M's shapes (transformers' config of them, built on the
-    meta device): one head per global layer, none on a sliding-window one, small enough to ship."""
-    from locret.loading.zoo import ZOO
-    from models import MODEL_TYPES, config_from_hf
-    path = Path(ZOO[g3.NAME].heads)
-    assert path.stat().st_size <= 20 * 2**20
-    config = transformers.Gemma3TextConfig(
-        hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=256, vocab_size=262144, sliding_window=512)
-    with torch.device("meta"):
-        model = MODEL_TYPES["gemma3_text"](config_from_hf(config.to_dict()))
-    load_heads(model, path)
-    with_heads = [i for i, layer in enumerate(model.model.layers)
-                  if layer.self_attn.retaining_head is not None]
-    assert with_heads == [i for i, kind in enumerate(config.layer_types) if kind == "full_attention"]
-    assert heads_eviction(str(path)) == "shared"  # what they were trained for
