@@ -199,7 +199,6 @@ def test_gemma3_270m_config_builds_its_268m_parameters():
         "vocab_size": 262144}
 
 
-
 def test_shipped_heads_fit_gemma_3_270m():
     """The zoo's heads load onto the 270M's shapes: one head on each layer transformers' default
     pattern makes global, none on a sliding-window one, small enough to ship."""
@@ -213,6 +212,7 @@ def test_shipped_heads_fit_gemma_3_270m():
     pattern = transformers.Gemma3TextConfig(num_hidden_layers=18).layer_types
     assert with_heads == [i for i, kind in enumerate(pattern) if kind == GLOBAL]
     assert heads_eviction(str(path)) == "shared"  # what they were trained for
+
 
 @pytest.mark.parametrize("edit, message", [
     ({"attn_logit_softcapping": 50.0}, "unsupported attn_logit_softcapping 50.0"),
