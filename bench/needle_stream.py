@@ -18,8 +18,8 @@ One JSON line per (length, stream, policy) is appended to --out as it finishes (
 those recorded): the prefill (context tokens, seconds, tok/s), the pool's bytes, the process's
 peak RSS so far (VmHWM: process-wide, so the peak over every run before it too), and per needle
 its depth, first token's position, question tokens, value, answer and correct (0/1). The table
-(stdout and --out as .md): recall at each depth, overall recall with its Wilson 95% interval,
-prefill tok/s and pool MiB, per policy and length. CPU, 2 cores: the default grid takes hours."""
+(stdout and --out as .md): recall at each depth, overall recall with its exact (Clopper-Pearson)
+95% interval, prefill tok/s and pool MiB, per policy and length. CPU, 2 cores: the default grid takes hours."""
 import argparse
 import bisect
 import json
@@ -35,7 +35,7 @@ from locret.context import Context
 from locret.errors import LocretError, run_script, seed
 from locret.eval import heldout
 from locret.eval.results import append, heads_identity
-from locret.eval.stats import wilson
+from locret.eval.stats import exact_interval
 from locret.eval.task_base import Item, insert, words_of
 from locret.eval.tasks import completion_prompt, score
 from locret.heads import load_heads
@@ -194,7 +194,7 @@ def summarize(rows: list[dict], policies: list[str], depths: list[float]) -> lis
             correct = sum(n["correct"] for n in needles)
             out.append(dict(policy=policy, length=length, correct=correct, n=len(needles),
                             by_depth=[(sum(at(d)), len(at(d))) for d in depths],
-                            interval=wilson(correct, len(needles)),
+                            interval=exact_interval(correct, len(needles)),
                             prefill_tok_s=sum(r["prefill_tok_s"] for r in runs) / len(runs),
                             pool_bytes=max(r["pool_bytes"] for r in runs)))
     return out
@@ -202,7 +202,7 @@ def summarize(rows: list[dict], policies: list[str], depths: list[float]) -> lis
 
 def table(summary: list[dict], depths: list[float], note: str) -> str:
     lines = ["| policy | tokens | " + " | ".join(f"{d:g}" for d in depths)
-             + " | recall (Wilson 95%) | prefill tok/s | pool MiB |",
+             + " | recall (exact 95%) | prefill tok/s | pool MiB |",
              "|---|---|" + "---|" * len(depths) + "---|---|---|"]
     for s in summary:
         low, high = s["interval"]

@@ -13,7 +13,8 @@ from locret import plan
 from locret.errors import LocretError
 from locret.eval import suite
 from locret.eval.evaluation import Encoded, encode_item, evaluate
-from locret.eval.stats import paired, share_interval, share_text, sign_test, wilson
+from locret.eval.stats import (exact_interval, paired, share_interval, share_text, sign_test,
+                               wilson)
 from locret.eval.tasks import make_item
 from locret.loading.tokenizer import Tokenizer
 from locret.loading.weights import load_model, stop_token_ids
@@ -161,6 +162,20 @@ def test_wilson_interval_is_exact_at_the_edges():
     assert high == 100.0 and low == pytest.approx(100 - 100 * 1.96 ** 2 / (16 + 1.96 ** 2))
     low, high = wilson(12, 24)
     assert low < 50 < high and high - 50 == pytest.approx(50 - low)
+
+
+def test_exact_interval_is_clopper_pearson():
+    low, high = exact_interval(0, 24)  # closed forms at the edges: 1 - 0.025^(1/n), 0.025^(1/n)
+    assert low == 0.0 and high == pytest.approx(100 * (1 - 0.025 ** (1 / 24)), abs=1e-6)
+    low, high = exact_interval(24, 24)
+    assert high == 100.0 and low == pytest.approx(100 * 0.025 ** (1 / 24), abs=1e-6)
+    low, high = exact_interval(19, 24)  # at each end the far tail holds exactly 2.5%
+    tail = lambda p, ks: sum(math.comb(24, k) * p**k * (1 - p)**(24 - k) for k in ks)
+    assert tail(low / 100, range(19, 25)) == pytest.approx(0.025, abs=1e-9)
+    assert tail(high / 100, range(0, 20)) == pytest.approx(0.025, abs=1e-9)
+    assert (round(low), round(high)) == (58, 93)
+    mirrored = exact_interval(5, 24)
+    assert mirrored == pytest.approx((100 - high, 100 - low), abs=1e-6)
 
 
 def test_sign_test_is_the_exact_binomial():

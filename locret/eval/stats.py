@@ -1,4 +1,5 @@
-"""Statistics for the accuracy tables: Wilson intervals of a policy's accuracy, paired sign tests
+"""Statistics for the accuracy tables: Wilson and exact (Clopper-Pearson) intervals of a policy's
+accuracy, paired sign tests
 of one policy against another on the same items (every policy answers the same seeded items), and
 Fieller intervals of one policy's accuracy as a share of full attention's on the same items."""
 import math
@@ -15,6 +16,24 @@ def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
     center = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return 100 * max(0.0, center - half), 100 * min(1.0, center + half)
+
+
+def exact_interval(successes: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """The exact (Clopper-Pearson) 95% interval of a proportion, in percent: the p at which
+    successes or more (fewer) is just as likely as alpha / 2, found by bisection."""
+    def at_most(k: int, p: float) -> float:  # P(X <= k) for X ~ Binomial(n, p)
+        return sum(math.comb(n, i) * p**i * (1 - p)**(n - i) for i in range(k + 1))
+
+    def solve(falls_below) -> float:  # the p in [0, 1] where a decreasing test flips
+        low, high = 0.0, 1.0
+        for _ in range(50):
+            mid = (low + high) / 2
+            low, high = (low, mid) if falls_below(mid) else (mid, high)
+        return (low + high) / 2
+
+    lower = 0.0 if successes == 0 else solve(lambda p: at_most(successes - 1, p) < 1 - alpha / 2)
+    upper = 1.0 if successes == n else solve(lambda p: at_most(successes, p) < alpha / 2)
+    return 100 * lower, 100 * upper
 
 
 def sign_test(higher: int, lower: int) -> float:
