@@ -1,7 +1,7 @@
 """Statistics for the accuracy tables: Wilson and exact (Clopper-Pearson) intervals of a policy's
-accuracy, paired sign tests
-of one policy against another on the same items (every policy answers the same seeded items), and
-Fieller intervals of one policy's accuracy as a share of full attention's on the same items."""
+accuracy, paired sign tests of one policy against another on the same items (every policy answers
+the same seeded items), and Fieller intervals of one policy's accuracy as a share of full
+attention's on the same items."""
 import math
 
 
