@@ -19,7 +19,8 @@ those recorded): the prefill (context tokens, seconds, tok/s), the pool's bytes,
 peak RSS so far (VmHWM: process-wide, so the peak over every run before it too), and per needle
 its depth, first token's position, question tokens, value, answer and correct (0/1). The table
 (stdout and --out as .md): recall at each depth, overall recall with its exact (Clopper-Pearson)
-95% interval, prefill tok/s and pool MiB, per policy and length. CPU, 2 cores: the default grid takes hours."""
+95% interval, prefill tok/s and pool MiB, per policy and length. CPU, 2 cores: the default grid
+takes about 1.5 hours."""
 import argparse
 import bisect
 import json

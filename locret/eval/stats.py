@@ -18,12 +18,14 @@ def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return 100 * max(0.0, center - half), 100 * min(1.0, center + half)
 
 
+def binomial_at_most(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p)."""
+    return sum(math.comb(n, i) * p**i * (1 - p)**(n - i) for i in range(k + 1))
+
+
 def exact_interval(successes: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
     """The exact (Clopper-Pearson) 95% interval of a proportion, in percent: the p at which
     successes or more (fewer) is just as likely as alpha / 2, found by bisection."""
-    def at_most(k: int, p: float) -> float:  # P(X <= k) for X ~ Binomial(n, p)
-        return sum(math.comb(n, i) * p**i * (1 - p)**(n - i) for i in range(k + 1))
-
     def solve(falls_below) -> float:  # the p in [0, 1] where a decreasing test flips
         low, high = 0.0, 1.0
         for _ in range(50):
@@ -31,17 +33,16 @@ def exact_interval(successes: int, n: int, alpha: float = 0.05) -> tuple[float, 
             low, high = (low, mid) if falls_below(mid) else (mid, high)
         return (low + high) / 2
 
-    lower = 0.0 if successes == 0 else solve(lambda p: at_most(successes - 1, p) < 1 - alpha / 2)
-    upper = 1.0 if successes == n else solve(lambda p: at_most(successes, p) < alpha / 2)
+    k = successes
+    lower = 0.0 if k == 0 else solve(lambda p: binomial_at_most(k - 1, n, p) < 1 - alpha / 2)
+    upper = 1.0 if k == n else solve(lambda p: binomial_at_most(k, n, p) < alpha / 2)
     return 100 * lower, 100 * upper
 
 
 def sign_test(higher: int, lower: int) -> float:
     """Exact two-sided p-value that items scored higher and lower are equally likely (ties left
     out)."""
-    n = higher + lower
-    tail = sum(math.comb(n, i) for i in range(min(higher, lower) + 1)) / 2**n
-    return min(1.0, 2 * tail)
+    return min(1.0, 2 * binomial_at_most(min(higher, lower), higher + lower, 0.5))
 
 
 def share_interval(ours: list[float], theirs: list[float], z: float = 1.96
