@@ -154,7 +154,8 @@ def add_advanced(g) -> None:
                    "kept set for all layers and KV heads (default: locret as its heads were "
                    "trained; others per-head)")
     g.add_argument("--shared-layers", metavar="FIRST-LAST", help="shared eviction ranks tokens by "
-                   "these layers' scores only, or all (default: the zoo's)")
+                   "these layers' scores only, numbered among the global layers, or all "
+                   "(default: the zoo's)")
     g.add_argument("--unprotected-final-eviction", dest="final_stabilizers", action="store_false",
                    default=None, help="stabilizers unprotected in the last eviction before the "
                    "n_loc tail (as the official code)")

@@ -161,7 +161,8 @@ def add_advanced(g) -> None:
                    "its own best (the paper's); shared: all keep the same, best by mean rank "
                    "(default: as the heads were trained)")
     g.add_argument("--shared-layers", metavar="FIRST-LAST",
-                   help="shared eviction ranks by these layers only, or all")
+                   help="shared eviction ranks by these layers only (numbered among the global "
+                   "layers), or all")
     g.add_argument("--span", type=int,
                    help="locret: a token scores the best of its span // 2 neighbours either side")
     g.add_argument("--evict-during-decode", action="store_true", default=None,

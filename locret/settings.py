@@ -45,14 +45,16 @@ GENERIC = Settings(budget=2048, chunk=1024, stabilizers=512, n_loc=100)
 
 def layer_slice(text: str, n_layers: int | None = None, flag: str = "--shared-layers") -> slice:
     """'13-22' -> slice(13, 23), 'all' -> every layer; one clear error for a malformed range or
-    (given `n_layers`) one beyond the model."""
+    (given `n_layers`, the global layers' count: a hybrid model's are numbered among themselves)
+    one beyond the model."""
     if text == "all":
         return slice(None)
     first, sep, last = text.partition("-")
     if not (sep and first.isdigit() and last.isdigit() and int(first) <= int(last)):
         raise LocretError(f"{flag} must be FIRST-LAST (e.g. 13-22) or all, not {text!r}")
     if n_layers is not None and int(last) >= n_layers:
-        raise LocretError(f"{flag} {text}: the model has layers 0-{n_layers - 1}")
+        raise LocretError(f"{flag} {text}: layers are numbered among the model's {n_layers} "
+                          f"global layers, 0-{n_layers - 1}")
     return slice(int(first), int(last) + 1)
 
 

@@ -124,7 +124,7 @@ CASES = [
      "--shared-layers must be FIRST-LAST"),
     ("shared-layers-beyond-model", "generate",
      ["--policy", "h2o", "--eviction", "shared", "--shared-layers", "0-9"],
-     None, "--shared-layers 0-9: the model has layers 0-1"),
+     None, "--shared-layers 0-9: layers are numbered among the model's 2 global layers, 0-1"),
     ("shared-layers-eval", "eval",
      ["--policies", "h2o", "--shared-layers", "x-y", "--tasks", "passkey", "--lengths", "240"],
      None, "--shared-layers must be FIRST-LAST"),

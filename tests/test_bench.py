@@ -259,7 +259,8 @@ def test_layers_ranks_needles_per_layer_and_range(heldout_heads, tmp_path, capsy
     out = capsys.readouterr().out
     # no kinds outside the suite
     assert "needle tokens in the top 0.0625 (2 passkey items)" in out and "\n\n" not in out
-    with pytest.raises(SystemExit, match="--ranges 0-5: the model has layers 0-1"):
+    beyond = "--ranges 0-5: layers are numbered among the model's 2 global layers, 0-1"
+    with pytest.raises(SystemExit, match=beyond):
         run_bench("layers", flags + ["--ranges", "0-5"], monkeypatch)
     with pytest.raises(SystemExit, match="--ranges must be FIRST-LAST"):
         run_bench("layers", flags + ["--ranges", "5"], monkeypatch)

@@ -230,7 +230,8 @@ def test_shared_eviction_ranks_by_the_shared_layers_only(model, layers, keeps):
 def test_shared_layers_beyond_the_model_are_refused(model):
     s = Settings(policy="h2o", budget=24, chunk=10, stabilizers=8, n_loc=6, eviction="shared",
                  shared_layers="1-2")
-    with pytest.raises(LocretError, match="--shared-layers 1-2: the model has layers 0-1"):
+    beyond = "--shared-layers 1-2: layers are numbered among the model's 2 global layers, 0-1"
+    with pytest.raises(LocretError, match=beyond):
         Engine(model, s, 64, 100)
 
 

@@ -193,6 +193,16 @@ def test_a_context_file_with_a_wrong_window_is_refused(gemma, tmp_path):
         Context.load(path, model, room=30)
 
 
+def test_shared_layers_are_numbered_among_the_global_layers(gemma):
+    model = gemma[0]
+    s = Settings(policy="locret", budget=24, chunk=10, stabilizers=8, n_loc=6, eviction="shared",
+                 shared_layers="1-1")
+    assert Engine(model, s, 64, 200).ranking_layers == slice(1, 2)  # model layer 5
+    beyond = "--shared-layers 5-5: layers are numbered among the model's 2 global layers, 0-1"
+    with pytest.raises(LocretError, match=beyond):
+        Engine(model, replace(s, shared_layers="5-5"), 64, 200)
+
+
 def test_max_memory_counts_the_sliding_window_layers_too(gemma, tmp_path, run_generate,
                                                          monkeypatch):
     """generate.py --max-memory on a hybrid model picks the largest budget whose estimate fits: a
