@@ -227,6 +227,14 @@ def test_share_interval_is_unbounded_when_the_reference_scores_nothing():
     assert share_interval([1.0, 0.0] * 8, [1.0, 0.0] * 8) == pytest.approx((1.0, 1.0))
 
 
+def test_share_interval_is_never_negative():
+    # one answer of 24 where full attention has 21: the normal approximation reaches below 0
+    ours, theirs = [1.0] + [0.0] * 23, [1.0] * 21 + [0.0] * 3
+    lo, hi = share_interval(ours, theirs)
+    assert lo == 0.0 < sum(ours) / sum(theirs) < hi < 1
+    assert share_text(ours, theirs) == "5% (0-14)"
+
+
 def test_rerun_with_other_settings_is_refused(tiny_chat_model, tmp_path):
     run_eval(tiny_chat_model, tmp_path / "a", *SMALL)
     for flags, changed in ((["--seed", "1"], "seed"), (["--n-loc", "21"], "n_loc"),

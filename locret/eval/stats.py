@@ -48,8 +48,8 @@ def sign_test(higher: int, lower: int) -> float:
 def share_interval(ours: list[float], theirs: list[float], z: float = 1.96
                    ) -> tuple[float, float] | None:
     """Fieller's 95% interval of mean(ours) / mean(theirs) for paired scores: every r with
-    |mean(ours - r * theirs)| within z standard errors (normal approximation). None when unbounded
-    (theirs too near zero)."""
+    |mean(ours - r * theirs)| within z standard errors (normal approximation), floored at 0 (a
+    share is never negative). None when unbounded (theirs too near zero)."""
     n = len(ours)
     if n < 2:
         return None
@@ -62,7 +62,7 @@ def share_interval(ours: list[float], theirs: list[float], z: float = 1.96
     if a <= 0:
         return None
     root = math.sqrt(max(0.0, b * b - 4 * a * c))
-    return (-b - root) / (2 * a), (-b + root) / (2 * a)
+    return max(0.0, (-b - root) / (2 * a)), (-b + root) / (2 * a)
 
 
 def share_text(ours: list[float], theirs: list[float]) -> str:
