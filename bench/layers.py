@@ -1,5 +1,6 @@
-"""Which layers' retaining heads find held-out needles: for each layer, and for ranges of layers,
-the share of needle tokens among the prompt's top eighth when tokens are ranked as a shared eviction
+"""Which layers' retaining heads find held-out needles: for each global layer (those that evict
+and have heads; all of them but a hybrid model's sliding-window layers), and for ranges of them, the
+share of needle tokens among the prompt's top eighth when tokens are ranked as a shared eviction
 ranks them (mean percentile rank over the layers' KV heads), in one full forward per item of the
 held-out suite's validation split (never the test split) or of another task. What `--shared-layers`
 is chosen from.
@@ -61,9 +62,9 @@ def main(args: argparse.Namespace) -> None:
     if heads is None:
         raise LocretError(f"{args.ckpt} has no retaining heads: pass --heads FILE.safetensors")
     load_heads(model, heads)
-    n_layers = model.config.num_hidden_layers
-    rows = {f"layer {layer}": slice(layer, layer + 1) for layer in range(n_layers)}
-    rows |= {name: layer_slice(name, n_layers, "--ranges") for name in args.ranges}  # checked
+    global_layers = model.config.global_layers  # one score row each (a hybrid model's few)
+    rows = {f"layer {layer}": slice(row, row + 1) for row, layer in enumerate(global_layers)}
+    rows |= {name: layer_slice(name, len(global_layers), "--ranges") for name in args.ranges}
     shares = {row: [] for row in [*rows, LABELS]}  # per item: (needle share, value share)
     kinds = []
     for index in tqdm(range(args.n), desc="items", file=sys.stderr):
@@ -127,7 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "split)")
     p.add_argument("--ranges", type=lambda t: t.split(","), default=["all", "13-22"],
                    help="layer ranges to rank together, as --shared-layers takes them "
-                   "(default: all,13-22)")
+                   "(numbered among the global layers; default: all,13-22)")
     p.add_argument("--length", type=int, default=2048, help="prompt tokens")
     p.add_argument("--share", type=float, default=1 / 8,
                    help="the top share of the prompt counted (default: 1/8)")

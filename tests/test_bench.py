@@ -266,6 +266,29 @@ def test_layers_ranks_needles_per_layer_and_range(heldout_heads, tmp_path, capsy
         run_bench("layers", flags + ["--ranges", "5"], monkeypatch)
 
 
+def test_layers_has_a_row_per_global_layer_of_a_hybrid_model(tmp_path, capsys, monkeypatch):
+    """Gemma 3's heads sit on its global layers only (2 of the tiny config's 6): one row each,
+    named by its model layer, and --ranges numbered among them."""
+    from test_gemma3 import save_gemma3, tiny_gemma3_config
+    from conftest import write_tiny_tokenizer
+    folder = tmp_path / "gemma3"
+    save_gemma3(folder, tiny_gemma3_config(max_position_embeddings=1024))
+    write_tiny_tokenizer(folder)
+    model = load_model(folder)
+    model.add_retaining_heads(8)
+    save_heads(model, folder / "heads.safetensors", backbone="tiny")
+    flags = ["--ckpt", str(folder), "--heads", str(folder / "heads.safetensors"), "--length", "400",
+             "--dtype", "float32", "--device", "cpu", "--task", "passkey", "--n", "2",
+             "--out", str(tmp_path / "l")]
+    run_bench("layers", flags + ["--ranges", "all,1-1"], monkeypatch)
+    table = capsys.readouterr().out.split("\n\n")[0]
+    rows = [r.split(" | ")[0][2:] for r in table.splitlines()[2:]]
+    assert rows == ["layer 2", "layer 5", "all", "1-1", "labels (best rank in any layer)"]
+    beyond = "--ranges 0-5: layers are numbered among the model's 2 global layers, 0-1"
+    with pytest.raises(SystemExit, match=beyond):
+        run_bench("layers", flags + ["--ranges", "0-5"], monkeypatch)
+
+
 def test_breakdown_splits_prefill_and_decode_by_component(tiny_chat_model, tmp_path, capsys,
                                                           monkeypatch):
     model = load_model(tiny_chat_model)
